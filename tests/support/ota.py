@@ -1,0 +1,111 @@
+"""Fixtures for the update repository and agent tests: bundles, a repository, HTTP servers.
+
+``static_http`` serves a folder with Python's http.server on 127.0.0.1 (no Range support,
+which exercises the restart path); ``tests/support/nginx.py`` serves one with a real nginx.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from edgepack.bundle import BundleSpec, write_bundle
+
+STANDIN = [sys.executable, str(Path(__file__).with_name("standin_server.py"))]
+GOLDEN = ({"prompt": "What is the capital of France?", "expect": ["Paris"], "max_tokens": 16},)
+
+
+def make_bundle(out: Path, version: int | str, model: bytes | Path, *,
+                server: dict | None = None, golden=GOLDEN, name: str = "demo") -> Path:
+    """Write a real bundle (edgepack.bundle.write_bundle) around ``model``."""
+    if isinstance(model, (bytes, bytearray)):
+        src = out.parent / f".{out.name}.src" / "model.gguf"
+        src.parent.mkdir(parents=True, exist_ok=True)
+        src.write_bytes(model)
+    else:
+        src = model
+    spec = BundleSpec(
+        name=name, version=version, model_file=src, model_name="test/model",
+        model_format="gguf", model_kind="chat", quant="Q4_1",
+        plan={"ctx": 512, "threads": 1}, server=server or {"engine": {"ctx": 512}},
+        source={"repo": "test/model", "revision": "0" * 40, "files": {}},
+        device={"profile_id": "test"}, engine={"name": "llama.cpp"},
+        validation={}, golden_prompts=tuple(golden),
+    )
+    write_bundle(spec, out)
+    if isinstance(model, (bytes, bytearray)):
+        src.unlink()
+        src.parent.rmdir()
+    return out
+
+
+def random_model(size: int, seed: int) -> bytearray:
+    import random
+
+    return bytearray(random.Random(seed).randbytes(size))
+
+
+class _Quiet(SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def static_http() -> Iterator:
+    """Start Python's http.server on a folder: ``url = static_http(folder)``."""
+    servers = []
+
+    def start(folder: Path) -> str:
+        handler = functools.partial(_Quiet, directory=str(folder))
+        srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        srv.daemon_threads = True
+        t = threading.Thread(target=srv.serve_forever, daemon=True)
+        t.start()
+        servers.append(srv)
+        return f"http://127.0.0.1:{srv.server_address[1]}"
+
+    yield start
+    for srv in servers:
+        srv.shutdown()
+        srv.server_close()
+
+
+def agent_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("EDGEPACK_AGENT_CRASH_AT", None)
+    env.update(extra)
+    return env
+
+
+AGENT_SCRIPT = """
+import sys
+sys.path.insert(0, {support!r})
+from pathlib import Path
+from edgepack.agent.health import SubprocessLauncher
+from edgepack.agent.state import StateDir
+from edgepack.agent.updater import Agent, AgentConfig
+launcher = SubprocessLauncher({launcher!r})
+agent = Agent(StateDir(Path({state!r})), AgentConfig({url!r}, {channel!r}, health_window=20),
+              launcher=launcher)
+print(agent.run_once().result)
+"""
+
+
+def run_agent_process(state: Path, url: str, *, crash_at: str | None = None,
+                      launcher: list[str] | None = None, channel: str = "stable",
+                      timeout: float = 120):
+    """Run one agent cycle in a child process (so it can be SIGKILLed at a journal step)."""
+    import subprocess
+
+    env = agent_env(**({"EDGEPACK_AGENT_CRASH_AT": crash_at} if crash_at else {}))
+    code = AGENT_SCRIPT.format(support=str(Path(__file__).parent.parent), state=str(state),
+                               url=url, channel=channel, launcher=launcher or STANDIN)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=timeout)
