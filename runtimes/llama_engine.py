@@ -1,0 +1,300 @@
+"""The llama.cpp engine, through llama-cpp-python.
+
+Device side. ``llama_cpp`` is imported when the engine loads, so the server's other modules
+import on a machine without it (the ONNX engine's devices).
+
+Settings that matter (measured, issue #5): ``logits_all`` stays off (on, it keeps a
+vocab-sized row per context position: 1.7 GB on gemma-3-270m); ``n_ctx`` is always explicit
+(llama-cpp-python's default is 512); and every decode runs on the same OS thread, because
+ggml's OpenMP workers busy-wait for the thread that fed them last and decode speed halves
+when successive tokens come from different Python threads (see ``worker.py``).
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgepack.runtimes.engine import (
+    FINISH_CANCELLED,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    CancelToken,
+    EngineError,
+    FinishEvent,
+    ModelInfo,
+    Prompt,
+    PromptTooLongError,
+    SamplingParams,
+    TokenEvent,
+)
+from edgepack.runtimes.stops import StopScanner
+
+_DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: a random seed per generation
+
+
+@dataclass(frozen=True)
+class LlamaSettings:
+    """What ``Llama()`` is built with; comes from server.toml's [engine] table."""
+
+    model_path: Path
+    name: str
+    kind: str  # chat | completion | embedding
+    n_ctx: int
+    n_threads: int
+    n_batch: int = 512
+    n_gpu_layers: int = 0
+
+
+class LlamaEngine:
+    """An ``Engine`` over one GGUF file."""
+
+    def __init__(self, settings: LlamaSettings) -> None:
+        self.settings = settings
+        self._llm: Any = None
+        self._template: Any = None
+        self._is_eog: Any = None
+        self._pieces: dict[int, bytes] = {}
+        self._piece_buf: Any = None
+
+    # -- loading -------------------------------------------------------------------------
+
+    def load(self) -> ModelInfo:
+        s = self.settings
+        try:
+            import llama_cpp
+        except ImportError as e:  # pragma: no cover - depends on the device's extras
+            raise EngineError(
+                "the llama.cpp engine needs llama-cpp-python, which is not installed",
+                hint="pip install 'edgepack[serve,llama]'",
+            ) from e
+        if not s.model_path.is_file():
+            raise EngineError(f"model file {s.model_path} does not exist")
+        try:
+            llm = llama_cpp.Llama(
+                model_path=str(s.model_path),
+                n_ctx=s.n_ctx,
+                n_threads=s.n_threads,
+                n_threads_batch=s.n_threads,
+                n_batch=s.n_batch,
+                n_ubatch=s.n_batch,
+                n_gpu_layers=s.n_gpu_layers,
+                logits_all=False,
+                embedding=s.kind == "embedding",
+                verbose=False,
+            )
+        except (ValueError, RuntimeError, OSError) as e:
+            raise EngineError(
+                f"llama.cpp could not load {s.model_path}: {e}",
+                hint="check that the file is a GGUF this llama-cpp-python version reads and "
+                "that the device has the memory the plan expects",
+            ) from e
+        self._llm = llm
+        self._is_eog = llama_cpp.llama_vocab_is_eog
+        self._token_to_piece = llama_cpp.llama_token_to_piece
+        self._piece_buf = ctypes.create_string_buffer(256)
+        if s.kind == "chat":
+            self._template = self._chat_template(llm)
+        meta = dict(llm.metadata)
+        return ModelInfo(
+            name=s.name,
+            kind=s.kind,
+            n_ctx=llm.n_ctx(),
+            n_embd=llm.n_embd(),
+            details={
+                "architecture": meta.get("general.architecture", ""),
+                "n_params": llm._model.n_params(),
+                "size_bytes": llm._model.size(),
+            },
+        )
+
+    @staticmethod
+    def _chat_template(llm: Any) -> Any:
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        template = llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            # No silent fallback to some other model family's template.
+            raise EngineError(
+                "the bundle's model kind is 'chat' but the GGUF has no tokenizer.chat_template",
+                hint="rebuild the bundle from a model with a chat template, or set "
+                "kind = \"completion\" in server.toml",
+            )
+        eos_id, bos_id = llm.token_eos(), llm.token_bos()
+        model = llm._model
+        return Jinja2ChatFormatter(
+            template=template,
+            eos_token=model.token_get_text(eos_id) if eos_id != -1 else "",
+            bos_token=model.token_get_text(bos_id) if bos_id != -1 else "",
+            add_generation_prompt=True,
+        )
+
+    def warm_up(self) -> None:
+        llm = self._require()
+        if self.settings.kind == "embedding":
+            self.embed(["warm up"])
+            return
+        prompt = (
+            self.prepare_chat([{"role": "user", "content": "Hi"}])
+            if self.settings.kind == "chat"
+            else self.prepare_completion("Hello")
+        )
+        params = SamplingParams(max_tokens=2, temperature=0.0)
+        for _ in self.generate(prompt, params, CancelToken()):
+            pass
+        del llm
+
+    @property
+    def n_ctx(self) -> int:
+        return self.settings.n_ctx if self._llm is None else int(self._llm.n_ctx())
+
+    def _require(self) -> Any:
+        if self._llm is None:
+            raise EngineError("the engine is not loaded")
+        return self._llm
+
+    # -- prompts ---------------------------------------------------------------------------
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._require().tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
+    def prepare_chat(self, messages: Sequence[dict[str, Any]]) -> Prompt:
+        llm = self._require()
+        if self._template is None:
+            raise ValueError(
+                f"model {self.settings.name!r} is a {self.settings.kind} model; "
+                "use /v1/completions or /v1/embeddings"
+            )
+        try:
+            rendered = self._template(messages=list(messages))
+        except Exception as e:  # noqa: BLE001 - jinja raises many kinds; all mean bad input
+            raise ValueError(f"the model's chat template rejected the messages: {e}") from e
+        # The template writes BOS itself when the model wants one (added_special=True).
+        tokens = llm.tokenize(
+            rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True
+        )
+        stops = rendered.stop if isinstance(rendered.stop, list) else [rendered.stop]
+        return self._checked(Prompt(tuple(tokens), tuple(s for s in stops if s)))
+
+    def prepare_completion(self, text: str) -> Prompt:
+        llm = self._require()
+        if self.settings.kind == "embedding":
+            raise ValueError(
+                f"model {self.settings.name!r} is an embedding model; use /v1/embeddings"
+            )
+        add_bos = bool(llm._model.add_bos_token())
+        tokens = llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=False)
+        return self._checked(Prompt(tuple(tokens)))
+
+    def _checked(self, prompt: Prompt) -> Prompt:
+        # At least one position must stay free for the first generated token.
+        if len(prompt.tokens) >= self.n_ctx:
+            raise PromptTooLongError(len(prompt.tokens), self.n_ctx)
+        return prompt
+
+    # -- generation ------------------------------------------------------------------------
+
+    def generate(
+        self, prompt: Prompt, params: SamplingParams, cancel: CancelToken
+    ) -> Iterator[TokenEvent | FinishEvent]:
+        llm = self._require()
+        n_prompt = len(prompt.tokens)
+        room = self.n_ctx - n_prompt
+        limit = room if params.max_tokens is None else min(params.max_tokens, room)
+        scanner = StopScanner(tuple(prompt.stop) + tuple(params.stop))
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        vocab = llm._model.vocab
+        is_eog = self._is_eog
+        llm.set_seed(_DEFAULT_SEED if params.seed is None else params.seed & 0xFFFFFFFF)
+        t0 = time.perf_counter()
+        t_first = 0.0
+        n_out = 0
+        reason = FINISH_LENGTH
+        if cancel.cancelled:
+            yield FinishEvent(FINISH_CANCELLED, n_prompt, 0)
+            return
+        tokens = llm.generate(
+            list(prompt.tokens),
+            top_k=params.top_k,
+            top_p=params.top_p,
+            min_p=params.min_p,
+            temp=params.temperature,
+            repeat_penalty=params.repeat_penalty,
+            frequency_penalty=params.frequency_penalty,
+            presence_penalty=params.presence_penalty,
+        )
+        try:
+            if limit <= 0:
+                reason = FINISH_LENGTH
+            else:
+                for token in tokens:
+                    if not t_first:
+                        t_first = time.perf_counter()
+                    if cancel.cancelled:
+                        reason = FINISH_CANCELLED
+                        break
+                    if is_eog(vocab, token):
+                        reason = FINISH_STOP
+                        break
+                    n_out += 1
+                    text = decoder.decode(self._piece(token))
+                    out = scanner.feed(text) if text else ""
+                    if out:
+                        yield TokenEvent(out)
+                    if scanner.stopped:
+                        reason = FINISH_STOP
+                        break
+                    if n_out >= limit:
+                        reason = FINISH_LENGTH
+                        break
+        finally:
+            tokens.close()
+        if reason != FINISH_STOP and reason != FINISH_CANCELLED:
+            tail = scanner.feed(decoder.decode(b"", final=True)) + scanner.flush()
+            if tail:
+                yield TokenEvent(tail)
+        elif reason == FINISH_STOP and not scanner.stopped:
+            tail = scanner.flush()
+            if tail:
+                yield TokenEvent(tail)
+        t_end = time.perf_counter()
+        t_first = t_first or t_end
+        yield FinishEvent(
+            reason,
+            n_prompt,
+            n_out,
+            {"prefill_s": t_first - t0, "decode_s": t_end - t_first},
+        )
+
+    def _piece(self, token: int) -> bytes:
+        # The bytes of one token, cached: the vocabulary is fixed once loaded.
+        piece = self._pieces.get(token)
+        if piece is None:
+            buf = self._piece_buf
+            n = self._token_to_piece(self._llm._model.vocab, token, buf, len(buf), 0, False)
+            piece = bytes(buf.raw[: max(n, 0)])
+            self._pieces[token] = piece
+        return piece
+
+    # -- embeddings ------------------------------------------------------------------------
+
+    def embed(self, texts: Sequence[str]) -> tuple[list[list[float]], int]:
+        llm = self._require()
+        if self.settings.kind != "embedding":
+            raise ValueError(
+                f"model {self.settings.name!r} is a {self.settings.kind} model, not an "
+                "embedding model"
+            )
+        vectors, n_tokens = llm.embed(list(texts), normalize=True, truncate=False,
+                                      return_count=True)
+        return vectors, int(n_tokens)
+
+    def close(self) -> None:
+        if self._llm is not None:
+            self._llm.close()
+            self._llm = None
