@@ -239,6 +239,15 @@ async def _complete(
             f"({s.config.request_timeout_seconds:g} s); ask for fewer max_tokens",
             status=504, type="server_error", code="timeout",
         )
+    if finish.reason == FINISH_CANCELLED and cancel.reason == "shutdown":
+        # The drain deadline passed while this answer was still being generated: say so
+        # rather than hand back a truncated answer as if it were complete.
+        raise ApiError(
+            "the server is shutting down and stopped this generation at its drain deadline; "
+            "retry the request",
+            status=503, type="server_error", code="shutting_down",
+            headers={"Retry-After": "1"},
+        )
     text = "".join(parts)
     usage = {"prompt_tokens": finish.prompt_tokens, "completion_tokens": finish.completion_tokens,
              "total_tokens": finish.prompt_tokens + finish.completion_tokens}

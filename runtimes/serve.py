@@ -8,6 +8,7 @@ is ready, 3 for a bad server.toml or flag.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -142,6 +143,13 @@ class _Server(uvicorn.Server):
             state.lifecycle.begin_drain()
             log.info("signal %s: draining (up to %s s for requests in flight)",
                      sig, state.config.drain_seconds)
+            # uvicorn cancels what still runs at its graceful-shutdown deadline, which a client
+            # sees as a 500. Stop generations between two tokens just before that, so each
+            # request ends with a proper 503 (or a closed stream) instead.
+            with contextlib.suppress(RuntimeError):
+                asyncio.get_running_loop().call_later(
+                    max(0.0, float(state.config.drain_seconds) - 1.0), _stop_generations, state
+                )
         super().handle_exit(sig, frame)
         # uvicorn re-raises the signal after shutdown (the exit status then says "killed");
         # DESIGN.md wants a drained server to exit 0.
@@ -154,6 +162,11 @@ class _Server(uvicorn.Server):
             self.engine_error = state.lifecycle.error_exc
             return True
         return await super().on_tick(counter)
+
+
+def _stop_generations(state: Any) -> None:
+    for token in list(state.active):
+        token.cancel("shutdown")
 
 
 def _app_state(config: uvicorn.Config) -> Any:

@@ -180,6 +180,33 @@ def test_sigterm_drains_in_flight_and_exits_0(chat_bundle, tmp_path):
         notify.close()
 
 
+@pytest.mark.slow
+def test_drain_deadline_ends_a_long_generation_with_503_not_500(tmp_path):
+    bundle = make_test_bundle(tmp_path / "short-drain", server={"drain_seconds": 2})
+    server = serve_bundle(bundle)
+    try:
+        result: dict = {}
+
+        def endless():
+            r = httpx.post(server.base_url + "/v1/completions",
+                           json={**LONG, "max_tokens": 4000}, timeout=120)
+            result["status"], result["body"] = r.status_code, r.json()
+            result["retry_after"] = r.headers.get("retry-after")
+
+        t = threading.Thread(target=endless)
+        t.start()
+        _wait_for(lambda: _metric(server.base_url, "edgepack_running_requests") == 1,
+                  "the request to reach the engine")
+        server.proc.send_signal(signal.SIGTERM)
+        t.join(120)
+        assert result["status"] == 503, result["body"]
+        assert result["body"]["error"]["code"] == "shutting_down"
+        assert result["retry_after"] == "1"
+        assert server.proc.wait(60) == 0
+    finally:
+        server.stop()
+
+
 def _serve_exit(bundle, tmp_path) -> tuple[int, str]:
     p = subprocess.run([sys.executable, "-m", "edgepack.cli", "serve", str(bundle), "--port",
                         "0"], capture_output=True, text=True, timeout=120)
