@@ -42,6 +42,7 @@ class ServerConfig:
     n_threads: int = 4
     n_batch: int = 512
     n_gpu_layers: int = 0
+    providers: tuple[str, ...] = ("cpu",)  # onnxruntime execution providers, in priority order
     queue_size: int = 8
     max_body_bytes: int = 1 << 20
     drain_seconds: float = 30.0
@@ -143,6 +144,7 @@ def load_server_config(
         n_threads=_get(engine, "n_threads", int, os.cpu_count() or 1, where_e),
         n_batch=_get(engine, "n_batch", int, 512, where_e),
         n_gpu_layers=_get(engine, "n_gpu_layers", int, 0, where_e),
+        providers=tuple(str(x) for x in _get(engine, "providers", list, ["cpu"], where_e)),
         queue_size=_get(server, "queue_size", int, 8, where_s),
         max_body_bytes=_get(server, "max_body_bytes", int, 1 << 20, where_s),
         drain_seconds=float(_get(server, "drain_seconds", (int, float), 30, where_s)),

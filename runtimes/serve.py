@@ -50,9 +50,17 @@ def make_engine(cfg: ServerConfig) -> Engine:
             n_ctx=cfg.n_ctx, n_threads=cfg.n_threads, n_batch=cfg.n_batch,
             n_gpu_layers=cfg.n_gpu_layers,
         ))
+    if cfg.model_format == "onnx":
+        from edgepack.runtimes.onnx_engine import OnnxEngine, OnnxSettings
+
+        return OnnxEngine(OnnxSettings(
+            model_path=cfg.model_path, tokenizer_dir=cfg.bundle_dir / "tokenizer",
+            name=cfg.model_name, kind=cfg.model_kind, n_ctx=cfg.n_ctx,
+            n_threads=cfg.n_threads, providers=cfg.providers,
+        ))
     raise EngineError(
         f"no engine for model format {cfg.model_format!r} in this edgepack version",
-        hint="serve a GGUF bundle (build with --format gguf)",
+        hint="rebuild the bundle with --format gguf or --format onnx",
     )
 
 
