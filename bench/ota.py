@@ -9,13 +9,26 @@ model (llama.cpp requantize Q4_1 -> Q4_0), new model (unrelated bytes of the sam
 downloaded <= changed chunk bytes + 2 %. The fleet run starts N agents at once (threads, one
 state dir each, health gate with the tests' stand-in server) against one nginx and reports
 time to converge and bytes nginx served. Bounded: every agent has a deadline.
+
+Switch: the device's main server is the REAL `edgepack serve STATE/current` on a fixed port,
+under the tests' STAND-IN service manager (tests/support/service_manager.py: stop, wait for
+the drain, start, wait for /readyz, as `systemctl restart` of a Type=notify unit). One
+client sends short chat completions (max_tokens 4) back to back through the whole update and
+counts non-200 answers and connection errors; "longest gap" is the longest time between two
+successful answers, "restart" the service's stop -> ready (from its event log). Three
+updates: side by side (gate on a free port, then restart), stop-swap-start (forced with a
+1-byte --memory-budget-bytes), and a stop-swap-start of a broken model (rolled back).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import platform
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,7 +37,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from support.nginx import start_nginx  # noqa: E402
-from support.ota import STANDIN, make_bundle, random_model  # noqa: E402
+from support.ota import (  # noqa: E402
+    STANDIN,
+    MainService,
+    broken_gguf,
+    make_bundle,
+    random_model,
+    real_bundle,
+)
 from support.smollm import shipped_smollm_gguf  # noqa: E402
 
 from edgepack.agent.health import SubprocessLauncher  # noqa: E402
@@ -47,9 +67,94 @@ def requantize(src: Path, dst: Path) -> bool:
         return False
 
 
+class Hammer(threading.Thread):
+    """One client sending short chat completions back to back to the main server."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.url = url
+        self.stop = threading.Event()
+        self.results: list[tuple[float, float, str]] = []  # (start, end, "200" | error)
+
+    def run(self) -> None:
+        import urllib3
+
+        http = urllib3.PoolManager(retries=False)
+        body = json.dumps({"model": "smollm2-135m-instruct", "max_tokens": 4,
+                           "messages": [{"role": "user", "content": "Hi"}]}).encode()
+        while not self.stop.is_set():
+            t0 = time.monotonic()
+            try:
+                r = http.request("POST", f"{self.url}/v1/chat/completions", body=body,
+                                 headers={"Content-Type": "application/json"},
+                                 timeout=urllib3.Timeout(30))
+                what = str(r.status)
+            except urllib3.exceptions.HTTPError as e:
+                what = type(e).__name__
+            self.results.append((t0, time.monotonic(), what))
+            if what != "200":
+                time.sleep(0.02)  # a refused connection returns at once; do not spin
+
+    def window(self, t0: float, t1: float) -> dict:
+        rows = [r for r in self.results if r[0] >= t0 and r[1] <= t1 + 30]
+        ok = [r for r in rows if r[2] == "200"]
+        ends = [t0] + [r[1] for r in ok] + [t1]
+        return {"ok": len(ok), "failed": len(rows) - len(ok),
+                "kinds": sorted({r[2] for r in rows if r[2] != "200"}),
+                "gap": max(b - a for a, b in zip(ends, ends[1:], strict=False))}
+
+
+def switch_bench(tmp: Path, repo, nginx) -> list[dict]:
+    """Time to switch and failed requests during the switch (see the module docstring)."""
+    state = StateDir(tmp / "switch-state")
+    state.init(repo.root_json().read_bytes(), "switch-bench")
+    main = MainService(tmp / "switch-service", state.root)
+    base = dict(health_window=120, restart_command=tuple(main.command()), serve_url=main.url)
+    rows = []
+    hammer = None
+    try:
+        repo.publish(real_bundle(tmp / "s1", 1), "switch")
+        assert Agent(state, AgentConfig(nginx.url, "switch", **base)).run_once().result \
+            == "installed"
+        hammer = Hammer(main.url)
+        hammer.start()
+        time.sleep(2)
+        cases = [
+            ("side by side, then restart", 2, {}, {}),
+            ("stop-swap-start", 3, {"memory_budget_bytes": 1}, {}),
+            ("stop-swap-start, broken model: rolled back", 4, {"memory_budget_bytes": 1},
+             {"gguf": broken_gguf(tmp / "broken" / "model.gguf")}),
+        ]
+        for name, v, config, bundle in cases:
+            repo.publish(real_bundle(tmp / f"s{v}", v, server={"queue_size": 8 + v},
+                                     **bundle), "switch")
+            events_before = len(main.events())
+            t0 = time.monotonic()
+            r = Agent(state, AgentConfig(nginx.url, "switch", **base, **config)).run_once()
+            t1 = time.monotonic()
+            time.sleep(1)
+            log = (main.folder / "events.log").read_text().splitlines()[events_before:]
+            times = {ln.split()[1].split(":")[0]: float(ln.split()[0]) for ln in log}
+            restart = [float(ln.split()[0]) for ln in log]
+            row = {"update": name, "result": r.result, "update_s": t1 - t0,
+                   "restart_s": (max(restart) - min(restart)) if restart else None,
+                   "stopped_to_ready_s": (times["ready"] - times["stopped"])
+                   if "ready" in times and "stopped" in times else None,
+                   **hammer.window(t0, t1)}
+            rows.append(row)
+            print(row, flush=True)
+    finally:
+        if hammer is not None:
+            hammer.stop.set()
+            hammer.join(60)
+        main.stop()
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--fleet", type=int, default=50)
+    ap.add_argument("--skip-fleet", action="store_true", help="Only the byte and switch runs.")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ota.md")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ota-bench-"))
@@ -86,7 +191,11 @@ def main() -> int:
             rows.append((name, r.bytes_downloaded, pub.bytes_new, r.result, dt))
             print(rows[-1], flush=True)
 
+        switch_rows = switch_bench(tmp, repo, nginx)
+
         # Fleet: N fresh devices install the current version from nginx at once.
+        if args.skip_fleet:
+            args.fleet = 0
         before = nginx.bytes_served()
         agents = []
         for i in range(args.fleet):
@@ -96,7 +205,7 @@ def main() -> int:
                                                health_window=120),
                                 launcher=SubprocessLauncher(STANDIN)))
         t0 = time.monotonic()
-        with ThreadPoolExecutor(args.fleet) as pool:
+        with ThreadPoolExecutor(max(args.fleet, 1)) as pool:
             results = list(pool.map(lambda a: a.run_once().result, agents))
         fleet_s = time.monotonic() - t0
         fleet_bytes = nginx.bytes_served() - before
@@ -105,6 +214,8 @@ def main() -> int:
     ok = results.count("installed")
     lines = [
         "# OTA benchmark (bench/ota.py)", "",
+        f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {platform.machine()}, "
+        f"{os.cpu_count()} CPUs: `python bench/ota.py {' '.join(sys.argv[1:])}`", "",
         f"Model: SmolLM2-135M-Instruct Q4_1 GGUF ({gguf.stat().st_size} bytes); chunks FastCDC "
         "64 KiB/256 KiB/1 MiB; repository served by nginx on 127.0.0.1; 2 shared CPU cores.", "",
         "| update | bytes downloaded | changed chunk bytes | overhead vs changed | result | s |",
@@ -116,6 +227,18 @@ def main() -> int:
         over = "" if not new else f"{100 * (got - new) / new:+.1f} %"
         lines.append(f"| {name} | {got} | {'' if new is None else new} | {over} | {result} "
                      f"| {dt} |")
+    lines += ["", "Switch: the main server (real `edgepack serve`, SmolLM2 Q4_1, n_ctx 512, "
+              "1 thread) restarted by the service manager stand-in; one client sending "
+              "chat completions (max_tokens 4) back to back during the update.", "",
+              "| update | result | update s | restart s (stop -> ready) | stopped -> ready s "
+              "| requests ok | failed (kinds) | longest gap s |",
+              "|---|---|---:|---:|---:|---:|---|---:|"]
+    for r in switch_rows:
+        def f(x):
+            return "" if x is None else f"{x:.2f}"
+        lines.append(f"| {r['update']} | {r['result']} | {f(r['update_s'])} | "
+                     f"{f(r['restart_s'])} | {f(r['stopped_to_ready_s'])} | {r['ok']} | "
+                     f"{r['failed']} ({', '.join(r['kinds']) or '-'}) | {f(r['gap'])} |")
     lines += ["", f"Fleet: {args.fleet} agents at once, fresh install of v{v} "
               f"({gguf.stat().st_size} B model): {ok}/{args.fleet} installed, converged in "
               f"{fleet_s:.1f} s, nginx served {fleet_bytes} bytes "

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from edgepack.errors import EdgepackError
+from edgepack.errors import EdgepackError, RuntimeHealthError
 
 
 def _echo_json(data) -> None:
@@ -68,6 +68,23 @@ def repo_rollout(directory: Path, channel: str, version: str, percent: int) -> N
     v: int | str = int(version) if version.isdigit() else version
     Repository(directory).set_rollout(channel, v, percent)
     click.echo(f"{channel} {version}: rollout {percent}%")
+
+
+@repo.command("gc")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--keep", required=True, type=click.IntRange(1),
+              help="Versions kept per channel (newest first; the newest version rolled out "
+              "to 100%% also stays).")
+@click.option("--dry-run", is_flag=True, help="Report what would be deleted; change nothing.")
+def repo_gc(directory: Path, keep: int, dry_run: bool) -> None:
+    """Drop older versions from each channel and delete files and chunks nothing uses.
+
+    Re-signs targets, snapshot and timestamp when a version is dropped. Prints JSON.
+    """
+    from edgepack.repo import Repository
+    from edgepack.retention import collect_garbage
+
+    _echo_json(collect_garbage(Repository(directory), keep, dry_run=dry_run).to_dict())
 
 
 @repo.command("show")
@@ -124,7 +141,8 @@ def agent_init(root_json: Path, state_dir: Path, device_id: str | None) -> None:
 @click.option("--state-dir", required=True, type=click.Path(path_type=Path))
 @click.option("--channel", required=True, help="Channel to follow.")
 @click.option("--device-id", default=None, help="Override the provisioned device id.")
-@click.option("--once", is_flag=True, help="One cycle, then exit with its status.")
+@click.option("--once", is_flag=True,
+              help="One cycle, then exit with its status (7 when the update was rolled back).")
 @click.option("--interval", default=900.0, show_default=True, type=float,
               help="Seconds between cycles.")
 @click.option("--deadline", default=3600.0, show_default=True, type=float,
@@ -133,14 +151,28 @@ def agent_init(root_json: Path, state_dir: Path, device_id: str | None) -> None:
               help="Longest silence from the server, in seconds.")
 @click.option("--health-window", default=180.0, show_default=True, type=float,
               help="Seconds for a new bundle to become ready and answer its golden prompt.")
-@click.option("--restart-command", default=None,
+@click.option("--restart-command", default=None, envvar="EDGEPACK_RESTART_COMMAND",
+              show_envvar=True,
               help="Run after switching, e.g. 'systemctl restart edgepack-server'.")
-@click.option("--serve-url", default=None,
+@click.option("--serve-url", default=None, envvar="EDGEPACK_SERVE_URL", show_envvar=True,
               help="The main server, checked after --restart-command (roll back on failure).")
+@click.option("--memory-budget-bytes", default=None, type=click.IntRange(1),
+              envvar="EDGEPACK_MEMORY_BUDGET_BYTES", show_envvar=True,
+              help="Memory the old and new servers may use together. When both bundles' "
+              "plans do not fit, the agent stops the old server, switches and starts the new "
+              "one through --restart-command and gates it at --serve-url (stop-swap-start). "
+              "Default: the new plan must fit in the memory available now.")
 def agent_run(repo_url: str, state_dir: Path, channel: str, device_id: str | None, once: bool,
               interval: float, deadline: float, gap_timeout: float, health_window: float,
-              restart_command: str | None, serve_url: str | None) -> None:
-    """Check for, fetch, verify, health-gate and switch to new bundles."""
+              restart_command: str | None, serve_url: str | None,
+              memory_budget_bytes: int | None) -> None:
+    """Check for, fetch, verify, health-gate and switch to new bundles.
+
+    A new bundle starts side by side on a free port when it fits in memory beside the running
+    one, else stop-swap-start (see --memory-budget-bytes). A bundle that fails readiness or
+    its golden prompts is rolled back, its version blocked, and the reason recorded for
+    `edgepack agent status`.
+    """
     from edgepack.agent.state import StateDir
     from edgepack.agent.updater import Agent, AgentConfig
     from edgepack.release import check_channel
@@ -149,7 +181,7 @@ def agent_run(repo_url: str, state_dir: Path, channel: str, device_id: str | Non
         repo_url=repo_url, channel=check_channel(channel), device_id=device_id,
         deadline=deadline, gap_timeout=gap_timeout, health_window=health_window,
         restart_command=tuple(shlex.split(restart_command)) if restart_command else (),
-        serve_url=serve_url)
+        serve_url=serve_url, memory_budget_bytes=memory_budget_bytes)
     a = Agent(StateDir(state_dir), config)
     while True:
         try:
@@ -162,6 +194,8 @@ def agent_run(repo_url: str, state_dir: Path, channel: str, device_id: str | Non
                 raise
             click.echo(f"error: {e.render()}", err=True)
         if once:
+            if r.result == "rolled-back":
+                raise click.exceptions.Exit(RuntimeHealthError.exit_code)
             return
         time.sleep(interval)
 
@@ -190,6 +224,7 @@ def agent_status(state_dir: Path, as_json: bool) -> None:
         "at": st.get("at"),
         "blocked": s.blocked(),
         "device_id": s.device_id(),
+        "switch": st.get("switch"),
     }
     if as_json:
         _echo_json(data)

@@ -136,11 +136,16 @@ Group=edgepack
 #   EDGEPACK_REPO_URL=https://updates.example.com/edgepack
 #   EDGEPACK_CHANNEL=stable
 #   EDGEPACK_DEVICE_ID=pi-0042
-# PLACEHOLDER: the agent's final flags are defined by `edgepack agent run --help`.
+# and how the agent restarts and checks the server after a switch (`edgepack agent run
+# --help`; without them the new bundle is served from the server's next restart):
+#   EDGEPACK_RESTART_COMMAND=systemctl restart {SERVER_UNIT}
+#   EDGEPACK_SERVE_URL=http://{host}:{port}
+#   EDGEPACK_MEMORY_BUDGET_BYTES=...  (optional: forces stop-swap-start below it)
+# The edgepack user needs a polkit rule allowing it to restart {SERVER_UNIT}.
 EnvironmentFile={AGENT_ENV}
 Environment=PYTHONUNBUFFERED=1
 ExecStart={executable} agent run --repo-url ${{EDGEPACK_REPO_URL}} \
---state-dir {STATE_DIR} --channel ${{EDGEPACK_CHANNEL}}
+--state-dir {STATE_DIR} --channel ${{EDGEPACK_CHANNEL}} --device-id ${{EDGEPACK_DEVICE_ID}}
 Restart=on-failure
 RestartSec=30
 # The agent writes only its state directory (slots, current/previous, journal, chunks).

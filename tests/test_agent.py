@@ -192,6 +192,7 @@ def test_expired_metadata_is_rejected(world):
     _assert_rejected(agent, match="Expired")
 
 
+@pytest.mark.slow
 def test_rollout_zero_hundred_and_cohorts(world):
     world.publish(1, rollout=0)
     agent = world.agent("solo")
@@ -352,3 +353,52 @@ def test_disk_full_while_staging_fails_cleanly(world, tiny_disk):
     assert served_version(agent) == 1
     (tiny_disk / "filler").unlink()
     assert agent.run_once().result == "installed" and served_version(agent) == 3
+
+
+def test_switch_plan_side_by_side_or_stop_swap_start():
+    from edgepack.agent.memory import (
+        RUNTIME_OVERHEAD_BYTES,
+        SIDE_BY_SIDE,
+        STOP_SWAP_START,
+        bundle_memory_bytes,
+        plan_switch,
+    )
+
+    mib = 1 << 20
+    assert plan_switch(300 * mib, None, budget_bytes=mib).mode == SIDE_BY_SIDE  # nothing to stop
+    assert plan_switch(300 * mib, 300 * mib, budget_bytes=600 * mib).mode == SIDE_BY_SIDE
+    p = plan_switch(300 * mib, 300 * mib, budget_bytes=600 * mib - 1)
+    assert p.mode == STOP_SWAP_START and "do not fit in --memory-budget-bytes" in p.why
+    # Without a budget the running server is already outside what is available.
+    assert plan_switch(300 * mib, 900 * mib, available_bytes=301 * mib).mode == SIDE_BY_SIDE
+    assert plan_switch(300 * mib, 1, available_bytes=299 * mib).mode == STOP_SWAP_START
+    # A built plan's peak RSS wins over required bytes; without a plan: model + overhead.
+    built = {"plan": {"memory": {"required_bytes": 5, "expected_peak_rss_bytes": 7}}}
+    assert bundle_memory_bytes(built) == 7
+    assert bundle_memory_bytes({"plan": {"memory": {"total_bytes": 9}}}) == 9
+    bare = {"plan": {}, "model": {"path": "model/m.gguf"},
+            "files": [{"path": "model/m.gguf", "size": 1000}]}
+    assert bundle_memory_bytes(bare) == 1000 + RUNTIME_OVERHEAD_BYTES
+
+
+def test_agent_unit_execstart_is_a_valid_agent_command_line():
+    """The systemd unit's ExecStart parses with the agent's own CLI, environment file
+    variables substituted (and EDGEPACK_* options read from that environment)."""
+    import shlex
+
+    from edgepack.runtimes.systemd import AGENT_UNIT, render_units
+
+    from edgepack.cli_ota import agent_run
+
+    text = render_units()[AGENT_UNIT]
+    line = next(ln for ln in text.splitlines() if ln.startswith("ExecStart="))
+    env = {"EDGEPACK_REPO_URL": "https://updates.example.com/e", "EDGEPACK_CHANNEL": "stable",
+           "EDGEPACK_DEVICE_ID": "pi-0042"}
+    for k, v in env.items():
+        line = line.replace("${" + k + "}", v)
+    argv = shlex.split(line.removeprefix("ExecStart="))
+    assert argv[1:3] == ["agent", "run"]
+    ctx = agent_run.make_context("run", argv[3:])
+    assert ctx.params["repo_url"] == env["EDGEPACK_REPO_URL"]
+    assert ctx.params["state_dir"] == Path("/var/lib/edgepack")
+    assert ctx.params["device_id"] == "pi-0042" and ctx.params["channel"] == "stable"

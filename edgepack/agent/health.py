@@ -29,7 +29,8 @@ from typing import Any, Protocol
 
 import urllib3
 
-from edgepack.errors import RuntimeHealthError
+from edgepack.errors import EdgepackError, RuntimeHealthError
+from edgepack.release import version_key
 
 
 class ServerHandle(Protocol):
@@ -63,6 +64,7 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child
 class ProcessHandle:
     proc: subprocess.Popen
     url: str
+    log_path: Path | None = None
 
     @property
     def pid(self) -> int:
@@ -70,6 +72,20 @@ class ProcessHandle:
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def exit_detail(self) -> str:
+        """How the process ended, with the server's own error line when its log has one
+        (``edgepack serve`` prints ``error: ...`` before exiting 6 or 7)."""
+        detail = f"exit status {self.proc.returncode}"
+        if self.log_path is not None:
+            try:
+                lines = self.log_path.read_text(errors="replace").splitlines()
+            except OSError:
+                lines = []
+            errors = [ln.strip() for ln in lines if ln.startswith("error:")]
+            if errors:
+                detail += f", {errors[-1][:300]}"
+        return detail
 
     def stop(self, grace: float = 10.0) -> None:
         if self.proc.poll() is None:
@@ -92,9 +108,11 @@ class SubprocessLauncher:
 
     def start(self, bundle: Path, port: int) -> ProcessHandle:
         log = subprocess.DEVNULL
+        log_path = None
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
-            log = open(self.log_dir / f"health-{bundle.name}.log", "wb")  # noqa: SIM115
+            log_path = self.log_dir / f"health-{bundle.name}.log"
+            log = open(log_path, "wb")  # noqa: SIM115
         try:
             proc = subprocess.Popen(
                 [*self.argv, str(bundle), "--host", "127.0.0.1", "--port", str(port)],
@@ -104,7 +122,7 @@ class SubprocessLauncher:
         finally:
             if log is not subprocess.DEVNULL:
                 log.close()
-        return ProcessHandle(proc, f"http://127.0.0.1:{port}")
+        return ProcessHandle(proc, f"http://127.0.0.1:{port}", log_path)
 
 
 def _golden(prompt: Mapping[str, Any]) -> tuple[list[dict[str, str]], list[str], int]:
@@ -114,7 +132,9 @@ def _golden(prompt: Mapping[str, Any]) -> tuple[list[dict[str, str]], list[str],
         messages = [{"role": "user", "content": str(prompt.get("prompt", ""))}]
     expect = prompt.get("expect", prompt.get("contains", []))
     expected = [expect] if isinstance(expect, str) else [str(e) for e in expect or []]
-    return messages, expected, int(prompt.get("max_tokens", 32))
+    # 48 tokens, as the build's validation answers it (edgepack/validate.py), so a bundle
+    # that passed there is judged on the same answer here.
+    return messages, expected, int(prompt.get("max_tokens", 48))
 
 
 def check_server(handle: ServerHandle, manifest: Mapping[str, Any], window: float,
@@ -130,7 +150,9 @@ def check_server(handle: ServerHandle, manifest: Mapping[str, Any], window: floa
     last = "no answer"
     while time.monotonic() < deadline:
         if not handle.alive():
-            raise RuntimeHealthError(f"the server exited before it was ready ({last})")
+            how = getattr(handle, "exit_detail", None)
+            raise RuntimeHealthError(f"the server exited before it was ready ({last}"
+                                     + (f"; {how()})" if how is not None else ")"))
         try:
             r = http.request("GET", f"{handle.url}/readyz", timeout=urllib3.Timeout(2.0))
             last = f"readyz {r.status}"
@@ -142,6 +164,7 @@ def check_server(handle: ServerHandle, manifest: Mapping[str, Any], window: floa
         time.sleep(0.2)
     if ready is None:
         raise RuntimeHealthError(f"the server was not ready within {window:g} s ({last})")
+    _check_identity(ready, manifest)
     headers = {"Content-Type": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
@@ -154,16 +177,23 @@ def check_server(handle: ServerHandle, manifest: Mapping[str, Any], window: floa
         if left <= 0:
             raise RuntimeHealthError(f"no time left in the {window:g} s window for the "
                                      "golden prompt")
-        body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0}
+        # OpenAI's API requires the model's name; the server names it in /readyz.
+        body = {"model": ready.get("model") or (manifest.get("model") or {}).get("name"),
+                "messages": messages, "max_tokens": max_tokens, "temperature": 0}
         try:
             r = http.request("POST", f"{handle.url}/v1/chat/completions",
                              body=json.dumps(body).encode(), headers=headers,
                              timeout=urllib3.Timeout(left))
-            answer = json.loads(r.data)["choices"][0]["message"]["content"] or ""
-        except (urllib3.exceptions.HTTPError, ValueError, KeyError, IndexError, TypeError) as e:
+        except urllib3.exceptions.HTTPError as e:
             raise RuntimeHealthError(f"the golden prompt got no answer: {e}") from e
         if r.status != 200:
-            raise RuntimeHealthError(f"the golden prompt got HTTP {r.status}")
+            raise RuntimeHealthError(f"the golden prompt got HTTP {r.status}: "
+                                     f"{_error_text(r.data)}")
+        try:
+            answer = json.loads(r.data)["choices"][0]["message"]["content"] or ""
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            raise RuntimeHealthError(f"the golden prompt got an answer that is not a chat "
+                                     f"completion: {r.data[:200]!r}") from e
         if not answer.strip():
             raise RuntimeHealthError("the golden prompt got an empty answer")
         if expected and not any(e.lower() in answer.lower() for e in expected):
@@ -173,13 +203,42 @@ def check_server(handle: ServerHandle, manifest: Mapping[str, Any], window: floa
     return ready
 
 
+def _error_text(data: bytes) -> str:
+    """The message of an OpenAI-shaped error body, else the start of the body."""
+    try:
+        return str(json.loads(data)["error"]["message"])[:300]
+    except (ValueError, KeyError, TypeError):
+        return repr(data[:200])
+
+
+def _check_identity(ready: Mapping[str, Any], manifest: Mapping[str, Any]) -> None:
+    """The server must serve the bundle being gated: after a restart through the service
+    manager the old process may still answer (a restart that did not take, a wrong unit).
+    Only what ``/readyz`` reports is compared (the real server reports both)."""
+    want_sha = (manifest.get("model") or {}).get("sha256")
+    got_sha = ready.get("sha256")
+    if want_sha and got_sha and got_sha != want_sha:
+        raise RuntimeHealthError(f"the server serves model sha256 {str(got_sha)[:16]}…, "
+                                 f"expected {want_sha[:16]}…")
+    want_v = (manifest.get("bundle") or {}).get("version")
+    got_v = ready.get("bundle_version")
+    if want_v is not None and got_v is not None:
+        try:
+            same = version_key(got_v) == version_key(want_v)
+        except EdgepackError:  # a malformed version is a mismatch
+            same = False
+        if not same:
+            raise RuntimeHealthError(f"the server serves bundle version {got_v!r}, "
+                                     f"expected {want_v!r}")
+
+
 def gate(launcher: Launcher, bundle: Path, manifest: Mapping[str, Any], window: float,
-         on_start=None) -> dict[str, Any]:
+         on_start=None, api_key: str | None = None) -> dict[str, Any]:
     """Start ``bundle`` side by side on a free port, check it, always stop it."""
     handle = launcher.start(bundle, free_port())
     try:
         if on_start is not None:
             on_start(handle)
-        return check_server(handle, manifest, window)
+        return check_server(handle, manifest, window, api_key=api_key)
     finally:
         handle.stop()

@@ -210,7 +210,13 @@ class Stager:
         tmp = dest.with_name(dest.name + ".assembling")
         src = local_files.get(f.sha256)
         if src is not None and src.stat().st_size == f.size and _sha256_of(src) == f.sha256:
-            shutil.copyfile(src, tmp)
+            # Slots are never modified once verified, so an unchanged file (the model, in a
+            # config-only update) is hard-linked: no second copy on disk, no write wear.
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(src, tmp)
+            except OSError:
+                shutil.copyfile(src, tmp)
             self.stats.bytes_local += f.size
         elif f.chunked:
             self._assemble(indexes[f.sha256], tmp, local_chunks)

@@ -4,6 +4,11 @@
     (delta, verified) -> health gate side by side -> switch ``current`` -> commit;
     a failed gate -> roll back, record why, block the version.
 
+When the old and the new server do not both fit in memory (``edgepack.agent.memory``), the
+gate is stop-swap-start instead: switch ``current``, restart the service (which stops the old
+server and starts the new one), gate the service's server, and on failure switch back and
+restart the old one.
+
 The security decisions are python-tuf's (signatures, thresholds, expiry, rollback and
 freeze attacks); this module orchestrates and keeps the journal so a kill -9 anywhere ends,
 after restart, with a verified bundle behind ``current``.
@@ -28,8 +33,16 @@ from edgepack.agent.fetcher import Deadline, HttpFetcher, TufFetcher
 from edgepack.agent.health import Launcher, ProcessHandle, SubprocessLauncher, check_server, gate
 from edgepack.agent.installer import Stager
 from edgepack.agent.journal import Journal, JournalEntry, crash_point
+from edgepack.agent.memory import (
+    STOP_SWAP_START,
+    SwitchPlan,
+    available_memory_bytes,
+    bundle_memory_bytes,
+    plan_switch,
+)
 from edgepack.agent.state import StateDir
 from edgepack.errors import (
+    ConfigError,
     EdgepackError,
     FetchError,
     IntegrityError,
@@ -61,6 +74,8 @@ class AgentConfig:
     health_window: float = 180.0  # readiness + golden prompt
     restart_command: tuple[str, ...] = ()  # e.g. ("systemctl", "restart", "edgepack-server")
     serve_url: str | None = None  # the main server, checked after a restart
+    # Memory the old and new servers may use together; None: what the machine has available.
+    memory_budget_bytes: int | None = None
 
 
 @dataclass
@@ -174,20 +189,22 @@ class Agent:
         """
         self.state.check()
         with self.state.locked():
-            recovered = self.recover()
-            if recovered is not None:
-                return recovered
-            deadline = Deadline(self.config.deadline)
-            http = HttpFetcher(deadline, gap_timeout=self.config.gap_timeout,
-                               user_agent=f"edgepack-agent/{__version__}")
+            http: HttpFetcher | None = None
             try:
+                recovered = self.recover()
+                if recovered is not None:
+                    return recovered
+                http = HttpFetcher(Deadline(self.config.deadline),
+                                   gap_timeout=self.config.gap_timeout,
+                                   user_agent=f"edgepack-agent/{__version__}")
                 return self._cycle(http)
             except EdgepackError as e:
                 self.state.record(last_result="failed", reason=e.message,
                                   pending=None, error=type(e).__name__)
                 raise
             finally:
-                http.close()
+                if http is not None:
+                    http.close()
 
     def _cycle(self, http: HttpFetcher) -> CycleResult:
         updater = self._updater(http)
@@ -234,10 +251,47 @@ class Agent:
 
     # -- health gate, switch, rollback -----------------------------------------------------
 
+    def _switch_plan(self, entry: JournalEntry, slot: Path) -> SwitchPlan:
+        """Side by side or stop-swap-start for this update (kept in the journal, so a
+        recovery repeats the same choice whatever memory looks like after a crash)."""
+        kept = entry.extra.get("switch")
+        if isinstance(kept, dict):
+            try:
+                return SwitchPlan(**kept)
+            except TypeError:
+                pass
+        old = Path(entry.old_slot) if entry.old_slot else None
+        old_bytes = None
+        if old is not None and old.is_dir():
+            try:
+                old_bytes = bundle_memory_bytes(load_manifest(old), old)
+            except EdgepackError:
+                old_bytes = None
+        new_bytes = bundle_memory_bytes(load_manifest(slot), slot)
+        budget = self.config.memory_budget_bytes
+        return plan_switch(new_bytes, old_bytes, budget_bytes=budget,
+                           available_bytes=available_memory_bytes() if budget is None else None)
+
     def _gate_and_switch(self, entry: JournalEntry, slot: Path) -> CycleResult:
+        plan = self._switch_plan(entry, slot)
+        if plan.mode == STOP_SWAP_START and not (self.config.restart_command
+                                                 and self.config.serve_url):
+            self.journal.clear()  # nothing was switched; the verified slot stays for later
+            raise ConfigError(
+                f"version {entry.version} needs stop-swap-start ({plan.why}), but the agent "
+                "cannot stop and restart the server",
+                hint="pass --restart-command (e.g. 'systemctl restart edgepack-server') and "
+                "--serve-url, or a larger --memory-budget-bytes if the device has the memory",
+            )
+        entry.extra["switch"] = plan.to_dict()
         entry.step = "health"
         entry.attempts += 1
         self.journal.write(entry)
+        if plan.mode == STOP_SWAP_START:
+            # The service's own server is the gate: _switch restarts it on the new bundle
+            # and checks readiness and the golden prompts; a failure switches back.
+            crash_point("stop-swap-start", self.environ)
+            return self._switch(entry, slot)
         manifest = load_manifest(slot)
 
         def started(handle: ProcessHandle) -> None:
@@ -246,7 +300,8 @@ class Agent:
             crash_point("health-started", self.environ)
 
         try:
-            gate(self.launcher, slot, manifest, self.config.health_window, on_start=started)
+            gate(self.launcher, slot, manifest, self.config.health_window, on_start=started,
+                 api_key=self._api_key())
         except RuntimeHealthError as e:
             return self._rollback(entry, slot, f"health gate: {e.message}")
         crash_point("health-passed", self.environ)
@@ -255,9 +310,30 @@ class Agent:
         self.journal.write(entry)
         return self._switch(entry, slot)
 
-    def _restart_service(self) -> None:
-        if self.config.restart_command:
-            subprocess.run(list(self.config.restart_command), check=False, timeout=120)
+    def _api_key(self) -> str | None:
+        # The servers read EDGEPACK_API_KEY (systemd: server.env); the gate must send it.
+        return self.environ.get("EDGEPACK_API_KEY") or None
+
+    def _restart_service(self) -> str | None:
+        """Run --restart-command; return why it failed, or None.
+
+        A failure is trusted (``systemctl restart`` of a Type=notify unit fails when the
+        server exits before READY=1); a success is not: the health check that follows judges
+        the server the service manager actually runs.
+        """
+        if not self.config.restart_command:
+            return None
+        cmd = list(self.config.restart_command)
+        try:
+            done = subprocess.run(cmd, check=False, capture_output=True, text=True,
+                                  timeout=max(120.0, self.config.health_window))
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return f"the restart command {cmd[0]!r} failed: {e}"
+        if done.returncode == 0:
+            return None
+        said = " ".join((done.stderr or done.stdout or "").split())[-300:]
+        return (f"the restart command exited {done.returncode}"
+                + (f": {said}" if said else ""))
 
     def _switch(self, entry: JournalEntry, slot: Path) -> CycleResult:
         old = Path(entry.old_slot) if entry.old_slot else None
@@ -266,13 +342,17 @@ class Agent:
         crash_point("switch-previous", self.environ)
         self.state.set_link(self.state.current, slot)
         crash_point("switch-current", self.environ)
-        self._restart_service()
+        failed = self._restart_service()
+        where = ("stop-swap-start" if (entry.extra.get("switch") or {}).get("mode")
+                 == STOP_SWAP_START else "after the switch")
+        if failed:
+            return self._rollback(entry, slot, f"{where}: {failed}")
         if self.config.serve_url:
             try:
                 check_server(_RemoteServer(self.config.serve_url), load_manifest(slot),
-                             self.config.health_window)
+                             self.config.health_window, api_key=self._api_key())
             except RuntimeHealthError as e:
-                return self._rollback(entry, slot, f"after the switch: {e.message}")
+                return self._rollback(entry, slot, f"{where}: {e.message}")
         entry.step = "committed"
         self.journal.write(entry)
         crash_point("committed", self.environ)
@@ -283,9 +363,12 @@ class Agent:
         crash_point("gc", self.environ)
         self.journal.clear()
         prev = self.state.previous_slot()
+        switch = entry.extra.get("switch")
         self.state.record(last_result="installed", reason=None, pending=None,
-                          installed=entry.version, previous=prev.name if prev else None)
-        return CycleResult("installed", entry.version, details={"removed_slots": removed})
+                          installed=entry.version, previous=prev.name if prev else None,
+                          switch=switch)
+        return CycleResult("installed", entry.version,
+                           details={"removed_slots": removed, "switch": switch})
 
     def _rollback(self, entry: JournalEntry, slot: Path, reason: str) -> CycleResult:
         entry.step = "rollback"
@@ -300,14 +383,26 @@ class Agent:
             self.state.set_link(self.state.current, old)
             self.state.set_link(self.state.previous,
                                 Path(entry.old_previous) if entry.old_previous else None)
-            self._restart_service()
+            failed = self._restart_service()
+            if self.config.serve_url and old is not None and self.config.restart_command:
+                # Say so when the old bundle does not come back either (nothing more can be
+                # done here; the service manager keeps restarting it).
+                try:
+                    if failed:
+                        raise RuntimeHealthError(failed)
+                    check_server(_RemoteServer(self.config.serve_url), load_manifest(old),
+                                 self.config.health_window, api_key=self._api_key())
+                except (RuntimeHealthError, IntegrityError) as e:
+                    reason += f"; the previous bundle did not come back: {e.message}"
         if slot.exists() and (old is None or slot.resolve() != old.resolve()):
             shutil.rmtree(slot, ignore_errors=True)
         self.journal.clear()
+        switch = entry.extra.get("switch")
         self.state.record(last_result="rolled-back", reason=reason, pending=None,
                           failed_version=entry.version,
-                          installed=self.state.installed_version())
-        return CycleResult("rolled-back", entry.version, reason=reason)
+                          installed=self.state.installed_version(), switch=switch)
+        return CycleResult("rolled-back", entry.version, reason=reason,
+                           details={"switch": switch})
 
     # -- recovery --------------------------------------------------------------------------
 

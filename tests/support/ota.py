@@ -109,3 +109,83 @@ def run_agent_process(state: Path, url: str, *, crash_at: str | None = None,
                                url=url, channel=channel, launcher=launcher or STANDIN)
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+# --- real bundles for the real server (tests/test_agent_serve.py, bench/ota.py) ---------------
+
+# The shape `edgepack build` writes (edgepack/build.py: {"prompt": ..., "expect": ...}).
+# The shipped Q4_1 file answers the build's default "What is the capital of France?" with
+# French gibberish ("L'Étoile, la Cité, la Nation, ...", greedy, llama-cpp-python 0.3.36),
+# so its test bundles ask for one word, which it answers "The capital of France is Paris."
+CAPITAL = "What is the capital of France? Answer in one word."
+BUILT_GOLDEN = ({"prompt": CAPITAL, "expect": "Paris"},)
+
+
+def real_bundle(dest: Path, version: int | str, gguf: Path | None = None, *,
+                golden=BUILT_GOLDEN, quant: str = "Q4_1", memory: dict | None = None,
+                server: dict | None = None) -> Path:
+    """A bundle for the real `edgepack serve`: ``make_test_bundle`` (the shipped SmolLM2 Q4_1
+    GGUF, hard-linked) with n_ctx 512 and one thread, then its manifest rewritten with
+    ``version``, ``golden_prompts`` as the build writes them and, if given, ``plan.memory``
+    (the manifest is not listed in itself, so the bundle still verifies)."""
+    import json
+
+    from edgepack.manifest import MANIFEST_NAME, canonical_json, verify_bundle
+    from support.bundles import make_test_bundle
+
+    make_test_bundle(dest, gguf, quant=quant, engine={"n_ctx": 512, "n_threads": 1},
+                     server=server)
+    manifest = json.loads((dest / MANIFEST_NAME).read_text())
+    manifest["bundle"]["version"] = version
+    manifest["golden_prompts"] = [dict(g) for g in golden]
+    if memory is not None:
+        manifest["plan"]["memory"] = dict(memory)
+    (dest / MANIFEST_NAME).write_bytes(canonical_json(manifest))
+    verify_bundle(dest)
+    return dest
+
+
+def broken_gguf(dest: Path) -> Path:
+    """A file with a GGUF magic and a header llama.cpp refuses (unsupported version 999):
+    manifest-valid, unloadable."""
+    import struct
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_bytes(b"GGUF" + struct.pack("<I", 999) + struct.pack("<QQ", 1, 1) + bytes(4096))
+    return dest
+
+
+class MainService:
+    """The device's main server under a STAND-IN service manager
+    (tests/support/service_manager.py): the real `edgepack serve STATE/current` on a fixed
+    port, restarted by the agent through ``restart_command``."""
+
+    def __init__(self, folder: Path, state: Path) -> None:
+        from edgepack.agent.health import free_port
+
+        self.folder = folder
+        self.state = state
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.script = [sys.executable, str(Path(__file__).with_name("service_manager.py"))]
+
+    def command(self, action: str = "restart") -> list[str]:
+        return [*self.script, action, str(self.folder), "--state", str(self.state),
+                "--port", str(self.port)]
+
+    @property
+    def restart_command(self) -> str:
+        import shlex
+
+        return shlex.join(self.command())
+
+    def events(self) -> list[tuple[str, int, str]]:
+        """(event, pid, bundle folder name) in order."""
+        log = self.folder / "events.log"
+        lines = log.read_text().splitlines() if log.exists() else []
+        return [(e, int(pid), Path(b).name) for _, e, pid, b in (ln.split(" ", 3) for ln in lines)]
+
+    def stop(self) -> None:
+        import subprocess
+
+        subprocess.run(self.command("stop"), check=False, timeout=120)
