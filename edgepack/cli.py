@@ -26,8 +26,8 @@ class _ReportedError(click.ClickException):
 
     def __init__(self, text: str, exit_code: int, cause: BaseException) -> None:
         super().__init__(text)
-        self.exit_code = exit_code
         self.cause = cause
+        self.exit_code = exit_code  # type: ignore[misc]  # click reads it per instance
 
     def show(self, file: IO[Any] | None = None) -> None:
         if _debug():

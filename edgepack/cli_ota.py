@@ -231,7 +231,8 @@ def agent_status(state_dir: Path, as_json: bool) -> None:
         return
     for k in ("installed", "previous", "pending", "last_result", "reason", "at"):
         click.echo(f"{k:12} {data[k] if data[k] is not None else '-'}")
-    for v, why in data["blocked"].items():
+    blocked: dict[str, str] = s.blocked()
+    for v, why in blocked.items():
         click.echo(f"blocked      {v}: {why}")
 
 

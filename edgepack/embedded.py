@@ -87,9 +87,9 @@ def write_hf_checkpoint(out_dir: Path) -> None:
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
     model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    model.generation_config.bos_token_id = 1
-    model.generation_config.eos_token_id = 2
-    model.generation_config.pad_token_id = 2
+    gen = model.generation_config
+    if gen is not None:
+        gen.bos_token_id, gen.eos_token_id, gen.pad_token_id = 1, 2, 2
     model.save_pretrained(str(out_dir), safe_serialization=True)
     save_smollm2_tokenizer(out_dir)
     (Path(out_dir) / "edgepack-embedded.json").write_text(

@@ -343,10 +343,13 @@ def _hub_call(fn: Any, *args: Any, _ctx: tuple[str, str, str, str | None], **kwa
     """Run a huggingface_hub call, mapping its errors (edgepack errors pass through)."""
     from huggingface_hub import errors as hf
 
+    mapped: tuple[type[BaseException], ...] = (
+        hf.HfHubHTTPError, hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled,
+        hf.EntryNotFoundError, OSError, *_transport_errors(),
+    )
     try:
         return fn(*args, **kwargs)
-    except (hf.HfHubHTTPError, hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled,
-            hf.EntryNotFoundError, OSError, *_transport_errors()) as e:
+    except mapped as e:
         raise _fetch_error(e, *_ctx) from e
 
 

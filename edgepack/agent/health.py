@@ -34,8 +34,11 @@ from edgepack.release import version_key
 
 
 class ServerHandle(Protocol):
-    url: str
-    pid: int
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def pid(self) -> int: ...
 
     def alive(self) -> bool: ...
 
@@ -107,7 +110,7 @@ class SubprocessLauncher:
         self.environ = dict(environ if environ is not None else os.environ)
 
     def start(self, bundle: Path, port: int) -> ProcessHandle:
-        log = subprocess.DEVNULL
+        log: Any = subprocess.DEVNULL
         log_path = None
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)

@@ -58,7 +58,8 @@ def bundle_memory_bytes(manifest: Mapping[str, Any], slot: Path | None = None) -
             value = memory.get(key)
             if isinstance(value, int) and not isinstance(value, bool) and value > 0:
                 return value
-    model = manifest.get("model") if isinstance(manifest.get("model"), Mapping) else {}
+    raw_model = manifest.get("model")
+    model: Mapping[str, Any] = raw_model if isinstance(raw_model, Mapping) else {}
     size = model.get("size")
     if not isinstance(size, int):
         path = model.get("path")
