@@ -1,0 +1,55 @@
+"""``edgepack plan`` end to end: real hub client against the local hub, local folders, errors."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from edgepack.cli import cli
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, ["plan", *args])
+
+
+def test_plan_through_local_hub_fetches_no_weights(local_hub, tiny_llama_dir):
+    sha = local_hub.add_repo("acme/tiny-llama", tiny_llama_dir)
+    r = run("acme/tiny-llama", "--device", "raspberry-pi-5-8gb", "--json")
+    assert r.exit_code == 0, r.output
+    plan = json.loads(r.output)
+    assert plan["source"] == {"ref": "acme/tiny-llama", "repo_id": "acme/tiny-llama", "sha": sha}
+    assert (plan["format"], plan["engine"]) == ("gguf", "llama.cpp")
+    assert plan["memory"]["required_bytes"] > plan["memory"]["weights_bytes"] > 0
+    weights = [
+        q for q in local_hub.requests if q.path.endswith(".safetensors") and q.method == "GET"
+    ]
+    assert weights, "the planner must read the safetensors header"
+    size = (tiny_llama_dir / "model.safetensors").stat().st_size
+    assert all(q.range is not None for q in weights)
+    assert sum(q.bytes_sent for q in weights) < size / 4  # headers only, never the tensors
+
+
+def test_plan_on_local_folders(minilm_dir, tiny_llama_dir):
+    r = run(str(minilm_dir), "--device", "raspberry-pi-4-4gb", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["format"] == "onnx"
+    r = run(str(tiny_llama_dir), "--device", "laptop-x86-16gb", "--quant", "Q4_0")
+    assert r.exit_code == 0, r.output
+    assert "Q4_0" in r.output and "as asked with --quant" in r.output
+    r = run(str(tiny_llama_dir), "--device", "laptop-x86-16gb")
+    assert r.exit_code == 0, r.output
+    assert "rejected options" in r.output and "lower quality than Q8_0" in r.output
+
+
+def test_cli_errors_map_to_exit_codes(tiny_llama_dir):
+    r = run(str(tiny_llama_dir), "--device", "no-such-board")
+    assert r.exit_code == 3 and "no-such-board" in r.output
+    r = run(str(tiny_llama_dir), "--device", "laptop-x86-16gb", "--quant", "Q7_X")
+    assert r.exit_code == 2 and "Q7_X" in r.output
+    r = run(
+        str(tiny_llama_dir), "--device", "laptop-x86-16gb", "--format", "onnx", "--quant", "Q4_0"
+    )
+    assert r.exit_code == 2
+    r = run(str(tiny_llama_dir), "--device", "laptop-x86-16gb", "--ctx", "99999999")
+    assert r.exit_code == 2 and "maximum context" in r.output
