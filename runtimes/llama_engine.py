@@ -14,16 +14,12 @@ from __future__ import annotations
 
 import codecs
 import ctypes
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgepack.runtimes.engine import (
-    FINISH_CANCELLED,
-    FINISH_LENGTH,
-    FINISH_STOP,
     CancelToken,
     EngineError,
     FinishEvent,
@@ -33,7 +29,7 @@ from edgepack.runtimes.engine import (
     SamplingParams,
     TokenEvent,
 )
-from edgepack.runtimes.stops import StopScanner
+from edgepack.runtimes.token_stream import token_events
 
 _DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: a random seed per generation
 
@@ -206,18 +202,10 @@ class LlamaEngine:
         n_prompt = len(prompt.tokens)
         room = self.n_ctx - n_prompt
         limit = room if params.max_tokens is None else min(params.max_tokens, room)
-        scanner = StopScanner(tuple(prompt.stop) + tuple(params.stop))
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         vocab = llm._model.vocab
         is_eog = self._is_eog
         llm.set_seed(_DEFAULT_SEED if params.seed is None else params.seed & 0xFFFFFFFF)
-        t0 = time.perf_counter()
-        t_first = 0.0
-        n_out = 0
-        reason = FINISH_LENGTH
-        if cancel.cancelled:
-            yield FinishEvent(FINISH_CANCELLED, n_prompt, 0)
-            return
         tokens = llm.generate(
             list(prompt.tokens),
             top_k=params.top_k,
@@ -228,47 +216,15 @@ class LlamaEngine:
             frequency_penalty=params.frequency_penalty,
             presence_penalty=params.presence_penalty,
         )
-        try:
-            if limit <= 0:
-                reason = FINISH_LENGTH
-            else:
-                for token in tokens:
-                    if not t_first:
-                        t_first = time.perf_counter()
-                    if cancel.cancelled:
-                        reason = FINISH_CANCELLED
-                        break
-                    if is_eog(vocab, token):
-                        reason = FINISH_STOP
-                        break
-                    n_out += 1
-                    text = decoder.decode(self._piece(token))
-                    out = scanner.feed(text) if text else ""
-                    if out:
-                        yield TokenEvent(out)
-                    if scanner.stopped:
-                        reason = FINISH_STOP
-                        break
-                    if n_out >= limit:
-                        reason = FINISH_LENGTH
-                        break
-        finally:
-            tokens.close()
-        if reason != FINISH_STOP and reason != FINISH_CANCELLED:
-            tail = scanner.feed(decoder.decode(b"", final=True)) + scanner.flush()
-            if tail:
-                yield TokenEvent(tail)
-        elif reason == FINISH_STOP and not scanner.stopped:
-            tail = scanner.flush()
-            if tail:
-                yield TokenEvent(tail)
-        t_end = time.perf_counter()
-        t_first = t_first or t_end
-        yield FinishEvent(
-            reason,
-            n_prompt,
-            n_out,
-            {"prefill_s": t_first - t0, "decode_s": t_end - t_first},
+        yield from token_events(
+            tokens,
+            lambda t: decoder.decode(self._piece(t)),
+            lambda: decoder.decode(b"", final=True),
+            n_prompt=n_prompt,
+            limit=limit,
+            stops=tuple(prompt.stop) + tuple(params.stop),
+            cancel=cancel,
+            is_end=lambda t: bool(is_eog(vocab, t)),
         )
 
     def _piece(self, token: int) -> bytes:

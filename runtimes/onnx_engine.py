@@ -23,9 +23,6 @@ from typing import Any
 
 import numpy as np
 from edgepack.runtimes.engine import (
-    FINISH_CANCELLED,
-    FINISH_LENGTH,
-    FINISH_STOP,
     CancelToken,
     EngineError,
     FinishEvent,
@@ -42,7 +39,7 @@ from edgepack.runtimes.onnx_generate import (
     generate_tokens,
     kv_spec,
 )
-from edgepack.runtimes.stops import StopScanner
+from edgepack.runtimes.token_stream import token_events
 
 TOKENIZER_CONFIG_NAME = "edgepack_tokenizer.json"
 # Texts per onnxruntime call when embedding: bounds activation memory on small devices.
@@ -278,7 +275,6 @@ class OnnxEngine:
         n_prompt = len(prompt.tokens)
         room = self.n_ctx - n_prompt
         limit = room if params.max_tokens is None else min(params.max_tokens, room)
-        scanner = StopScanner(tuple(prompt.stop) + tuple(params.stop))
         detok = Detokenizer(self._tokenizer)
         sampler = Sampler(
             temperature=params.temperature,
@@ -291,44 +287,15 @@ class OnnxEngine:
             seed=params.seed,
         )
         eos = frozenset(int(i) for i in self._config.get("eos_token_ids") or [])
-        t0 = time.perf_counter()
-        t_first = 0.0
-        n_out = 0
-        if cancel.cancelled:
-            yield FinishEvent(FINISH_CANCELLED, n_prompt, 0)
-            return
-        reason = FINISH_STOP  # the token stream ending before the limit means EOS
         tokens = generate_tokens(self._decoder, prompt.tokens, sampler, limit=limit, eos_ids=eos)
-        try:
-            if limit <= 0:
-                reason = FINISH_LENGTH
-            for token in tokens:
-                if not t_first:
-                    t_first = time.perf_counter()
-                if cancel.cancelled:
-                    reason = FINISH_CANCELLED
-                    break
-                n_out += 1
-                out = scanner.feed(detok.add(token))
-                if out:
-                    yield TokenEvent(out)
-                if scanner.stopped:
-                    reason = FINISH_STOP
-                    break
-                if n_out >= limit:
-                    reason = FINISH_LENGTH
-                    break
-        finally:
-            tokens.close()
-        if reason != FINISH_CANCELLED and not scanner.stopped:
-            tail = scanner.feed(detok.flush())
-            tail += "" if scanner.stopped else scanner.flush()
-            if tail:
-                yield TokenEvent(tail)
-        t_end = time.perf_counter()
-        t_first = t_first or t_end
-        yield FinishEvent(
-            reason, n_prompt, n_out, {"prefill_s": t_first - t0, "decode_s": t_end - t_first}
+        yield from token_events(
+            tokens,
+            detok.add,
+            detok.flush,
+            n_prompt=n_prompt,
+            limit=limit,
+            stops=tuple(prompt.stop) + tuple(params.stop),
+            cancel=cancel,
         )
 
     # -- embeddings ------------------------------------------------------------------------

