@@ -1,0 +1,105 @@
+"""`edgepack build --format onnx` end to end: hub on loopback, optimum export, onnxruntime
+quantization and validation, then the bundle served and queried with the official openai
+client."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from openai import OpenAI
+from support.bundles import serve_bundle
+
+from edgepack.cli import cli
+from edgepack.manifest import verify_bundle
+
+pytestmark = pytest.mark.slow
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def run(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, list(args))
+    return result.exit_code, result.output
+
+
+def test_minilm_int8_for_a_pi_fp16_for_a_jetson_served_embeddings_match(
+    local_hub, minilm_dir, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("EDGEPACK_CACHE", str(tmp_path / "cache"))  # count a real export
+    local_hub.add_repo(MINILM, minilm_dir)
+    out = tmp_path / "out"
+    code, text = run(
+        "build", MINILM, "--device", "raspberry-pi-5-8gb", "--device", "jetson-orin-nano-8gb",
+        "--out", str(out),
+    )  # no --quant: the plan picks int8 per-channel for the Pi's CPU, fp16 for the Jetson GPU
+    assert code == 0, text
+    assert text.count("exporting to ONNX") == 1  # one export serves both devices
+    pi = verify_bundle(out / "all-minilm-l6-v2-raspberry-pi-5-8gb")
+    jetson = verify_bundle(out / "all-minilm-l6-v2-jetson-orin-nano-8gb")
+    assert pi["model"]["format"] == "onnx" and pi["model"]["quant"] == "int8"
+    assert jetson["model"]["quant"] == "fp16"
+    for m in (pi, jetson):
+        assert m["model"]["kind"] == "embedding"
+        assert m["validation"]["passed"] and m["validation"]["value"] >= 0.99
+        assert m["engine"]["name"] == "onnxruntime"
+    # fp16 is meant for the Jetson's GPU, which this machine does not have: the manifest says so.
+    assert any("GPU" in n for n in jetson["model"]["notes"])
+    paths = {f["path"] for f in pi["files"]}
+    assert {"tokenizer/tokenizer.json", "tokenizer/edgepack_tokenizer.json"} <= paths
+
+    from sentence_transformers import SentenceTransformer
+
+    texts = ["Edge devices run small models.", "The cat sits on the mat.", "Paris is in France."]
+    reference = SentenceTransformer(str(minilm_dir), device="cpu").encode(texts)
+    server = serve_bundle(out / "all-minilm-l6-v2-raspberry-pi-5-8gb")
+    try:
+        client = OpenAI(base_url=server.base_url + "/v1", api_key="unused")
+        got = client.embeddings.create(model="all-minilm-l6-v2", input=texts)
+    finally:
+        server.stop()
+    ours = np.array([d.embedding for d in got.data])
+    cos = (ours * reference).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(
+        reference, axis=1
+    )
+    assert cos.min() >= 0.99, cos
+    assert got.usage.prompt_tokens > 0
+
+
+def test_jetson_bundle_names_the_missing_cuda_provider_here(local_hub, minilm_dir, tmp_path):
+    """The Jetson bundle asks for CUDA first; on this CPU-only machine the server must refuse
+    with exit 7 and say what to install, not fall back silently."""
+    import subprocess
+    import sys
+
+    local_hub.add_repo(MINILM, minilm_dir)
+    out = tmp_path / "out"
+    code, text = run("build", MINILM, "--device", "jetson-orin-nano-8gb", "--quant", "fp16",
+                     "--out", str(out))
+    assert code == 0, text
+    p = subprocess.run(
+        [sys.executable, "-m", "edgepack.cli", "serve",
+         str(out / "all-minilm-l6-v2-jetson-orin-nano-8gb"), "--port", "0"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert p.returncode == 7, p.stderr
+    assert "CUDAExecutionProvider" in p.stderr and "onnxruntime-gpu" in p.stderr
+
+
+def test_tiny_llama_onnx_int8_matches_pytorch_greedy_and_int4_builds(
+    local_hub, tiny_llama_dir, tmp_path
+):
+    local_hub.add_repo("edgepack-test/tiny-llama", tiny_llama_dir)
+    out = tmp_path / "out"
+    code, text = run(
+        "build", "edgepack-test/tiny-llama", "--format", "onnx",
+        "--device", "laptop-x86-16gb", "--device", "raspberry-pi-4-4gb",
+        "--quant", "laptop-x86-16gb=int8", "--quant", "raspberry-pi-4-4gb=int4",
+        "--out", str(out),
+    )
+    assert code == 0, text
+    int8 = verify_bundle(out / "tiny-llama-laptop-x86-16gb")
+    int4 = verify_bundle(out / "tiny-llama-raspberry-pi-4-4gb")
+    assert int8["validation"]["details"]["identical_generations"] == "5/5"
+    assert int8["validation"]["value"] == 1.0
+    assert int4["validation"]["passed"]
+    assert int4["model"]["size"] < int8["model"]["size"]
