@@ -1,6 +1,6 @@
 """bench/build: `edgepack build` against running the same converter and quantizer by hand.
 
-Both sides convert the embedded SmolLM2-135M-Instruct (HF, bf16) to an f16 GGUF with the
+Both sides convert the embedded SmolLM2-135M-Instruct (HF, fp32) to an f16 GGUF with the
 same llama.cpp convert_hf_to_gguf.py and quantize it to Q8_0 with llama-cpp-python's
 llama_model_quantize. edgepack also plans, hashes, validates (two model loads + a 200-token
 scoring pass + a golden prompt) and writes the bundle; the table shows that work separately
@@ -139,7 +139,7 @@ def main() -> None:
             f"- date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
             f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, "
             f"{platform.python_implementation()} {platform.python_version()}",
-            "- model: SmolLM2-135M-Instruct (embedded default, bf16 safetensors) → f16 → Q8_0",
+            "- model: SmolLM2-135M-Instruct (embedded default, fp32 safetensors) → f16 → Q8_0",
             f"- medians of {args.reps} runs; command: `.venv/bin/python bench/build.py "
             f"--reps {args.reps}`",
             f"- quantized file byte-identical to the hand-made one: {identical}",
