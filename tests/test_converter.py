@@ -85,7 +85,9 @@ def test_converter_from_sdist_of_installed_version(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_fresh_home_fetches_and_extracts_atomically(tmp_path: Path) -> None:
     """A fresh EDGEPACK_HOME gets the sdist through pip (its cache makes this quick)."""
-    env = dict(os.environ, EDGEPACK_HOME=str(tmp_path))
+    # Without EDGEPACK_CACHE (the test session shares one), the cache lives in EDGEPACK_HOME.
+    env = {k: v for k, v in os.environ.items() if k != "EDGEPACK_CACHE"}
+    env["EDGEPACK_HOME"] = str(tmp_path)
     source = ensure_converter(env)
     root = tmp_path / "cache" / "converter" / LLAMA_CPP_PYTHON
     assert source.root == root
