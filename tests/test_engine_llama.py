@@ -104,3 +104,46 @@ def test_context_end_finishes_with_length(engine):
 def test_completion_model_refuses_embeddings(engine):
     with pytest.raises(ValueError):
         engine.embed(["x"])
+
+
+def test_seeded_sampling_repeats_and_seeds_differ(engine):
+    prompt = engine.prepare_completion("Once upon a time")
+    params = SamplingParams(max_tokens=12, temperature=1.0, seed=7)
+    a, _ = _run(engine, prompt, params)
+    b, _ = _run(engine, prompt, params)
+    others = {_run(engine, prompt, SamplingParams(max_tokens=12, temperature=1.0, seed=s))[0]
+              for s in (1, 2, 3)}
+    assert a == b
+    assert others - {a}
+
+
+def test_prefix_reuse_matches_a_fresh_cache(engine):
+    # The engine keeps the last request's KV cache and re-uses a shared prefix; the answer
+    # must be the one an unrelated previous request (no shared prefix) leads to.
+    params = SamplingParams(max_tokens=10, temperature=0)
+    long = engine.prepare_completion("The capital of France is Paris. The capital of Spain is")
+    _run(engine, engine.prepare_completion("Zebras graze"), params)
+    fresh, _ = _run(engine, long, params)
+    _run(engine, engine.prepare_completion("The capital of France is Paris. The"), params)
+    reused, _ = _run(engine, long, params)
+    again, _ = _run(engine, long, params)  # the whole prompt cached
+    assert reused == fresh == again
+
+
+def test_abandoned_generation_leaves_a_usable_cache(engine):
+    prompt = engine.prepare_completion("Count: 1, 2, 3,")
+    params = SamplingParams(max_tokens=8, temperature=0)
+    expected, _ = _run(engine, prompt, params)
+    gen = engine.generate(prompt, SamplingParams(max_tokens=50, temperature=0), CancelToken())
+    next(gen)
+    gen.close()
+    assert _run(engine, prompt, params)[0] == expected
+
+
+def test_repeat_penalty_changes_greedy_output(engine):
+    prompt = engine.prepare_completion("apple apple apple apple apple")
+    plain, _ = _run(engine, prompt, SamplingParams(max_tokens=8, temperature=0))
+    penalised, _ = _run(engine, prompt, SamplingParams(max_tokens=8, temperature=0,
+                                                       repeat_penalty=2.0,
+                                                       presence_penalty=1.5))
+    assert plain != penalised
