@@ -41,6 +41,29 @@ class PromptTooLongError(ValueError):
         self.n_ctx = n_ctx
 
 
+def fitted(prompt: Prompt, n_ctx: int) -> Prompt:
+    """``prompt`` if it leaves at least one position free for the first generated token."""
+    if len(prompt.tokens) >= n_ctx:
+        raise PromptTooLongError(len(prompt.tokens), n_ctx)
+    return prompt
+
+
+def generation_limit(n_ctx: int, n_prompt: int, max_tokens: int | None) -> int:
+    """How many tokens may be generated: max_tokens, capped by the room left in the context."""
+    room = n_ctx - n_prompt
+    return room if max_tokens is None else min(max_tokens, room)
+
+
+def not_for_chat(name: str, kind: str) -> ValueError:
+    return ValueError(
+        f"model {name!r} is a {kind} model; use /v1/completions or /v1/embeddings"
+    )
+
+
+def not_for_completion(name: str) -> ValueError:
+    return ValueError(f"model {name!r} is an embedding model; use /v1/embeddings")
+
+
 @dataclass(frozen=True)
 class Prompt:
     """A prompt ready to decode: its tokens and the stop strings its template implies."""

@@ -25,9 +25,12 @@ from edgepack.runtimes.engine import (
     FinishEvent,
     ModelInfo,
     Prompt,
-    PromptTooLongError,
     SamplingParams,
     TokenEvent,
+    fitted,
+    generation_limit,
+    not_for_chat,
+    not_for_completion,
 )
 from edgepack.runtimes.token_stream import token_events
 
@@ -162,10 +165,7 @@ class LlamaEngine:
     def prepare_chat(self, messages: Sequence[dict[str, Any]]) -> Prompt:
         llm = self._require()
         if self._template is None:
-            raise ValueError(
-                f"model {self.settings.name!r} is a {self.settings.kind} model; "
-                "use /v1/completions or /v1/embeddings"
-            )
+            raise not_for_chat(self.settings.name, self.settings.kind)
         try:
             rendered = self._template(messages=list(messages))
         except Exception as e:  # noqa: BLE001 - jinja raises many kinds; all mean bad input
@@ -175,23 +175,15 @@ class LlamaEngine:
             rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True
         )
         stops = rendered.stop if isinstance(rendered.stop, list) else [rendered.stop]
-        return self._checked(Prompt(tuple(tokens), tuple(s for s in stops if s)))
+        return fitted(Prompt(tuple(tokens), tuple(s for s in stops if s)), self.n_ctx)
 
     def prepare_completion(self, text: str) -> Prompt:
         llm = self._require()
         if self.settings.kind == "embedding":
-            raise ValueError(
-                f"model {self.settings.name!r} is an embedding model; use /v1/embeddings"
-            )
+            raise not_for_completion(self.settings.name)
         add_bos = bool(llm._model.add_bos_token())
         tokens = llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=False)
-        return self._checked(Prompt(tuple(tokens)))
-
-    def _checked(self, prompt: Prompt) -> Prompt:
-        # At least one position must stay free for the first generated token.
-        if len(prompt.tokens) >= self.n_ctx:
-            raise PromptTooLongError(len(prompt.tokens), self.n_ctx)
-        return prompt
+        return fitted(Prompt(tuple(tokens)), self.n_ctx)
 
     # -- generation ------------------------------------------------------------------------
 
@@ -200,8 +192,7 @@ class LlamaEngine:
     ) -> Iterator[TokenEvent | FinishEvent]:
         llm = self._require()
         n_prompt = len(prompt.tokens)
-        room = self.n_ctx - n_prompt
-        limit = room if params.max_tokens is None else min(params.max_tokens, room)
+        limit = generation_limit(self.n_ctx, n_prompt, params.max_tokens)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         vocab = llm._model.vocab
         is_eog = self._is_eog

@@ -28,9 +28,12 @@ from edgepack.runtimes.engine import (
     FinishEvent,
     ModelInfo,
     Prompt,
-    PromptTooLongError,
     SamplingParams,
     TokenEvent,
+    fitted,
+    generation_limit,
+    not_for_chat,
+    not_for_completion,
 )
 from edgepack.runtimes.onnx_generate import (
     Detokenizer,
@@ -232,10 +235,7 @@ class OnnxEngine:
     def prepare_chat(self, messages: Sequence[dict[str, Any]]) -> Prompt:
         self._require()
         if self._template is None:
-            raise ValueError(
-                f"model {self.settings.name!r} is a {self.settings.kind} model; "
-                "use /v1/completions or /v1/embeddings"
-            )
+            raise not_for_chat(self.settings.name, self.settings.kind)
         try:
             text = self._template.render(
                 messages=list(messages),
@@ -247,22 +247,15 @@ class OnnxEngine:
             raise ValueError(f"the model's chat template rejected the messages: {e}") from e
         # As transformers' apply_chat_template: the template writes any BOS itself.
         ids = self._tokenizer.encode(text, add_special_tokens=False).ids
-        return self._checked(Prompt(tuple(ids)))
+        return fitted(Prompt(tuple(ids)), self.n_ctx)
 
     def prepare_completion(self, text: str) -> Prompt:
         self._require()
         if self.settings.kind == "embedding":
-            raise ValueError(
-                f"model {self.settings.name!r} is an embedding model; use /v1/embeddings"
-            )
+            raise not_for_completion(self.settings.name)
         # tokenizer.json's post-processor adds BOS where the model wants one.
         ids = self._tokenizer.encode(text, add_special_tokens=True).ids
-        return self._checked(Prompt(tuple(ids)))
-
-    def _checked(self, prompt: Prompt) -> Prompt:
-        if len(prompt.tokens) >= self.n_ctx:
-            raise PromptTooLongError(len(prompt.tokens), self.n_ctx)
-        return prompt
+        return fitted(Prompt(tuple(ids)), self.n_ctx)
 
     # -- generation ------------------------------------------------------------------------
 
@@ -273,8 +266,7 @@ class OnnxEngine:
         if self._decoder is None:
             raise ValueError(f"model {self.settings.name!r} does not generate text")
         n_prompt = len(prompt.tokens)
-        room = self.n_ctx - n_prompt
-        limit = room if params.max_tokens is None else min(params.max_tokens, room)
+        limit = generation_limit(self.n_ctx, n_prompt, params.max_tokens)
         detok = Detokenizer(self._tokenizer)
         sampler = Sampler(
             temperature=params.temperature,
