@@ -23,6 +23,14 @@ def run(*args: str) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
+def build_tiny_for_laptop(local_hub, tiny_llama_dir, out: Path, *extra: str) -> Path:
+    local_hub.add_repo("edgepack-test/tiny-llama", tiny_llama_dir)
+    code, text = run("build", "edgepack-test/tiny-llama", "--device", "laptop-x86-16gb",
+                     "--no-golden", "--out", str(out), *extra)
+    assert code == 0, text
+    return out / "tiny-llama-laptop-x86-16gb"
+
+
 def _files(bundle: Path) -> dict[str, bytes]:
     return {
         p.relative_to(bundle).as_posix(): p.read_bytes() for p in bundle.rglob("*") if p.is_file()
@@ -137,21 +145,7 @@ def test_build_is_reproducible_and_survives_offline(
 
 
 def test_tampered_bundle_fails_verify_with_exit_6(local_hub, tiny_llama_dir, tmp_path):
-    local_hub.add_repo("edgepack-test/tiny-llama", tiny_llama_dir)
-    out = tmp_path / "out"
-    assert (
-        run(
-            "build",
-            "edgepack-test/tiny-llama",
-            "--device",
-            "laptop-x86-16gb",
-            "--no-golden",
-            "--out",
-            str(out),
-        )[0]
-        == 0
-    )
-    bundle = out / "tiny-llama-laptop-x86-16gb"
+    bundle = build_tiny_for_laptop(local_hub, tiny_llama_dir, tmp_path / "out")
     assert run("verify", str(bundle))[0] == 0
     toml = bundle / "server.toml"
     toml.write_text(toml.read_text().replace("queue_size = 8", "queue_size = 9"))
@@ -163,21 +157,8 @@ def test_tampered_bundle_fails_verify_with_exit_6(local_hub, tiny_llama_dir, tmp
 
 
 def test_inspect_human_and_json(local_hub, tiny_llama_dir, tmp_path):
-    local_hub.add_repo("edgepack-test/tiny-llama", tiny_llama_dir)
     out = tmp_path / "out"
-    assert (
-        run(
-            "build",
-            "edgepack-test/tiny-llama",
-            "--device",
-            "laptop-x86-16gb",
-            "--no-golden",
-            "--out",
-            str(out),
-            "--archive",
-        )[0]
-        == 0
-    )
+    build_tiny_for_laptop(local_hub, tiny_llama_dir, out, "--archive")
     bundle = out / "tiny-llama-laptop-x86-16gb"
     code, text = run("inspect", str(bundle))
     assert code == 0 and "validation" in text and "laptop-x86-16gb" in text
