@@ -79,7 +79,8 @@ def test_tiny_llama_round_trip_through_the_hub(local_hub, tiny_llama_dir, tmp_pa
     assert "model.safetensors" in fetched
 
 
-def test_smollm2_two_devices_two_quants_one_build(local_hub, smollm2_dir, tmp_path):
+def test_smollm2_two_devices_two_quants_one_build(local_hub, smollm2_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEPACK_CACHE", str(tmp_path / "cache"))  # prove a single conversion
     local_hub.add_repo("HuggingFaceTB/SmolLM2-135M-Instruct", smollm2_dir)
     code, out = run(
         "build",
@@ -96,7 +97,7 @@ def test_smollm2_two_devices_two_quants_one_build(local_hub, smollm2_dir, tmp_pa
         str(tmp_path / "out"),
     )
     assert code == 0, out
-    # One pull, one conversion: the log says so once.
+    # One pull and one conversion serve both devices (a fresh cache, so it must convert).
     assert out.count("converting to") == 1, out
     from llama_cpp import Llama
 
