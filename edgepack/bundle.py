@@ -132,8 +132,9 @@ def manifest_for(spec: BundleSpec, files: list[dict[str, Any]], model_rel: str) 
 def write_bundle(spec: BundleSpec, out_dir: Path, *, overwrite: bool = False) -> Path:
     """Write the bundle to ``out_dir`` atomically; return the path.
 
-    Raises UsageError if ``out_dir`` exists and ``overwrite`` is false, BuildError when the
-    written bundle does not verify.
+    Raises UsageError if ``out_dir`` exists and ``overwrite`` is false. The files are hashed
+    once, as they are written into the manifest; they are not read a second time to verify
+    (a multi-GB model would be read twice for nothing: ``edgepack verify`` does that on demand).
     """
     parse_bundle_version(spec.version)
     out_dir = Path(out_dir)
@@ -160,7 +161,6 @@ def write_bundle(spec: BundleSpec, out_dir: Path, *, overwrite: bool = False) ->
         # The manifest goes last: its presence is what marks the bundle complete.
         (tmp / MANIFEST_NAME).write_bytes(canonical_json(manifest_for(spec, files, model_rel)))
         _fsync_tree(tmp)
-        verify_bundle(tmp)
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
             os.replace(out_dir, old)

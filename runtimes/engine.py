@@ -64,6 +64,10 @@ def not_for_completion(name: str) -> ValueError:
     return ValueError(f"model {name!r} is an embedding model; use /v1/embeddings")
 
 
+def not_for_embeddings(name: str, kind: str) -> ValueError:
+    return ValueError(f"model {name!r} is a {kind} model, not an embedding model")
+
+
 @dataclass(frozen=True)
 class Prompt:
     """A prompt ready to decode: its tokens and the stop strings its template implies."""

@@ -31,6 +31,7 @@ from edgepack.runtimes.engine import (
     generation_limit,
     not_for_chat,
     not_for_completion,
+    not_for_embeddings,
 )
 from edgepack.runtimes.token_stream import token_events
 
@@ -233,10 +234,7 @@ class LlamaEngine:
     def embed(self, texts: Sequence[str]) -> tuple[list[list[float]], int]:
         llm = self._require()
         if self.settings.kind != "embedding":
-            raise ValueError(
-                f"model {self.settings.name!r} is a {self.settings.kind} model, not an "
-                "embedding model"
-            )
+            raise not_for_embeddings(self.settings.name, self.settings.kind)
         vectors, n_tokens = llm.embed(list(texts), normalize=True, truncate=False,
                                       return_count=True)
         return vectors, int(n_tokens)

@@ -34,6 +34,7 @@ from edgepack.runtimes.engine import (
     generation_limit,
     not_for_chat,
     not_for_completion,
+    not_for_embeddings,
 )
 from edgepack.runtimes.onnx_generate import (
     Detokenizer,
@@ -295,10 +296,7 @@ class OnnxEngine:
     def embed(self, texts: Sequence[str]) -> tuple[list[list[float]], int]:
         session = self._require()
         if self.settings.kind != "embedding":
-            raise ValueError(
-                f"model {self.settings.name!r} is a {self.settings.kind} model, not an "
-                "embedding model"
-            )
+            raise not_for_embeddings(self.settings.name, self.settings.kind)
         encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=True)
         ids_list = [list(e.ids) for e in encodings]
         n_tokens = sum(len(ids) for ids in ids_list)
