@@ -67,8 +67,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
 
-    from edgepack.converter import SCRIPT, ensure_converter
-    from edgepack.embedded import materialize
+    from edgepack.build.embedded import materialize
+    from edgepack.build.gguf_convert import SCRIPT, ensure_converter
 
     model = materialize()
     source = ensure_converter()

@@ -159,8 +159,8 @@ def _size(path: Path) -> int:
 def prepare(work: Path) -> dict:
     from support.models import build_smollm2, minilm_path, smollm2_gguf_path
 
-    from edgepack.onnx_export import export_onnx
-    from edgepack.onnx_quantize import quantize_onnx
+    from edgepack.build.onnx_export import export_onnx
+    from edgepack.build.onnx_quantize import quantize_onnx
 
     work.mkdir(parents=True, exist_ok=True)
     out: dict = {"minilm": str(minilm_path()), "smollm2_gguf_q4_1": str(smollm2_gguf_path())}

@@ -47,10 +47,10 @@ from support.ota import (  # noqa: E402
 )
 from support.smollm import shipped_smollm_gguf  # noqa: E402
 
-from edgepack.agent.health import SubprocessLauncher  # noqa: E402
-from edgepack.agent.state import StateDir  # noqa: E402
-from edgepack.agent.updater import Agent, AgentConfig  # noqa: E402
-from edgepack.repo import init_repo  # noqa: E402
+from edgepack.ota.agent.health import SubprocessLauncher  # noqa: E402
+from edgepack.ota.agent.state import StateDir  # noqa: E402
+from edgepack.ota.agent.updater import Agent, AgentConfig  # noqa: E402
+from edgepack.ota.repo import init_repo  # noqa: E402
 
 
 def requantize(src: Path, dst: Path) -> bool:

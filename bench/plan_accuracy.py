@@ -5,7 +5,7 @@ configuration's alone) loads the GGUF with llama-cpp-python, generates 64 tokens
 prompt (decode tok/s from llama.cpp's own perf counters), then fills the context to its end with
 a long prompt (the worst case the plan sizes the compute buffer and KV cache for) and reports its
 peak RSS (ru_maxrss). The estimates come from ``estimate_gguf`` for a profile of this machine
-(``edgepack.detect.detect_profile(measure=True)``, the same as ``edgepack profiles detect
+(``edgepack.device.detect.detect_profile(measure=True)``, the same as ``edgepack profiles detect
 --measure``). Targets: memory within +-10 %, decode within +-25 %.
 
     python bench/plan_accuracy.py [--contexts 512,2048,8192] [--quants Q8_0,Q4_K_M,Q4_0]
@@ -86,10 +86,10 @@ def main() -> int:
     from support.configs import CONFIGS, synth_tensors
     from support.smollm import quantize_gguf, write_f16_gguf
 
-    from edgepack.detect import detect_profile
-    from edgepack.facts import model_facts
-    from edgepack.plan_model import MIB, estimate_gguf
-    from edgepack.profiles import effective_bandwidth_gbps
+    from edgepack.device.detect import detect_profile
+    from edgepack.device.profile import effective_bandwidth_gbps
+    from edgepack.plan.estimate import MIB, estimate_gguf
+    from edgepack.plan.facts import model_facts
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -169,7 +169,7 @@ def edgepack_target(gguf: Path, threads: int, ctx: int, workdir: Path) -> Target
     bundle = make_test_bundle(workdir / "bundle", gguf, engine={"n_threads": threads,
                                                                   "n_ctx": ctx})
     port = _free_port()
-    return Target("edgepack", [sys.executable, "-m", "edgepack.cli", "serve", str(bundle),
+    return Target("edgepack", [sys.executable, "-m", "edgepack", "serve", str(bundle),
                                "--port", str(port), "--log-level", "warning"], "/readyz", port)
 
 

@@ -4,7 +4,7 @@ Device side: onnxruntime, tokenizers, numpy, the standard library and edgepack's
 modules; jinja2 (a llama-cpp-python dependency) renders chat templates when a chat model is
 served. Never torch, transformers, optimum or huggingface_hub (a test checks it).
 
-What the engine reads (written by ``edgepack.onnx_export``)::
+What the engine reads (written by ``edgepack.build.onnx_export``)::
 
     model/model.onnx (+ model.onnx_data)
     tokenizer/tokenizer.json            padding and truncation off; the engine pads per batch

@@ -14,8 +14,6 @@ systemd.service.html and systemd.resource-control.html.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any
 
 SERVER_UNIT = "edgepack-server.service"
 AGENT_UNIT = "edgepack-agent.service"
@@ -51,19 +49,19 @@ UMask=0022
 # closures, which map writable+executable memory."""
 
 
-def memory_max_bytes(plan: Mapping[str, Any]) -> int | None:
-    """MemoryMax for the server: the plan's memory total plus 10% and the runtime's overhead."""
-    memory = plan.get("memory") if isinstance(plan, Mapping) else None
-    total = memory.get("total_bytes") if isinstance(memory, Mapping) else None
-    if not isinstance(total, (int, float)) or isinstance(total, bool) or total <= 0:
+def memory_max_bytes(memory_bytes: int | None) -> int | None:
+    """MemoryMax for the server: the plan's required memory plus 10% and the runtime's
+    overhead, rounded up to a MiB; None when there is no (positive) figure."""
+    if memory_bytes is None or memory_bytes <= 0:
         return None
-    return math.ceil((total * 1.1 + _RUNTIME_OVERHEAD) / _MIB) * _MIB
+    return math.ceil((memory_bytes * 1.1 + _RUNTIME_OVERHEAD) / _MIB) * _MIB
 
 
 def render_units(
     bundle_dir_on_device: str = f"{STATE_DIR}/current",
-    plan: Mapping[str, Any] | None = None,
     *,
+    memory_bytes: int | None = None,
+    gpu_offload: bool = False,
     executable: str = "/usr/local/bin/edgepack",
     host: str = "127.0.0.1",
     port: int = 8080,
@@ -72,16 +70,15 @@ def render_units(
 ) -> dict[str, str]:
     """Return ``{unit file name: text}`` for the server and the agent.
 
-    ``plan`` is the planner's JSON; its ``memory.total_bytes`` sets ``MemoryMax`` and a GPU
-    offload (``gpu_layers`` > 0) keeps ``/dev`` visible for the accelerator's device nodes.
+    ``memory_bytes`` (the plan's ``memory.required_bytes``) sets ``MemoryMax``; a GPU
+    offload keeps ``/dev`` visible for the accelerator's device nodes.
     """
-    plan = plan or {}
-    mem = memory_max_bytes(plan)
-    gpu = bool(plan.get("gpu_layers")) if isinstance(plan.get("gpu_layers"), int) else False
+    mem = memory_max_bytes(memory_bytes)
+    gpu = gpu_offload
     memory_lines = (
-        f"# The plan's memory total ({plan['memory']['total_bytes']} bytes) + 10% + 256 MiB "
+        f"# The plan's required memory ({memory_bytes} bytes) + 10% + 256 MiB "
         f"for the Python runtime.\nMemoryMax={mem // _MIB}M\nMemorySwapMax=0"
-        if mem else "# The plan gives no memory total, so no MemoryMax."
+        if mem else "# No planned memory figure, so no MemoryMax."
     )
     devices = (
         "# GPU offload: the accelerator's device nodes must stay visible.\n"

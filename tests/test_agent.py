@@ -20,16 +20,16 @@ from click.testing import CliRunner
 from support.ota import STANDIN, make_bundle, random_model
 from tuf.api.metadata import Metadata
 
-from edgepack.agent.fetcher import DeadlineExceeded
-from edgepack.agent.health import SubprocessLauncher
-from edgepack.agent.installer import NoSpaceError
-from edgepack.agent.state import StateDir
-from edgepack.agent.updater import Agent, AgentConfig
-from edgepack.cli import cli
+from edgepack.cli.main import cli
 from edgepack.errors import FetchError, IntegrityError
 from edgepack.manifest import verify_bundle
-from edgepack.release import rollout_bucket
-from edgepack.repo import Expiry, init_repo
+from edgepack.ota.agent.fetcher import DeadlineExceeded
+from edgepack.ota.agent.health import SubprocessLauncher
+from edgepack.ota.agent.installer import NoSpaceError
+from edgepack.ota.agent.state import StateDir
+from edgepack.ota.agent.updater import Agent, AgentConfig
+from edgepack.ota.release import rollout_bucket
+from edgepack.ota.repo import Expiry, init_repo
 
 MODEL = 6 << 20
 
@@ -335,7 +335,7 @@ def test_disk_full_while_staging_fails_cleanly(world, tiny_disk):
     assert served_version(agent) == 1
     # And a real ENOSPC during the write (the free-space check fooled by a later filler).
     world.publish(3, model=random_model(MODEL, seed=12))
-    import edgepack.agent.installer as installer
+    import edgepack.ota.agent.installer as installer
 
     orig = installer.Stager._check_space
 
@@ -356,7 +356,7 @@ def test_disk_full_while_staging_fails_cleanly(world, tiny_disk):
 
 
 def test_switch_plan_side_by_side_or_stop_swap_start():
-    from edgepack.agent.memory import (
+    from edgepack.ota.agent.memory import (
         RUNTIME_OVERHEAD_BYTES,
         SIDE_BY_SIDE,
         STOP_SWAP_START,
@@ -388,7 +388,7 @@ def test_agent_unit_execstart_is_a_valid_agent_command_line():
 
     from edgepack.runtimes.systemd import AGENT_UNIT, render_units
 
-    from edgepack.cli_ota import agent_run
+    from edgepack.cli.ota import agent_run
 
     text = render_units()[AGENT_UNIT]
     line = next(ln for ln in text.splitlines() if ln.startswith("ExecStart="))

@@ -12,10 +12,10 @@ import signal
 import pytest
 from support.ota import make_bundle, random_model, run_agent_process
 
-from edgepack.agent.journal import Journal
-from edgepack.agent.state import StateDir
 from edgepack.manifest import verify_bundle
-from edgepack.repo import init_repo
+from edgepack.ota.agent.journal import Journal
+from edgepack.ota.agent.state import StateDir
+from edgepack.ota.repo import init_repo
 
 POINTS = [
     "after-refresh",  # metadata refreshed, nothing staged

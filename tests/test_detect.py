@@ -18,8 +18,8 @@ import psutil
 import pytest
 from click.testing import CliRunner
 
-from edgepack.cli import cli
-from edgepack.detect import (
+from edgepack.cli.main import cli
+from edgepack.device.detect import (
     GIB,
     HostFacts,
     build_profile,
@@ -27,8 +27,9 @@ from edgepack.detect import (
     normalise_arch,
     parse_cpuinfo,
 )
+from edgepack.device.profile import X86_ISA
+from edgepack.device.resolve import load_profile
 from edgepack.errors import ProfileError, UsageError
-from edgepack.profiles import X86_ISA, load_profile
 
 DATA = Path(__file__).parent / "data" / "cpuinfo"
 WHEN = datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc)

@@ -6,7 +6,7 @@ import pytest
 from support.configs import CONFIGS, synth_tensors
 
 from edgepack.errors import BuildError
-from edgepack.facts import model_facts
+from edgepack.plan.facts import model_facts
 
 
 def test_llama_facts_from_config_and_headers():
@@ -37,7 +37,7 @@ def test_tied_qwen_has_no_output_tensor_and_counts_embeddings_once():
 
 
 def test_minilm_folder_is_an_encoder(minilm_dir):
-    from edgepack.hub import read_model_metadata
+    from edgepack.build.hub import read_model_metadata
 
     meta = read_model_metadata(str(minilm_dir))
     f = model_facts(meta.config, meta.safetensors)

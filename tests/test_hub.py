@@ -1,4 +1,4 @@
-"""edgepack.hub against the local hub (real huggingface_hub client, loopback HTTP)."""
+"""edgepack.build.hub against the local hub (real huggingface_hub client, loopback HTTP)."""
 
 from __future__ import annotations
 
@@ -9,15 +9,17 @@ from pathlib import Path
 import pytest
 from support.hub import HubServer, make_tiny_model, minilm_folder
 
-from edgepack.errors import BuildError, FetchError, UsageError
-from edgepack.hub import (
-    check_disk_space,
+from edgepack.build.hub import (
     parse_model_ref,
     pull_model,
     read_model_metadata,
     resolve_revision,
+)
+from edgepack.build.model_files import (
+    check_disk_space,
     select_files,
 )
+from edgepack.errors import BuildError, FetchError, UsageError
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 

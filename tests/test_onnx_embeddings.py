@@ -10,9 +10,9 @@ import pytest
 from edgepack.runtimes.onnx_engine import OnnxEngine, OnnxSettings
 from support.onnx_exports import quantized
 
+from edgepack.build.onnx_export import export_onnx
+from edgepack.build.onnx_validate import SENTENCES, validate_onnx
 from edgepack.errors import EXIT_BUILD, BuildError
-from edgepack.onnx_export import export_onnx
-from edgepack.onnx_validate import SENTENCES, validate_onnx
 
 pytestmark = pytest.mark.slow
 

@@ -12,9 +12,9 @@ from edgepack.runtimes.engine import EngineError
 from edgepack.runtimes.onnx_engine import pool, resolve_providers
 from edgepack.runtimes.onnx_generate import Detokenizer, Sampler
 
+from edgepack.build.onnx_export import normalize_task
+from edgepack.build.onnx_quantize import quantize_onnx
 from edgepack.errors import EXIT_RUNTIME, EXIT_USAGE, UsageError
-from edgepack.onnx_export import normalize_task
-from edgepack.onnx_quantize import quantize_onnx
 
 FORBIDDEN = ("torch", "transformers", "optimum", "huggingface_hub")
 

@@ -17,7 +17,7 @@ from edgepack.runtimes.engine import (
 from edgepack.runtimes.onnx_engine import OnnxEngine, OnnxSettings
 from support.onnx_exports import quantized
 
-from edgepack.onnx_validate import NEW_TOKENS, PROMPTS, validate_onnx
+from edgepack.build.onnx_validate import NEW_TOKENS, PROMPTS, validate_onnx
 
 pytestmark = pytest.mark.slow
 GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0)

@@ -7,12 +7,13 @@ import dataclasses
 import pytest
 from support.configs import CONFIGS, synth_tensors
 
+from edgepack.device.catalog import list_profiles
+from edgepack.device.resolve import load_profile
 from edgepack.errors import BuildError, UsageError
-from edgepack.facts import model_facts
-from edgepack.plan_model import repack_types
-from edgepack.planner import PlanOptions, plan_build
-from edgepack.profiles import list_profiles, load_profile
-from edgepack.quants import FILE_TYPES_BY_NAME
+from edgepack.plan.estimate import repack_types
+from edgepack.plan.facts import model_facts
+from edgepack.plan.planner import PlanOptions, plan_build
+from edgepack.plan.quants import FILE_TYPES_BY_NAME
 
 MODELS = ("Qwen2.5-0.5B", "Qwen2.5-1.5B", "Qwen2.5-3B", "Llama-3.1-8B")
 DEVICES = ("raspberry-pi-4-4gb", "raspberry-pi-5-8gb", "jetson-orin-nano-8gb", "laptop-x86-16gb")
@@ -208,9 +209,9 @@ def test_gguf_sizes_match_llama_cpp_for_smollm2(quant, smollm2_dir, smollm2_f16_
     import gguf
     from support.smollm import quantize_gguf
 
-    from edgepack.hub import read_model_metadata
-    from edgepack.plan_model import estimate_gguf, gguf_tensors
-    from edgepack.quants import gguf_tensor_plan, tensor_nbytes
+    from edgepack.build.hub import read_model_metadata
+    from edgepack.plan.estimate import estimate_gguf, gguf_tensors
+    from edgepack.plan.quants import gguf_tensor_plan, tensor_nbytes
 
     out = quantize_gguf(smollm2_f16_gguf, tmp_path / f"{quant}.gguf", quant)
     real = {t.name: (t.tensor_type.name, int(t.n_bytes)) for t in gguf.GGUFReader(str(out)).tensors}

@@ -11,21 +11,23 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from edgepack.cli import cli
-from edgepack.errors import ProfileError
-from edgepack.profiles import (
-    BANDWIDTH_DERATING,
-    SOURCED_FIELDS,
-    DeviceProfile,
-    effective_bandwidth_gbps,
-    flatten_profile,
+from edgepack.cli.main import cli
+from edgepack.device.catalog import (
     list_profiles,
-    load_profile,
     parse_profile_toml,
-    profile_digest,
-    profile_to_toml,
     shipped_ids,
 )
+from edgepack.device.profile import (
+    BANDWIDTH_DERATING,
+    SOURCED_FIELDS,
+    effective_bandwidth_gbps,
+    flatten_profile,
+    profile_digest,
+    profile_to_toml,
+)
+from edgepack.device.resolve import load_profile
+from edgepack.device.validation import parse_profile_dict
+from edgepack.errors import ProfileError
 
 REQUIRED_IDS = {
     "raspberry-pi-4-4gb", "raspberry-pi-4-8gb", "raspberry-pi-5-8gb", "raspberry-pi-5-16gb",
@@ -40,7 +42,7 @@ def _pi5() -> dict[str, Any]:
 
 def _reject(data: dict[str, Any]) -> str:
     with pytest.raises(ProfileError) as info:
-        DeviceProfile.from_dict(data, origin="test.toml")
+        parse_profile_dict(data, origin="test.toml")
     text = info.value.render()
     assert "test.toml" in text
     return text
@@ -92,10 +94,10 @@ def test_toml_round_trip(pid):
 
 def test_digest_pins_the_figures():
     data = _pi5()
-    digest = profile_digest(DeviceProfile.from_dict(data))
+    digest = profile_digest(parse_profile_dict(data))
     assert digest.startswith("sha256:") and len(digest) == len("sha256:") + 64
     data["memory"]["bandwidth_gbps"] = 17.0
-    assert profile_digest(DeviceProfile.from_dict(data)) != digest
+    assert profile_digest(parse_profile_dict(data)) != digest
 
 
 def test_effective_bandwidth_prefers_the_measurement():
@@ -213,7 +215,7 @@ def test_cli_show_json_is_the_profile_plus_derived_figures():
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     derived = data.pop("derived")
-    assert DeviceProfile.from_dict(data) == load_profile("jetson-agx-orin-64gb")
+    assert parse_profile_dict(data) == load_profile("jetson-agx-orin-64gb")
     assert derived["usable_gib"] == 62.5
     assert derived["digest"] == profile_digest(load_profile("jetson-agx-orin-64gb"))
 

@@ -1,4 +1,5 @@
-"""edgepack.quantize: llama.cpp's quantizer through llama-cpp-python, and the tensor table."""
+"""edgepack.build.gguf_quantize: llama.cpp's quantizer through llama-cpp-python, and the tensor
+table."""
 
 from __future__ import annotations
 
@@ -7,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from edgepack.errors import BuildError
-from edgepack.quantize import (
+from edgepack.build.gguf_quantize import (
     QUANT_TYPES,
     quant_type,
     quantize_gguf,
     read_gguf_metadata,
     read_tensor_infos,
 )
+from edgepack.errors import BuildError
 
 
 def test_every_quant_name_maps_to_a_llama_cpp_ftype() -> None:

@@ -10,10 +10,10 @@ from click.testing import CliRunner
 from support.ota import make_bundle, random_model
 from tuf.api.metadata import Metadata
 
-from edgepack.cli import cli
+from edgepack.cli.main import cli
 from edgepack.errors import ConfigError, UsageError
-from edgepack.release import parse_chunk_index, rollout_bucket, stored_target_path, version_key
-from edgepack.repo import init_repo
+from edgepack.ota.release import parse_chunk_index, rollout_bucket, stored_target_path, version_key
+from edgepack.ota.repo import init_repo
 
 
 def test_init_makes_ed25519_keys_0600_and_a_self_signed_root(tmp_path):

@@ -11,13 +11,13 @@ import pytest
 from click.testing import CliRunner
 from support.ota import STANDIN, make_bundle, random_model
 
-from edgepack.agent.health import SubprocessLauncher
-from edgepack.agent.state import StateDir
-from edgepack.agent.updater import Agent, AgentConfig
-from edgepack.cli import cli
+from edgepack.cli.main import cli
 from edgepack.manifest import verify_bundle
-from edgepack.release import parse_chunk_index, rollout_bucket
-from edgepack.repo import init_repo
+from edgepack.ota.agent.health import SubprocessLauncher
+from edgepack.ota.agent.state import StateDir
+from edgepack.ota.agent.updater import Agent, AgentConfig
+from edgepack.ota.release import parse_chunk_index, rollout_bucket
+from edgepack.ota.repo import init_repo
 
 MODEL = 6 << 20
 

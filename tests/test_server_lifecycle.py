@@ -208,7 +208,7 @@ def test_drain_deadline_ends_a_long_generation_with_503_not_500(tmp_path):
 
 
 def _serve_exit(bundle, tmp_path) -> tuple[int, str]:
-    p = subprocess.run([sys.executable, "-m", "edgepack.cli", "serve", str(bundle), "--port",
+    p = subprocess.run([sys.executable, "-m", "edgepack", "serve", str(bundle), "--port",
                         "0"], capture_output=True, text=True, timeout=120)
     return p.returncode, p.stderr
 
@@ -243,7 +243,7 @@ def test_missing_bundle_is_integrity_error(tmp_path):
 def test_device_modules_do_not_import_build_side():
     code = (
         "import sys, edgepack.runtimes.app, edgepack.runtimes.serve, "
-        "edgepack.runtimes.llama_engine, edgepack.runtimes.systemd, edgepack.cli_serve\n"
+        "edgepack.runtimes.llama_engine, edgepack.runtimes.systemd, edgepack.cli.serve\n"
         "bad = sorted(m for m in ('torch', 'transformers', 'optimum', 'huggingface_hub') "
         "if m in sys.modules)\n"
         "print(bad)"

@@ -7,8 +7,14 @@ import subprocess
 
 import pytest
 from edgepack.runtimes.systemd import AGENT_UNIT, SERVER_UNIT, memory_max_bytes, render_units
+from support.configs import CONFIGS, synth_tensors
 
-PLAN = {"memory": {"total_bytes": 300 * 2**20}, "gpu_layers": 0}
+from edgepack.build.pipeline import _systemd_units
+from edgepack.device.resolve import load_profile
+from edgepack.plan.facts import model_facts
+from edgepack.plan.planner import PlanOptions, plan_build
+
+MEMORY = 300 * 2**20
 
 
 def _directives(text: str) -> dict[str, list[str]]:
@@ -21,7 +27,7 @@ def _directives(text: str) -> dict[str, list[str]]:
 
 
 def test_server_unit_is_notify_hardened_and_memory_bounded():
-    d = _directives(render_units("/var/lib/edgepack/current", PLAN)[SERVER_UNIT])
+    d = _directives(render_units("/var/lib/edgepack/current", memory_bytes=MEMORY)[SERVER_UNIT])
     assert d["Type"] == ["notify"]
     assert d["Restart"] == ["on-failure"]
     assert int(d["WatchdogSec"][0]) > 0
@@ -37,14 +43,14 @@ def test_server_unit_is_notify_hardened_and_memory_bounded():
 
 
 def test_gpu_plans_keep_device_nodes_and_no_plan_means_no_memory_max():
-    d = _directives(render_units("/b", {"gpu_layers": 30})[SERVER_UNIT])
+    d = _directives(render_units("/b", gpu_offload=True)[SERVER_UNIT])
     assert "PrivateDevices" not in d
     assert "MemoryMax" not in d
-    assert memory_max_bytes({}) is None
+    assert memory_max_bytes(None) is None
 
 
 def test_agent_unit_reads_its_source_from_an_environment_file():
-    d = _directives(render_units("/var/lib/edgepack/current", PLAN)[AGENT_UNIT])
+    d = _directives(render_units("/var/lib/edgepack/current", memory_bytes=MEMORY)[AGENT_UNIT])
     assert d["EnvironmentFile"] == ["/etc/edgepack/agent.env"]
     assert "${EDGEPACK_REPO_URL}" in d["ExecStart"][0]
     assert "${EDGEPACK_CHANNEL}" in d["ExecStart"][0]
@@ -54,9 +60,22 @@ def test_agent_unit_reads_its_source_from_an_environment_file():
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze missing")
 def test_units_pass_systemd_analyze_verify(tmp_path):
     exe = shutil.which("edgepack") or "/bin/true"
-    for name, text in render_units("/var/lib/edgepack/current", PLAN, executable=exe).items():
+    units = render_units("/var/lib/edgepack/current", memory_bytes=MEMORY, executable=exe)
+    for name, text in units.items():
         (tmp_path / name).write_text(text)
     p = subprocess.run(["systemd-analyze", "verify", "--man=no", SERVER_UNIT, AGENT_UNIT],
                        cwd=tmp_path, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert "Unknown key" not in p.stderr and "Unknown lvalue" not in p.stderr
+
+
+@pytest.mark.parametrize("device", ["raspberry-pi-5-8gb", "jetson-orin-nano-8gb"])
+def test_units_from_a_real_plan_carry_its_memory_and_offload(device):
+    # The consumer fed by its producer: a plan from plan_build, through the build's own glue.
+    cfg = CONFIGS["Qwen2.5-0.5B"]
+    facts = model_facts(cfg, synth_tensors(cfg))
+    plan = plan_build(facts, load_profile(device), PlanOptions())
+    d = _directives(_systemd_units(plan)[SERVER_UNIT])
+    assert d["MemoryMax"] == [f"{memory_max_bytes(plan.estimate.required_bytes) // 2**20}M"]
+    assert plan.to_dict()["memory"]["required_bytes"] == plan.estimate.required_bytes
+    assert ("PrivateDevices" in d) == (plan.gpu_layers == 0)

@@ -1,4 +1,5 @@
-"""edgepack.validate: real llama.cpp inference on quantized files against their intermediates."""
+"""edgepack.build.gguf_validate: real llama.cpp inference on quantized files against their
+intermediates."""
 
 from __future__ import annotations
 
@@ -7,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from edgepack.errors import BuildError
-from edgepack.quantize import quantize_gguf
-from edgepack.validate import (
+from edgepack.build.gguf_quantize import quantize_gguf
+from edgepack.build.gguf_validate import (
     DEFAULT_GOLDEN,
     EMBEDDING_TEXTS,
     REFERENCE_TEXT,
@@ -21,6 +21,7 @@ from edgepack.validate import (
     threshold_for,
     validate_gguf,
 )
+from edgepack.errors import BuildError
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def smollm2_quants(smollm2_f16_gguf: Path, tmp_path_factory: pytest.TempPathFact
 
 
 def test_every_quant_has_a_threshold() -> None:
-    from edgepack.quantize import QUANT_TYPES
+    from edgepack.build.gguf_quantize import QUANT_TYPES
 
     assert set(THRESHOLDS) == set(QUANT_TYPES)
     # Coarser quants never demand more than finer ones.

@@ -105,7 +105,7 @@ def chat_bundle(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def minilm_gguf(tmp_path_factory) -> Path:
     """all-MiniLM-L6-v2 converted to an F16 GGUF with edgepack's converter (build side)."""
-    from edgepack.converter import convert_to_gguf
+    from edgepack.build.gguf_convert import convert_to_gguf
 
     out = tmp_path_factory.mktemp("minilm") / "all-minilm-l6-v2-f16.gguf"
     convert_to_gguf(minilm_folder(), out, "f16")
@@ -134,7 +134,7 @@ class ServerProcess:
         if "EDGEPACK_API_KEY" not in (env or {}):
             full_env.pop("EDGEPACK_API_KEY", None)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edgepack.cli", "serve", str(bundle), "--port", "0",
+            [sys.executable, "-m", "edgepack", "serve", str(bundle), "--port", "0",
              "--log-level", "warning", *args],
             stdout=subprocess.PIPE, stderr=self._log, env=full_env,
         )

@@ -42,7 +42,7 @@ from pathlib import Path
 import pytest
 
 # Bump a version when its recipe changes: the cache key changes and the model is rebuilt.
-TOKENIZER_VERSION = "1"  # edgepack.embedded._RECIPE 3
+TOKENIZER_VERSION = "1"  # edgepack.build.embedded._RECIPE 3
 TINY_LLAMA_VERSION = f"1-tok{TOKENIZER_VERSION}"
 SMOLLM2_VERSION = f"1-tok{TOKENIZER_VERSION}"
 
@@ -102,14 +102,14 @@ def _cached_build(
 
 
 def _smollm2_gguf() -> Path:
-    from edgepack.embedded import shipped_gguf
+    from edgepack.build.embedded import shipped_gguf
 
     return shipped_gguf()
 
 
 def _save_smollm2_tokenizer(out_dir: Path) -> None:
     # One recipe for the tokenizer, shared with the embedded default model.
-    from edgepack.embedded import save_smollm2_tokenizer
+    from edgepack.build.embedded import save_smollm2_tokenizer
 
     save_smollm2_tokenizer(out_dir)
 
@@ -145,8 +145,8 @@ def _build_tiny_llama(out: Path) -> None:
 
 
 def _build_smollm2(out: Path) -> None:
-    # The same checkpoint the README's main-job command builds (edgepack.embedded).
-    from edgepack.embedded import write_hf_checkpoint
+    # The same checkpoint the README's main-job command builds (edgepack.build.embedded).
+    from edgepack.build.embedded import write_hf_checkpoint
 
     write_hf_checkpoint(out)
 
@@ -178,7 +178,8 @@ def smollm2_gguf_path() -> Path:
 
 
 def converter_environ() -> dict[str, str]:
-    """Environment for edgepack.converter that keeps the fetched converter in the test cache.
+    """Environment for edgepack.build.gguf_convert that keeps the fetched converter in the test
+    cache.
 
     The autouse fixture gives every test a fresh EDGEPACK_HOME, which would make every test
     fetch the llama-cpp-python sdist again; the converter goes to ``<cache>/edgepack-home``.
@@ -192,7 +193,7 @@ def build_gguf(model_dir: Path, outtype: str, root: Path | None = None) -> Path:
     Keyed by the model folder's name (which carries its recipe version) and the converter
     version, so a new llama-cpp-python or a changed recipe converts again.
     """
-    from edgepack.converter import convert_to_gguf, converter_version
+    from edgepack.build.gguf_convert import convert_to_gguf, converter_version
 
     env = converter_environ()
     root = root or cache_root()

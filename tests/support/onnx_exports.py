@@ -10,7 +10,7 @@ import pytest
 @pytest.fixture(scope="session")
 def minilm_onnx(minilm_dir, tmp_path_factory):
     """all-MiniLM-L6-v2 exported for feature-extraction (fp32), an ``ExportResult``."""
-    from edgepack.onnx_export import export_onnx
+    from edgepack.build.onnx_export import export_onnx
 
     return export_onnx(minilm_dir, tmp_path_factory.mktemp("minilm-onnx") / "export",
                        "feature-extraction")
@@ -19,7 +19,7 @@ def minilm_onnx(minilm_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_llama_onnx(tiny_llama_dir, tmp_path_factory):
     """The tiny random Llama exported for text-generation-with-past (fp32)."""
-    from edgepack.onnx_export import export_onnx
+    from edgepack.build.onnx_export import export_onnx
 
     return export_onnx(tiny_llama_dir, tmp_path_factory.mktemp("tiny-onnx") / "export",
                        "text-generation")
@@ -27,6 +27,6 @@ def tiny_llama_onnx(tiny_llama_dir, tmp_path_factory):
 
 def quantized(export, scheme: str, root: Path):
     """Quantize an export's graph into ``root/<scheme>/model.onnx``; a ``QuantizeResult``."""
-    from edgepack.onnx_quantize import quantize_onnx
+    from edgepack.build.onnx_quantize import quantize_onnx
 
     return quantize_onnx(export.model_path, root / scheme / "model.onnx", scheme)

@@ -88,9 +88,9 @@ AGENT_SCRIPT = """
 import sys
 sys.path.insert(0, {support!r})
 from pathlib import Path
-from edgepack.agent.health import SubprocessLauncher
-from edgepack.agent.state import StateDir
-from edgepack.agent.updater import Agent, AgentConfig
+from edgepack.ota.agent.health import SubprocessLauncher
+from edgepack.ota.agent.state import StateDir
+from edgepack.ota.agent.updater import Agent, AgentConfig
 launcher = SubprocessLauncher({launcher!r})
 agent = Agent(StateDir(Path({state!r})), AgentConfig({url!r}, {channel!r}, health_window=20),
               launcher=launcher)
@@ -161,7 +161,7 @@ class MainService:
     port, restarted by the agent through ``restart_command``."""
 
     def __init__(self, folder: Path, state: Path) -> None:
-        from edgepack.agent.health import free_port
+        from edgepack.ota.agent.health import free_port
 
         self.folder = folder
         self.state = state

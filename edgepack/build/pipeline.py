@@ -1,0 +1,444 @@
+"""``edgepack build``: pull once, plan per device, convert once, quantize per quant, validate,
+write one bundle per device.
+
+The stages are the modules named for them (hub, planner, converter, quantize, validate,
+bundle); this module only orders them, caches what several devices share, and decides where
+files go. Build side: it may import the heavy libraries, lazily through those modules.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgepack import __version__
+from edgepack.bundle import BundleSpec, archive_bundle, write_bundle
+from edgepack.errors import BuildError, UsageError
+from edgepack.manifest import parse_bundle_version
+
+if TYPE_CHECKING:
+    from edgepack.plan.planner import Plan
+
+# The engine a GGUF bundle is served with: the same llama-cpp-python minor series, since the
+# GGUF format and the quantization kernels are stable within it.
+LLAMA_ENGINE_RANGE = ">=0.3.36,<0.4"
+# Files the device needs besides the model. GGUF carries its tokenizer and chat template.
+_ONNX_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+@dataclass(frozen=True)
+class Golden:
+    prompt: str
+    expect: str
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    model: str
+    devices: tuple[str, ...]
+    fmt: str = "auto"
+    quant: str | None = None  # for every device
+    device_quants: tuple[tuple[str, str], ...] = ()  # (device ref, quant) overrides
+    ctx: int | None = None
+    out: Path = Path("bundles")
+    bundle_version: int | str = 1
+    name: str | None = None
+    token: str | None = None
+    golden: tuple[Golden, ...] | None = None  # None: the default golden prompts
+    min_agreement: float | None = None
+    max_kl: float | None = None
+    min_cosine: float | None = None
+    archive: bool = False
+    overwrite: bool = False
+    threads: int | None = None
+
+
+@dataclass
+class BuildResult:
+    bundles: list[Path] = field(default_factory=list)
+    archives: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@contextmanager
+def _stage(log: Callable[[str], None], name: str, text: str) -> Iterator[None]:
+    """Log what starts, then how long it took (``name: 1.2 s``; bench/build.py reads it)."""
+    log(text)
+    t0 = time.perf_counter()
+    yield
+    log(f"{name}: {time.perf_counter() - t0:.2f} s")
+
+
+def cache_root() -> Path:
+    from edgepack.paths import cache_dir
+
+    return cache_dir()
+
+
+def parse_version_option(text: str) -> int | str:
+    """``--bundle-version``: an integer stays an integer in the manifest, semver a string."""
+    value: int | str = int(text) if text.isdigit() else text
+    try:
+        parse_bundle_version(value)
+    except Exception as e:  # IntegrityError: re-raise as a usage problem
+        raise UsageError(
+            f"--bundle-version {text!r} is not an integer or MAJOR[.MINOR[.PATCH]]",
+            hint="for example --bundle-version 3 or --bundle-version 1.4.2",
+        ) from e
+    return value
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-.") or "model"
+
+
+def _folder_name(ref: Any) -> str:
+    """A local folder's model name; a generic leaf like ``model/`` takes its parent's name."""
+    path = Path(ref.path)
+    generic = {"model", "models", "hf", "weights"}
+    return path.parent.name if path.name.lower() in generic else path.name
+
+
+def _source_digest(files: dict[str, str]) -> str:
+    """A stable id for a local folder's content, standing in for a commit sha."""
+    h = hashlib.sha256()
+    for path, digest in sorted(files.items()):
+        h.update(f"{path}\0{digest}\n".encode())
+    return h.hexdigest()[:40]
+
+
+def _model_kind(facts: Any, folder: Path) -> str:
+    if facts.family == "encoder":
+        return "embedding"
+    tok_cfg = folder / "tokenizer_config.json"
+    has_template = (folder / "chat_template.jinja").is_file() or (
+        tok_cfg.is_file() and "chat_template" in json.loads(tok_cfg.read_text(encoding="utf-8"))
+    )
+    return "chat" if has_template else "completion"
+
+
+def _server_tables(
+    plan: Plan, model_rel: str, kind: str, name: str, profile: Any
+) -> dict:
+    engine: dict[str, Any] = {}
+    if plan.format == "onnx":
+        # CUDA first where the device has it; the engine refuses to start (exit 7) with a clear
+        # message when this onnxruntime lacks a provider named here.
+        cuda = profile.accelerator.kind == "cuda"
+        engine["providers"] = ["cuda", "cpu"] if cuda else ["cpu"]
+    return {
+        "model": {"path": model_rel, "format": plan.format, "kind": kind, "name": name},
+        "engine": {
+            "name": plan.engine,
+            "n_ctx": plan.ctx,
+            "n_threads": plan.threads,
+            "n_batch": plan.batch,
+            "n_ubatch": plan.ubatch,
+            "n_gpu_layers": plan.gpu_layers,
+            **engine,
+        },
+        "server": {
+            "queue_size": 8,
+            "max_body_bytes": 1 << 20,
+            "drain_seconds": 30,
+            "request_timeout_seconds": 300,
+        },
+    }
+
+
+def _systemd_units(plan: Plan) -> dict[str, str]:
+    from edgepack.runtimes.systemd import render_units
+
+    return dict(render_units(memory_bytes=plan.estimate.required_bytes,
+                             gpu_offload=plan.gpu_layers > 0))
+
+
+def _estimated_disk_need(meta: Any, facts: Any, plans: Sequence[Plan]) -> int:
+    source = sum(f.size or 0 for f in meta.files)
+    intermediate = facts.n_params * 4
+    outputs = sum(p.estimate.weights_bytes for p in plans)
+    return source + intermediate + outputs
+
+
+def run_build(req: BuildRequest, log: Callable[[str], None] = lambda _m: None) -> BuildResult:
+    """Build one bundle per device named in ``req``; return where they went.
+
+    Raises UsageError (bad options), ProfileError (unknown device), FetchError (pull),
+    BuildError (nothing fits, conversion, quantization, validation, disk space).
+    """
+    from edgepack.build.hub import (
+        parse_model_ref,
+        pull_model,
+        read_model_metadata,
+    )
+    from edgepack.build.model_files import check_disk_space
+    from edgepack.device.catalog import list_profiles
+    from edgepack.device.profile import profile_digest
+    from edgepack.device.resolve import load_profile
+    from edgepack.plan.facts import model_facts
+    from edgepack.plan.planner import PlanOptions, plan_build
+
+    if not req.devices:
+        raise UsageError("no --device given", hint="name at least one: edgepack profiles list")
+    parse_bundle_version(req.bundle_version)
+    profiles = [load_profile(d) for d in req.devices]  # before any network
+    ids = [p.id for p in profiles]
+    if len(set(ids)) != len(ids):
+        raise UsageError(f"--device names a profile twice: {', '.join(ids)}")
+    ref = parse_model_ref(req.model)
+
+    log(f"reading model facts of {ref.text}")
+    meta = read_model_metadata(ref, token=req.token)
+    facts = model_facts(meta.config, meta.safetensors)
+    per_device = dict(req.device_quants)
+    unknown = sorted(set(per_device) - set(req.devices) - set(ids))
+    if unknown:
+        raise UsageError(
+            f"--quant names device {unknown[0]!r}, which is not among the --device values",
+            hint=f"use one of: {', '.join(req.devices)}",
+        )
+    plans: list[Plan] = []
+    for ref_text, profile in zip(req.devices, profiles, strict=True):
+        quant = per_device.get(ref_text) or per_device.get(profile.id) or req.quant
+        options = PlanOptions(format=req.fmt, ctx=req.ctx, quant=quant)
+        plan = plan_build(facts, profile, options, alternatives=list_profiles())
+        plans.append(plan)
+        log(f"plan for {profile.id}: {plan.format} {plan.quant} ctx {plan.ctx}")
+
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    check_disk_space(root, _estimated_disk_need(meta, facts, plans))
+    with _stage(log, "pull", "pulling model files"):
+        pulled = pull_model(ref, token=req.token)
+    source_id = pulled.sha or _source_digest(pulled.files)
+    name = _slug(req.name or (ref.repo_id.split("/")[-1] if ref.repo_id else _folder_name(ref)))
+    kind = _model_kind(facts, pulled.folder)
+    source = {
+        "ref": ref.text,
+        "repo_id": pulled.repo_id,
+        "revision": pulled.sha,
+        "requested_revision": None if ref.is_local else ref.revision,
+        "content_digest": None if pulled.sha else source_id,
+        "files": dict(sorted(pulled.files.items())),
+    }
+
+    outputs: dict[tuple[str, str], _Output] = {}
+    result = BuildResult()
+    for profile, plan in zip(profiles, plans, strict=True):
+        key = (plan.format, plan.quant)
+        if key not in outputs:
+            if plan.format == "gguf":
+                outputs[key] = _gguf_output(
+                    req, pulled.folder, source_id, facts, plan, kind, name, log
+                )
+            else:
+                outputs[key] = _onnx_output(
+                    req, pulled.folder, source_id, plan, kind, name, log
+                )
+        out = outputs[key]
+        bundle_name = f"{name}-{profile.id}"
+        model_rel = f"model/{out.model_file.name}"
+        spec = BundleSpec(
+            name=bundle_name,
+            version=req.bundle_version,
+            model_file=out.model_file,
+            model_name=name,
+            model_format=plan.format,
+            model_kind=kind,
+            quant=plan.quant,
+            plan=plan.to_dict(),
+            server=_server_tables(plan, model_rel, kind, name, profile),
+            source=source,
+            device={"profile_id": profile.id, "profile_digest": profile_digest(profile)},
+            engine=out.engine,
+            validation=out.validation,
+            extra_model_files=out.extra_files,
+            tokenizer_files=out.tokenizer_files,
+            golden_prompts=out.golden,
+            model_details=out.details,
+            converter=out.converter,
+            systemd_units=_systemd_units(plan),
+        )
+        path = write_bundle(spec, Path(req.out) / bundle_name, overwrite=req.overwrite)
+        log(f"wrote {path}")
+        result.bundles.append(path)
+        if req.archive:
+            result.archives.append(archive_bundle(path, path.with_name(path.name + ".tar")))
+    return result
+
+
+@dataclass(frozen=True)
+class _Output:
+    model_file: Path
+    engine: dict[str, Any]
+    validation: dict[str, Any]
+    golden: tuple[dict[str, Any], ...]
+    details: dict[str, Any]
+    converter: dict[str, Any]
+    extra_files: tuple[Path, ...] = ()
+    tokenizer_files: tuple[Path, ...] = ()
+
+
+def _gguf_output(
+    req: BuildRequest,
+    folder: Path,
+    source_id: str,
+    facts: Any,
+    plan: Plan,
+    kind: str,
+    name: str,
+    log: Callable[[str], None],
+) -> _Output:
+    from edgepack.build.gguf_convert import (
+        choose_intermediate_type,
+        convert_to_gguf,
+        converter_version,
+        installed_llama_cpp_python,
+        intermediate_path,
+    )
+    from edgepack.build.gguf_quantize import quantize_gguf
+    from edgepack.build.gguf_validate import DEFAULT_GOLDEN, GoldenPrompt, validate_gguf
+
+    root = cache_root()
+    conv = converter_version()
+    outtype = choose_intermediate_type(facts.n_params)
+    inter = intermediate_path(root, source_id, outtype, converter=conv)
+    if inter.is_file():
+        log(f"reusing intermediate {inter.name}")
+    else:
+        with _stage(log, "convert", f"converting to {outtype} GGUF with convert_hf_to_gguf.py"):
+            convert_to_gguf(folder, inter, outtype)
+    quant = plan.quant
+    threads = req.threads or os.cpu_count() or 1
+    engine_version = installed_llama_cpp_python()
+    qdir = root / "quantized" / f"{inter.stem}-llama-cpp-python-{engine_version}"
+    model_file = qdir / f"{name}-{quant}.gguf"
+    tensor_info: dict[str, Any] = {}
+    if quant.lower() == outtype:
+        # The intermediate is already the requested type: ship it under the bundle's name.
+        qdir.mkdir(parents=True, exist_ok=True)
+        model_file.unlink(missing_ok=True)
+        os.link(inter, model_file)
+    else:
+        with _stage(log, "quantize", f"quantizing to {quant}"):
+            qres = quantize_gguf(inter, model_file, quant, threads=threads)
+        tensor_info = {
+            "tensor_types": qres.type_counts,
+            "fallback_tensors": len(qres.fallbacks),
+            "fallback_types": qres.fallback_types,
+        }
+    if req.golden is None:
+        golden = DEFAULT_GOLDEN if kind == "chat" else ()
+    else:
+        golden = tuple(GoldenPrompt(g.prompt, g.expect) for g in req.golden)
+    with _stage(log, "validate", f"validating {quant} against the {outtype} intermediate"):
+        val = validate_gguf(
+            model_file,
+            inter,
+            quant,
+            golden=golden,
+            min_agreement=req.min_agreement,
+            max_kl=req.max_kl,
+            min_cosine=req.min_cosine,
+            threads=threads,
+        )
+    return _Output(
+        model_file=model_file,
+        engine={
+            "name": "llama.cpp",
+            "package": "llama-cpp-python",
+            "version_range": LLAMA_ENGINE_RANGE,
+            "built_with": engine_version,
+        },
+        validation={
+            "metric": val.metric,
+            "value": val.value,
+            "threshold": val.threshold,
+            "passed": val.passed,
+            "reference": val.reference,
+            "details": val.details,
+        },
+        golden=tuple({"prompt": g.prompt, "expect": g.expect} for g in golden),
+        details={"intermediate": outtype, **tensor_info},
+        converter={"name": "convert_hf_to_gguf.py", "version": conv},
+    )
+
+
+def _onnx_output(
+    req: BuildRequest,
+    folder: Path,
+    source_id: str,
+    plan: Plan,
+    kind: str,
+    name: str,
+    log: Callable[[str], None],
+) -> _Output:
+    from importlib.metadata import version
+
+    from edgepack.build.onnx_export import TASKS, ExportResult, export_onnx, infer_task
+    from edgepack.build.onnx_quantize import quantize_onnx
+    from edgepack.build.onnx_validate import validate_onnx
+
+    root = cache_root()
+    task = infer_task(folder)
+    tools = f"optimum-onnx-{version('optimum-onnx')}-onnxruntime-{version('onnxruntime')}"
+    export_dir = root / "onnx" / f"{source_id}-{task}-{tools}"
+    if (export_dir / "model.onnx").is_file():
+        # export_onnx renames a finished export into place, so a present graph is complete.
+        log(f"reusing ONNX export {export_dir.name}")
+        export = ExportResult(
+            out_dir=export_dir, task=task, kind=TASKS[task][1],
+            model_path=export_dir / "model.onnx", tokenizer_dir=export_dir / "tokenizer",
+            files=(),
+        )
+    else:
+        with _stage(log, "export", f"exporting to ONNX with optimum ({task})"):
+            export = export_onnx(folder, export_dir, task)
+    if export.kind == "classification":
+        raise BuildError(
+            f"{name} is a sequence-classification model; edgepack's server has no "
+            "classification route yet",
+            hint="build an embedding or text-generation model, or export it with optimum",
+        )
+    scheme = plan.quant
+    qdir = root / "onnx-quantized" / f"{export_dir.name}-{scheme}"
+    with _stage(log, "quantize", f"quantizing the ONNX graph ({scheme})"):
+        q = quantize_onnx(export.model_path, qdir / "model.onnx", scheme)
+    threads = req.threads or os.cpu_count() or 1
+    threshold = req.min_cosine if export.kind == "embedding" else req.min_agreement
+    with _stage(log, "validate", f"validating {scheme} against the PyTorch model"):
+        val = validate_onnx(
+            folder, q.model_path, export.tokenizer_dir, kind=export.kind, scheme=scheme,
+            threshold=threshold, n_threads=threads,
+        )
+    tok_files = tuple(sorted(p for p in export.tokenizer_dir.iterdir() if p.is_file()))
+    return _Output(
+        model_file=q.model_path,
+        extra_files=(q.external_data,) if q.external_data else (),
+        tokenizer_files=tok_files,
+        engine={
+            "name": "onnxruntime",
+            "package": "onnxruntime",
+            "version_range": f">={version('onnxruntime')},<2",
+            "built_with": version("onnxruntime"),
+        },
+        validation=val.to_dict(),
+        golden=(),
+        details={"task": task, "notes": list(q.notes), "size_bytes": q.size_bytes},
+        converter={"name": "optimum-onnx", "version": version("optimum-onnx")},
+    )
+
+
+def describe(result: BuildResult) -> str:
+    """The summary the CLI prints."""
+    lines = [f"bundle: {p}" for p in result.bundles]
+    lines += [f"archive: {p}" for p in result.archives]
+    return "\n".join(lines + [f"edgepack {__version__}"])

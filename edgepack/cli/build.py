@@ -1,0 +1,149 @@
+"""``edgepack build``, ``verify`` and ``inspect``.
+
+``verify`` and ``inspect`` are device side (stdlib + edgepack.manifest); ``build`` imports the
+build side only when it runs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from edgepack.errors import UsageError
+
+
+def _parse_golden(values: tuple[str, ...], none: bool):
+    from edgepack.build.pipeline import Golden
+
+    if none and values:
+        raise UsageError("--golden and --no-golden exclude each other")
+    if none:
+        return ()
+    if not values:
+        return None
+    out = []
+    for v in values:
+        prompt, sep, expect = v.partition("=>")
+        if not sep or not prompt.strip() or not expect.strip():
+            raise UsageError(
+                f"--golden {v!r} is not 'PROMPT=>EXPECTED TEXT'",
+                hint="for example --golden 'What is the capital of France?=>Paris'",
+            )
+        out.append(Golden(prompt.strip(), expect.strip()))
+    return tuple(out)
+
+
+def _parse_quants(values: tuple[str, ...]) -> tuple[str | None, tuple[tuple[str, str], ...]]:
+    default: str | None = None
+    per_device: list[tuple[str, str]] = []
+    for v in values:
+        device, sep, quant = v.rpartition("=")
+        if not sep:
+            if default is not None:
+                raise UsageError(
+                    f"--quant given twice without a device ({default!r}, {v!r})",
+                    hint="use --quant Q for all devices, or --quant DEVICE=Q for one",
+                )
+            default = v
+        elif not device or not quant:
+            raise UsageError(f"--quant {v!r} is not DEVICE=QUANT", hint="e.g. --quant pi=Q4_0")
+        else:
+            per_device.append((device, quant))
+    return default, tuple(per_device)
+
+
+@click.command("build")
+@click.argument("model")
+@click.option("--device", "devices", multiple=True, required=True,
+              help="Device profile id, .toml path or 'local'; repeat for several devices "
+              "(one pull and one intermediate serve them all).")
+@click.option("--format", "fmt", type=click.Choice(["auto", "gguf", "onnx"]), default="auto",
+              show_default=True, help="Output format; auto: encoders ONNX, decoders GGUF.")
+@click.option("--quant", "quants", multiple=True, metavar="[DEVICE=]QUANT",
+              help="Force a quantization for every device (Q4_0) or for one (rpi=Q4_0); "
+              "default: the plan's choice.")
+@click.option("--ctx", type=click.IntRange(min=1), default=None, help="Context length in tokens.")
+@click.option("--bundle-version", "version", default="1", show_default=True,
+              help="Bundle version (integer or MAJOR.MINOR.PATCH); orders updates.")
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("bundles"), show_default=True,
+              help="Directory that receives one bundle folder per device.")
+@click.option("--name", default=None, help="Model name served by /v1/models (default: repo name).")
+@click.option("--token", default=None, envvar="HF_TOKEN", show_envvar=True,
+              help="Hugging Face token for gated or private models.")
+@click.option("--golden", "golden", multiple=True, metavar="'PROMPT=>EXPECTED'",
+              help="A golden prompt whose greedy answer must contain EXPECTED (repeatable; "
+              "default for chat models: the capital of France).")
+@click.option("--no-golden", is_flag=True, help="Skip golden prompts (e.g. random test models).")
+@click.option("--min-agreement", type=float, default=None,
+              help="Lower the top-token agreement threshold explicitly.")
+@click.option("--max-kl", type=float, default=None, help="Raise the KL threshold explicitly.")
+@click.option("--min-cosine", type=float, default=None,
+              help="Lower the embedding cosine threshold explicitly.")
+@click.option("--archive", is_flag=True, help="Also write one .tar per bundle for offline copy.")
+@click.option("--overwrite", is_flag=True, help="Replace existing bundle folders.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Threads for quantization and validation (default: all CPUs).")
+def build(model, devices, fmt, quants, ctx, version, out, name, token, golden, no_golden,
+          min_agreement, max_kl, min_cosine, archive, overwrite, threads) -> None:
+    """Pull MODEL (org/name[@rev] or a folder), plan, convert, validate and bundle it."""
+    from edgepack.build.pipeline import BuildRequest, describe, parse_version_option, run_build
+
+    quant, per_device = _parse_quants(quants)
+    req = BuildRequest(
+        model=model, devices=tuple(devices), fmt=fmt, quant=quant,
+        device_quants=per_device, ctx=ctx, out=out,
+        bundle_version=parse_version_option(version), name=name, token=token,
+        golden=_parse_golden(golden, no_golden), min_agreement=min_agreement, max_kl=max_kl,
+        min_cosine=min_cosine, archive=archive, overwrite=overwrite, threads=threads,
+    )
+    result = run_build(req, log=lambda m: click.echo(f"· {m}", err=True))
+    click.echo(describe(result))
+
+
+@click.command("verify")
+@click.argument("bundle", type=click.Path(path_type=Path))
+def verify(bundle: Path) -> None:
+    """Check every file of BUNDLE against its manifest (exit 6 naming each bad file)."""
+    from edgepack.manifest import verify_bundle
+
+    manifest = verify_bundle(bundle)
+    click.echo(f"ok: {len(manifest['files'])} files match {bundle / 'manifest.json'}")
+
+
+@click.command("inspect")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
+def inspect(bundle: Path, as_json: bool) -> None:
+    """Show what BUNDLE holds: model, source, device, plan, validation."""
+    from edgepack.manifest import load_manifest
+
+    m = load_manifest(bundle)
+    if as_json:
+        click.echo(json.dumps(m, indent=2, sort_keys=True))
+        return
+    model, plan, val = m.get("model", {}), m.get("plan", {}), m.get("validation", {})
+    mem = plan.get("memory", {})
+    src = m.get("source", {})
+    lines = [
+        f"bundle      {m['bundle']['name']} version {m['bundle']['version']}",
+        f"model       {model.get('name')} ({model.get('kind')}) {model.get('format')} "
+        f"{model.get('quant')}, {model.get('size', 0) / 2**20:.1f} MiB",
+        f"source      {src.get('repo_id') or src.get('ref')} @ "
+        f"{src.get('revision') or src.get('content_digest')}",
+        f"device      {m.get('device', {}).get('profile_id')}",
+        f"plan        ctx {plan.get('ctx')}, threads {plan.get('threads')}, "
+        f"gpu layers {plan.get('gpu_layers')}, memory "
+        f"{mem.get('required_bytes', 0) / 2**20:.0f} MiB of "
+        f"{mem.get('usable_bytes', 0) / 2**20:.0f} MiB usable",
+        f"speed       ~{(plan.get('speed') or {}).get('decode_tokens_per_second') or 0:.1f} "
+        "tok/s decode (estimate)",
+        f"validation  {val.get('metric')} = {val.get('value')} "
+        f"(threshold {val.get('threshold')}, {'passed' if val.get('passed') else 'FAILED'})",
+        f"engine      {m.get('engine', {}).get('name')} "
+        f"{m.get('engine', {}).get('version_range')}",
+        f"files       {len(m['files'])}, edgepack {m.get('edgepack_version')}",
+    ]
+    click.echo("\n".join(lines))

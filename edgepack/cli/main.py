@@ -1,0 +1,103 @@
+"""The edgepack command line: parse, call, render.
+
+Commands import their implementation lazily, so ``edgepack serve`` and ``edgepack agent`` run
+on a device that has only the device extras installed (no torch, transformers, optimum or
+huggingface_hub).
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from typing import IO, Any
+
+import click
+
+from edgepack import __version__
+from edgepack.errors import EXIT_INTERNAL, EdgepackError
+
+
+def _debug() -> bool:
+    return os.environ.get("EDGEPACK_DEBUG", "") not in ("", "0")
+
+
+class _ReportedError(click.ClickException):
+    """An error turned into a one-paragraph message and an exit code from DESIGN.md."""
+
+    def __init__(self, text: str, exit_code: int, cause: BaseException) -> None:
+        super().__init__(text)
+        self.cause = cause
+        self.exit_code = exit_code  # type: ignore[misc]  # click reads it per instance
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        if _debug():
+            traceback.print_exception(type(self.cause), self.cause, self.cause.__traceback__)
+        click.echo(f"error: {self.message}", err=True)
+
+
+class EdgepackGroup(click.Group):
+    """A click group that maps edgepack's error tree to exit codes and clear messages."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except EdgepackError as e:
+            raise _ReportedError(e.render(), e.exit_code, e) from e
+        except KeyboardInterrupt:
+            raise click.exceptions.Abort() from None
+        except Exception as e:  # noqa: BLE001 - never a bare traceback by default
+            text = (
+                f"internal error: {type(e).__name__}: {e}\n"
+                "  hint: this is a bug in edgepack; rerun with EDGEPACK_DEBUG=1 and report "
+                "the traceback."
+            )
+            raise _ReportedError(text, EXIT_INTERNAL, e) from e
+
+
+@click.group(
+    cls=EdgepackGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+@click.version_option(__version__, "--version", prog_name="edgepack")
+def cli() -> None:
+    """Build, serve and update models on edge devices.
+
+    Exit codes: 0 ok, 1 internal error, 2 usage, 3 config/profile, 4 fetch/network,
+    5 build or conversion, 6 integrity/signature, 7 runtime/health.
+    Set EDGEPACK_DEBUG=1 to see tracebacks.
+    """
+
+
+def _register() -> None:
+    # Each module only defines click commands; heavy imports happen inside the commands.
+    from edgepack.cli.profiles import profiles
+
+    cli.add_command(profiles)
+    from edgepack.cli.plan import plan
+
+    cli.add_command(plan)
+    from edgepack.cli.build import build, inspect, verify
+
+    for command in (build, verify, inspect):
+        cli.add_command(command)
+    from edgepack.cli.serve import serve
+
+    cli.add_command(serve)
+    from edgepack.cli.ota import COMMANDS as ota_commands
+
+    for command in ota_commands:
+        cli.add_command(command)
+
+
+_register()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="edgepack")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,137 @@
+"""``edgepack plan MODEL --device ID``: the build plan, without downloading weights.
+
+Model facts come from config.json and the safetensors headers (ranged reads on the hub, the
+header bytes of a local file); the device from a shipped profile id, a profile .toml path or
+``local``. The plan itself is :func:`edgepack.plan.planner.plan_build`.
+
+``--json`` prints one object (schema 1; new keys may be added, existing ones keep meaning)::
+
+    {
+      "schema": 1,
+      "source": {"ref": "org/name@rev" | "/path", "repo_id": str | null, "sha": str | null},
+      "model": {"architecture", "model_type", "family": "decoder" | "encoder", "n_params",
+                "n_layer", "hidden_size", "n_head", "n_kv_head", "head_dim", "ffn_size",
+                "vocab_size", "max_context", "tied_embeddings", "n_tensors"},
+      "device": {"id", "name", "digest": "sha256:...", "effective_bandwidth_gbps"},
+      "format": "gguf" | "onnx",
+      "quant": "Q4_K_M" | ... | "int8" | ...,    # llama.cpp file type or ONNX weight format
+      "engine": "llama.cpp" | "onnxruntime",
+      "ctx": int, "threads": int, "batch": int, "ubatch": int,
+      "gpu_layers": int,                        # 0 = CPU only
+      "memory": {"weights_bytes", "kv_cache_bytes", "compute_buffer_bytes",
+                 "output_buffer_bytes", "runtime_overhead_bytes", "required_bytes",
+                 "repack_page_cache_bytes", "expected_peak_rss_bytes",
+                 "tensor_types": {ggml type: count}, "fallback_tensors",
+                 "usable_bytes", "headroom_bytes", "free_after_headroom_bytes"},
+      "speed": {"decode_tokens_per_second": float | null, "prompt_tokens_per_second": float,
+                "bytes_read_per_token": int},
+      "quality": {"metric": "kld_llama3_8b" | "rank", "value": float},
+      "rationale": [str, ...],
+      "rejected": [{"format", "quant", "ctx", "reason"}, ...]
+    }
+
+Exit codes: 2 bad option (unknown --quant, --ctx above the model's maximum), 3 unknown device,
+4 hub unreachable, 5 nothing fits / unsupported architecture.
+"""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.command("plan")
+@click.argument("model")
+@click.option(
+    "--device",
+    "device",
+    required=True,
+    help="Device profile: a shipped id (see 'edgepack profiles list'), a .toml path, or 'local'.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["auto", "gguf", "onnx"]),
+    default="auto",
+    show_default=True,
+    help="Model format; auto: encoders ONNX, decoders GGUF.",
+)
+@click.option(
+    "--ctx",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Context length in tokens (default: min(model maximum, 4096), shrunk to fit).",
+)
+@click.option(
+    "--quant",
+    default=None,
+    help="Force a quantization (GGUF: Q8_0, Q6_K, Q5_K_M, Q5_0, Q4_K_M, Q4_0, Q3_K_M, "
+    "Q2_K, F16; ONNX: fp32, fp16, int8, int4).",
+)
+@click.option(
+    "--min-tokens-per-second",
+    "min_tps",
+    type=click.FloatRange(min=0.0),
+    default=None,
+    help="Reject options whose estimated decode speed is below this.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (schema above).")
+def plan(
+    model: str,
+    device: str,
+    fmt: str,
+    ctx: int | None,
+    quant: str | None,
+    min_tps: float | None,
+    as_json: bool,
+) -> None:
+    """Plan a build of MODEL (org/name[@rev] or a local folder) for a device, without
+    downloading weights."""
+    from edgepack.build.hub import read_model_metadata
+    from edgepack.device.catalog import list_profiles
+    from edgepack.device.resolve import load_profile
+    from edgepack.plan.facts import model_facts
+    from edgepack.plan.planner import PlanOptions, plan_build
+
+    profile = load_profile(device)  # before any network: a typo'd device fails fast
+    if quant is not None:
+        fmt = _check_quant(quant, fmt)
+    options = PlanOptions(format=fmt, ctx=ctx, quant=quant, min_tokens_per_second=min_tps)
+    meta = read_model_metadata(model)
+    facts = model_facts(meta.config, meta.safetensors)
+    result = plan_build(facts, profile, options, alternatives=list_profiles())
+    if as_json:
+        data = result.to_dict()
+        data = {
+            "schema": data.pop("schema"),
+            "source": {"ref": meta.ref.text, "repo_id": meta.repo_id, "sha": meta.sha},
+            **data,
+        }
+        click.echo(json.dumps(data, indent=2))
+        return
+    from rich.console import Console
+
+    from edgepack.cli.render import render_plan
+
+    render_plan(result, Console(width=120, soft_wrap=False))
+
+
+def _check_quant(quant: str, fmt: str) -> str:
+    """The format ``quant`` implies (a GGUF name implies gguf); UsageError if it names none."""
+    from edgepack.errors import UsageError
+    from edgepack.plan.quants import FILE_TYPES_BY_NAME, ONNX_QUANTS_BY_NAME
+
+    q_gguf = quant.upper().replace("-", "_") in FILE_TYPES_BY_NAME
+    q_onnx = quant.lower() in ONNX_QUANTS_BY_NAME
+    if (fmt == "gguf" and not q_gguf) or (fmt == "onnx" and not q_onnx) or not (q_gguf or q_onnx):
+        raise UsageError(
+            f"--quant {quant!r} is not a {fmt if fmt != 'auto' else 'known'} quantization",
+            hint="GGUF: "
+            + ", ".join(FILE_TYPES_BY_NAME)
+            + "; ONNX: "
+            + ", ".join(ONNX_QUANTS_BY_NAME),
+        )
+    if fmt == "auto":
+        return "gguf" if q_gguf else "onnx"
+    return fmt

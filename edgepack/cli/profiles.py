@@ -1,0 +1,183 @@
+"""``edgepack profiles``: list, show and detect device profiles (parse, call, render).
+
+JSON output (``--json``), stable:
+
+- ``list``: ``{"profiles": [PROFILE, ...]}`` sorted by id;
+- ``show`` and ``detect``: ``PROFILE``;
+
+where PROFILE is the profile's schema-1 data (see edgepack.device.profile) plus
+``"derived": {"usable_gib", "effective_bandwidth_gbps", "bandwidth_basis", "digest"}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import click
+
+from edgepack.device.catalog import list_profiles
+from edgepack.device.profile import (
+    DeviceProfile,
+    derived_figures,
+    effective_bandwidth_gbps,
+    flatten_profile,
+    profile_to_toml,
+)
+from edgepack.device.resolve import load_profile
+from edgepack.errors import UsageError
+
+
+def _as_json(profile: DeviceProfile) -> dict[str, Any]:
+    data = profile.to_dict()
+    data["derived"] = derived_figures(profile)
+    return data
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def _accelerator_text(profile: DeviceProfile) -> str:
+    acc = profile.accelerator
+    if acc.kind == "none":
+        return "none"
+    return f"{acc.kind} {acc.compute_capability} ({acc.memory})"
+
+
+def _render_details(profile: DeviceProfile) -> None:
+    """Every field with its source, one per line (plain text: long URLs stay copyable)."""
+    derived = derived_figures(profile)
+    click.echo(f"{profile.id}: {profile.name}")
+    click.echo(f"  digest: {derived['digest']}")
+    click.echo(
+        f"  usable memory: {derived['usable_gib']} GiB; planning bandwidth: "
+        f"{derived['effective_bandwidth_gbps']} GB/s ({derived['bandwidth_basis']})"
+    )
+    for key, value in flatten_profile(profile).items():
+        if key in ("schema", "id", "name"):
+            continue
+        shown = ", ".join(value) if isinstance(value, list) else value
+        click.echo(f"  {key} = {shown}")
+        source = profile.sources.get(key)
+        if source:
+            click.echo(f"      source: {source}")
+
+
+@click.group("profiles")
+def profiles() -> None:
+    """Device profiles: what a target device offers, with a source for every figure."""
+
+
+@profiles.command("list")
+@click.option("--json", "as_json", is_flag=True, help='Print {"profiles": [...]} as JSON.')
+def list_command(as_json: bool) -> None:
+    """List the shipped device profiles."""
+    items = list_profiles()
+    if as_json:
+        _echo_json({"profiles": [_as_json(p) for p in items]})
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="edgepack device profiles (bandwidth: m = measured, t = theoretical x 0.6)")
+    for column in (
+        "id",
+        "name",
+        "arch",
+        "cores/thr",
+        "ISA",
+        "RAM total/usable GiB",
+        "GB/s",
+        "accelerator",
+    ):
+        table.add_column(column)
+    for p in items:
+        basis = "m" if p.memory.measured_bandwidth_gbps is not None else "t"
+        table.add_row(
+            p.id,
+            p.name,
+            p.cpu.arch,
+            f"{p.cpu.cores}/{p.cpu.threads}",
+            " ".join(p.cpu.isa),
+            f"{p.memory.total_gib:g} / {p.memory.usable_gib:g}",
+            f"{effective_bandwidth_gbps(p):g} {basis}",
+            _accelerator_text(p),
+        )
+    # Piped output is not wrapped to 80 columns: ids and figures must stay greppable.
+    Console(width=None if sys.stdout.isatty() else 220).print(table)
+
+
+@profiles.command("show")
+@click.argument("ref", metavar="ID")
+@click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON.")
+def show_command(ref: str, as_json: bool) -> None:
+    """Show every figure of profile ID (a shipped id, a .toml path or 'local') with its source."""
+    profile = load_profile(ref)
+    if as_json:
+        _echo_json(_as_json(profile))
+    else:
+        _render_details(profile)
+
+
+def _save(profile: DeviceProfile, path: Path) -> DeviceProfile:
+    """Write ``profile`` as TOML to ``path`` with id = the file stem; atomic replace."""
+    if path.suffix != ".toml" or not re.match(r"^[a-z0-9][a-z0-9-]*$", path.stem):
+        raise UsageError(
+            f"cannot save the profile as '{path}': expected a file name like my-board.toml "
+            "(lowercase letters, digits and '-', ending in .toml)",
+            hint="the file name stem becomes the profile id, e.g. --save ./lab-pi5.toml",
+        )
+    from edgepack.device.detect import with_id
+
+    profile = with_id(profile, path.stem)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".profile-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(profile_to_toml(profile))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return profile
+
+
+@profiles.command("detect")
+@click.option("--json", "as_json", is_flag=True, help="Print the detected profile as JSON.")
+@click.option(
+    "--measure", is_flag=True, help="Measure memory bandwidth (a bounded copy test, about 2 s)."
+)
+@click.option(
+    "--measure-seconds",
+    type=click.FloatRange(min=0.1, max=60.0),
+    default=2.0,
+    show_default=True,
+    help="Time budget of --measure.",
+)
+@click.option(
+    "--save",
+    "save_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the profile as TOML to PATH (usable as --device PATH).",
+)
+def detect_command(
+    as_json: bool, measure: bool, measure_seconds: float, save_path: Path | None
+) -> None:
+    """Build a profile of this machine (memory, cores, ISA flags, board, bandwidth)."""
+    from edgepack.device.detect import detect_profile
+
+    profile = detect_profile(measure=measure, seconds=measure_seconds)
+    if save_path is not None:
+        profile = _save(profile, save_path)
+    if as_json:
+        _echo_json(_as_json(profile))
+    else:
+        _render_details(profile)
+    if save_path is not None:
+        click.echo(f"saved to {save_path}; use it with --device {save_path}", err=as_json)

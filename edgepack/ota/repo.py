@@ -1,0 +1,416 @@
+"""The static update repository: create it, publish bundles to it, keep its timestamp fresh.
+
+Build side (python-tuf's ``tuf.api.metadata`` and securesystemslib's ``CryptoSigner``; chunking
+needs fastcdc). The layout is described in ``edgepack.ota.release``. Signing follows python-tuf's
+``examples/manual_repo/basic_repo.py``: ed25519 keys, one per role (``--threshold`` root keys),
+consistent snapshots, and the timestamp written last with ``os.replace`` so a reader sees
+either the old repository or the new one, never a mix.
+
+Keeping the repository fresh: the timestamp expires after ``TIMESTAMP_DAYS``; run
+``edgepack repo refresh DIR`` more often than that, e.g. from a systemd timer::
+
+    # /etc/systemd/system/edgepack-repo-refresh.service
+    [Service]
+    Type=oneshot
+    ExecStart=/usr/local/bin/edgepack repo refresh /srv/edgepack-repo
+
+    # /etc/systemd/system/edgepack-repo-refresh.timer
+    [Timer]
+    OnCalendar=*-*-* 00/6:00:00
+    Persistent=true
+    [Install]
+    WantedBy=timers.target
+
+(or cron: ``0 */6 * * * edgepack repo refresh /srv/edgepack-repo``).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from edgepack import __version__
+from edgepack.errors import ConfigError, IntegrityError, UsageError
+from edgepack.manifest import MANIFEST_NAME, canonical_json, verify_bundle
+from edgepack.ota.release import (
+    Release,
+    ReleaseFile,
+    blob_target,
+    channel_doc,
+    channel_target,
+    check_channel,
+    check_rollout,
+    chunk_path,
+    index_target,
+    parse_channel,
+    release_target,
+    stored_target_path,
+    version_key,
+)
+
+ROLES = ("root", "targets", "snapshot", "timestamp")
+ROOT_DAYS = 365
+TARGETS_DAYS = 90
+SNAPSHOT_DAYS = 30
+TIMESTAMP_DAYS = 2
+# `repo refresh` re-signs snapshot and targets too when they expire within this window.
+RESIGN_WINDOW = timedelta(days=7)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc).replace(microsecond=0)
+
+
+@dataclass(frozen=True)
+class Expiry:
+    """How long freshly signed metadata stays valid (tests pass negative values)."""
+
+    targets: timedelta = timedelta(days=TARGETS_DAYS)
+    snapshot: timedelta = timedelta(days=SNAPSHOT_DAYS)
+    timestamp: timedelta = timedelta(days=TIMESTAMP_DAYS)
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    channel: str
+    version: int | str
+    target: str
+    files: int
+    chunks_total: int
+    chunks_new: int
+    bytes_new: int
+
+
+def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _write_key(path: Path, pem: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError as e:
+        raise ConfigError(
+            f"key file {path} already exists", hint="refusing to overwrite a signing key"
+        ) from e
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    os.chmod(path, 0o600)
+
+
+def _load_signer(path: Path):
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+    from securesystemslib.signer import CryptoSigner
+
+    try:
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise ConfigError(
+                f"key file {path} has mode {mode:o}, expected 600",
+                hint=f"chmod 600 {path}",
+            )
+        return CryptoSigner(load_pem_private_key(path.read_bytes(), None))
+    except OSError as e:
+        raise ConfigError(f"cannot read signing key {path}: {e}") from e
+
+
+class Repository:
+    """A repository folder on the publisher's machine (see ``edgepack.ota.release``)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.keys = self.root / "keys"
+        self.public = self.root / "public"
+        self.metadata = self.public / "metadata"
+        self.targets = self.public / "targets"
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def _check(self) -> None:
+        if not (self.metadata / "timestamp.json").is_file():
+            raise ConfigError(
+                f"{self.root} is not an edgepack repository (no public/metadata/timestamp.json)",
+                hint=f"create one with `edgepack repo init {self.root}`",
+            )
+
+    def _load(self, role: str, version: int | None = None):
+        from tuf.api.metadata import Metadata
+
+        name = f"{role}.json" if version is None else f"{version}.{role}.json"
+        try:
+            return Metadata.from_file(str(self.metadata / name))
+        except Exception as e:  # noqa: BLE001 - tuf raises several kinds
+            raise IntegrityError(f"cannot load {self.metadata / name}: {e}") from e
+
+    def _current(self):
+        timestamp = self._load("timestamp")
+        snap_v = timestamp.signed.snapshot_meta.version
+        snapshot = self._load("snapshot", snap_v)
+        targets = self._load("targets", snapshot.signed.meta["targets.json"].version)
+        return timestamp, snapshot, targets
+
+    def _signer(self, role: str):
+        return _load_signer(self.keys / f"{role}.key")
+
+    def root_json(self) -> Path:
+        return self.metadata / "root.json"
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self._check()
+        with open(self.root / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def _write_md(self, md, name: str) -> None:
+        from tuf.api.serialization.json import JSONSerializer
+
+        _write_atomic(self.metadata / name, md.to_bytes(JSONSerializer(compact=False)))
+
+    def _add_target(self, targets_md, path: str, data: bytes, custom: dict | None = None):
+        from tuf.api.metadata import TargetFile
+
+        info = TargetFile.from_data(path, data, ["sha256"])
+        if custom is not None:
+            info.unrecognized_fields["custom"] = custom
+        dest = self.targets / stored_target_path(path, info.hashes["sha256"])
+        if not dest.exists():
+            _write_atomic(dest, data)
+        targets_md.signed.targets[path] = info
+        return info
+
+    def _sign_and_write(self, timestamp, snapshot, targets, expiry: Expiry,
+                        resign_targets: bool = True, resign_snapshot: bool = True) -> None:
+        from tuf.api.metadata import MetaFile
+
+        now = _now()
+        if resign_targets:
+            targets.signed.version += 1
+            targets.signed.expires = now + expiry.targets
+            targets.signatures.clear()
+            targets.sign(self._signer("targets"))
+            self._write_md(targets, f"{targets.signed.version}.targets.json")
+        if resign_snapshot or resign_targets:
+            snapshot.signed.meta["targets.json"] = MetaFile(version=targets.signed.version)
+            snapshot.signed.version += 1
+            snapshot.signed.expires = now + expiry.snapshot
+            snapshot.signatures.clear()
+            snapshot.sign(self._signer("snapshot"))
+            self._write_md(snapshot, f"{snapshot.signed.version}.snapshot.json")
+        timestamp.signed.snapshot_meta = MetaFile(version=snapshot.signed.version)
+        timestamp.signed.version += 1
+        timestamp.signed.expires = now + expiry.timestamp
+        timestamp.signatures.clear()
+        timestamp.sign(self._signer("timestamp"))
+        # Written last and atomically: this one file switches every reader to the new state.
+        self._write_md(timestamp, "timestamp.json")
+
+    # -- channels --------------------------------------------------------------------------
+
+    def _read_target(self, targets_md, path: str) -> bytes | None:
+        info = targets_md.signed.targets.get(path)
+        if info is None:
+            return None
+        return (self.targets / stored_target_path(path, info.hashes["sha256"])).read_bytes()
+
+    def channel_versions(self, channel: str) -> list[int | str]:
+        """Versions published to ``channel`` (oldest first)."""
+        _, _, targets = self._current()
+        data = self._read_target(targets, channel_target(channel))
+        return [] if data is None else parse_channel(data, channel_target(channel))
+
+    def publish(self, bundle_dir: Path, channel: str, *, rollout: int = 100,
+                min_agent_version: str | None = None, expiry: Expiry | None = None
+                ) -> PublishResult:
+        """Add a verified bundle as the newest version of ``channel``.
+
+        Raises UsageError if the bundle's version is not newer than every version already
+        on the channel, IntegrityError if the bundle does not match its manifest.
+        """
+        from edgepack.ota.chunks import CHUNK_THRESHOLD, index_file, write_if_absent
+
+        check_channel(channel)
+        rollout = check_rollout(rollout)
+        bundle_dir = Path(bundle_dir)
+        manifest = verify_bundle(bundle_dir)
+        bundle = manifest.get("bundle") or {}
+        version = bundle.get("version")
+        if version is None:
+            raise UsageError(
+                f"{bundle_dir}/{MANIFEST_NAME} has no bundle.version",
+                hint="rebuild with `edgepack build --bundle-version V`",
+            )
+        key = version_key(version)
+        with self._locked():
+            timestamp, snapshot, targets = self._current()
+            existing = self.channel_versions(channel)
+            newest = max(existing, key=version_key) if existing else None
+            if newest is not None and key <= version_key(newest):
+                raise UsageError(
+                    f"bundle version {version!r} is not newer than {newest!r}, the newest on "
+                    f"channel {channel!r}",
+                    hint="devices never install an older or equal version; rebuild with a "
+                    "higher `edgepack build --bundle-version`",
+                )
+            relpaths = [e["path"] for e in manifest["files"]] + [MANIFEST_NAME]
+            files: list[ReleaseFile] = []
+            chunks_total = chunks_new = bytes_new = 0
+            for rel in sorted(relpaths):
+                p = bundle_dir / rel
+                size = p.stat().st_size
+                if size > CHUNK_THRESHOLD:
+                    index, chunks = index_file(p)
+                    for c, view in chunks:
+                        chunks_total += 1
+                        if write_if_absent(self.public / chunk_path(c.sha256), view):
+                            chunks_new += 1
+                            bytes_new += c.size
+                    self._add_target(targets, index_target(index.file_sha256),
+                                     canonical_json(index.to_dict()))
+                    files.append(ReleaseFile(rel, index.file_sha256, size, True))
+                else:
+                    data = p.read_bytes()
+                    info = self._add_target(targets, blob_target(_sha(data)), data)
+                    files.append(ReleaseFile(rel, info.hashes["sha256"], size, False))
+            release = Release(channel, version, str(bundle.get("name", "")), tuple(files))
+            custom = {
+                "edgepack": {
+                    "channel": channel,
+                    "version": version,
+                    "bundle": release.bundle,
+                    "rollout": rollout,
+                    "min_agent_version": min_agent_version or __version__,
+                }
+            }
+            target = release_target(channel, version)
+            self._add_target(targets, target, canonical_json(release.to_dict()), custom)
+            self._add_target(targets, channel_target(channel),
+                             canonical_json(channel_doc(channel, [*existing, version])))
+            self._sign_and_write(timestamp, snapshot, targets, expiry or Expiry())
+        return PublishResult(channel, version, target, len(files), chunks_total, chunks_new,
+                             bytes_new)
+
+    def set_rollout(self, channel: str, version: int | str, rollout: int,
+                    expiry: Expiry | None = None) -> None:
+        """Change the rollout percentage of a published version (re-signs targets)."""
+        rollout = check_rollout(rollout)
+        with self._locked():
+            timestamp, snapshot, targets = self._current()
+            info = targets.signed.targets.get(release_target(channel, version))
+            if info is None:
+                raise UsageError(f"version {version!r} is not published on channel {channel!r}")
+            info.unrecognized_fields["custom"]["edgepack"]["rollout"] = rollout
+            self._sign_and_write(timestamp, snapshot, targets, expiry or Expiry())
+
+    def refresh(self, expiry: Expiry | None = None) -> dict[str, Any]:
+        """Re-sign the timestamp (and snapshot/targets when they expire within a week)."""
+        expiry = expiry or Expiry()
+        with self._locked():
+            timestamp, snapshot, targets = self._current()
+            soon = _now() + RESIGN_WINDOW
+            re_t = targets.signed.expires <= soon
+            re_s = re_t or snapshot.signed.expires <= soon
+            self._sign_and_write(timestamp, snapshot, targets, expiry, re_t, re_s)
+            return {
+                "timestamp_version": timestamp.signed.version,
+                "timestamp_expires": timestamp.signed.expires.isoformat(),
+                "resigned_snapshot": re_s,
+                "resigned_targets": re_t,
+            }
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def init_repo(root: Path, *, threshold: int = 1, root_key: Path | None = None,
+              expiry: Expiry | None = None) -> Repository:
+    """Create an empty repository with fresh ed25519 keys; return it.
+
+    ``threshold`` root keys are made and all of them are needed to sign root. With
+    ``root_key`` the root key(s) are written there (``PATH``, ``PATH.2`` ...) instead of
+    ``DIR/keys``, so they can be moved offline. Raises ConfigError if DIR is not empty.
+    """
+    from securesystemslib.signer import CryptoSigner
+    from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, Targets, Timestamp
+
+    if threshold < 1:
+        raise UsageError(f"--threshold {threshold} must be at least 1")
+    repo = Repository(root)
+    if repo.root.exists() and any(repo.root.iterdir()):
+        raise ConfigError(f"{repo.root} exists and is not empty",
+                          hint="choose a new folder for the repository")
+    expiry = expiry or Expiry()
+    now = _now()
+    signed_root = Root(expires=now + timedelta(days=ROOT_DAYS), consistent_snapshot=True)
+    signers: dict[str, Any] = {}
+    root_signers = []
+    for i in range(threshold):
+        s = CryptoSigner.generate_ed25519()
+        signed_root.add_key(s.public_key, "root")
+        if root_key is None:
+            path = repo.keys / ("root.key" if i == 0 else f"root-{i + 1}.key")
+        else:
+            path = Path(root_key) if i == 0 else Path(f"{root_key}.{i + 1}")
+        _write_key(path, s.private_bytes)
+        root_signers.append(s)
+    signed_root.roles["root"].threshold = threshold
+    for role in ROLES[1:]:
+        s = CryptoSigner.generate_ed25519()
+        signed_root.add_key(s.public_key, role)
+        _write_key(repo.keys / f"{role}.key", s.private_bytes)
+        signers[role] = s
+    root_md = Metadata(signed_root)
+    for s in root_signers:
+        root_md.sign(s, append=True)
+    repo.targets.mkdir(parents=True, exist_ok=True)
+    (repo.public / "chunks").mkdir(parents=True, exist_ok=True)
+    repo._write_md(root_md, "1.root.json")
+    repo._write_md(root_md, "root.json")
+    targets_md = Metadata(Targets(expires=now + expiry.targets))
+    targets_md.sign(signers["targets"])
+    repo._write_md(targets_md, "1.targets.json")
+    snapshot_md = Metadata(Snapshot(expires=now + expiry.snapshot))
+    snapshot_md.signed.meta["targets.json"] = MetaFile(version=1)
+    snapshot_md.sign(signers["snapshot"])
+    repo._write_md(snapshot_md, "1.snapshot.json")
+    timestamp_md = Metadata(Timestamp(expires=now + expiry.timestamp))
+    timestamp_md.signed.snapshot_meta = MetaFile(version=1)
+    timestamp_md.sign(signers["timestamp"])
+    repo._write_md(timestamp_md, "timestamp.json")
+    return repo
+
+
+def describe(repo: Repository) -> dict[str, Any]:
+    """A JSON-able summary: channels, versions and rollouts."""
+    _, _, targets = repo._current()
+    out: dict[str, Any] = {}
+    for path, info in sorted(targets.signed.targets.items()):
+        if path.startswith("releases/"):
+            meta = (info.unrecognized_fields.get("custom") or {}).get("edgepack", {})
+            out.setdefault(meta.get("channel", "?"), []).append(
+                {"version": meta.get("version"), "rollout": meta.get("rollout")}
+            )
+    return out
+
