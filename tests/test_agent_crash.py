@@ -11,6 +11,7 @@ import signal
 
 import pytest
 from support.ota import make_bundle, random_model, run_agent_process
+from support.programs import require_program
 
 from edgepack.manifest import verify_bundle
 from edgepack.ota.agent.journal import Journal
@@ -38,6 +39,9 @@ def repo_url(tmp_path_factory):
     """Channel "base" has v1 only (to provision each device); "stable" has v1 and v2."""
     from support.nginx import start_nginx
 
+    # A module fixture cannot use the function-scoped nginx fixture, so it asks itself:
+    # without nginx every test here skips with the reason instead of erroring.
+    require_program("nginx")
     tmp = tmp_path_factory.mktemp("crash")
     repo = init_repo(tmp / "repo")
     model = random_model(6 << 20, seed=21)

@@ -8,6 +8,7 @@ import subprocess
 import pytest
 from edgepack.runtimes.systemd import AGENT_UNIT, SERVER_UNIT, memory_max_bytes, render_units
 from support.configs import CONFIGS, synth_tensors
+from support.programs import require_program
 
 from edgepack.build.pipeline import _systemd_units
 from edgepack.device.resolve import load_profile
@@ -57,13 +58,13 @@ def test_agent_unit_reads_its_source_from_an_environment_file():
     assert d["ReadWritePaths"] == ["/var/lib/edgepack"]
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze missing")
 def test_units_pass_systemd_analyze_verify(tmp_path):
+    analyze = require_program("systemd-analyze")
     exe = shutil.which("edgepack") or "/bin/true"
     units = render_units("/var/lib/edgepack/current", memory_bytes=MEMORY, executable=exe)
     for name, text in units.items():
         (tmp_path / name).write_text(text)
-    p = subprocess.run(["systemd-analyze", "verify", "--man=no", SERVER_UNIT, AGENT_UNIT],
+    p = subprocess.run([analyze, "verify", "--man=no", SERVER_UNIT, AGENT_UNIT],
                        cwd=tmp_path, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert "Unknown key" not in p.stderr and "Unknown lvalue" not in p.stderr

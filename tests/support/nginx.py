@@ -2,14 +2,13 @@
 
 nginx runs in the foreground (``daemon off``) with its own config, pid file and logs in
 tmp_path; the access log records the body bytes of every response so benchmarks can count
-what was served. Tests that need it are skipped with a reason when nginx is not installed
-(.ci/run installs it).
+what was served. Tests that need it skip with the reason when nginx is not installed
+(support.programs.require_program; scripts/test installs it where it can).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -18,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from support.programs import find_program, require_program
 
 CONF = """
 {user}worker_processes 2;
@@ -81,7 +82,9 @@ def _free_port() -> int:
 
 
 def start_nginx(root: Path, prefix: Path, extra: str = "") -> Nginx:
-    exe = shutil.which("nginx") or "/usr/sbin/nginx"
+    exe = find_program("nginx")
+    if exe is None:  # benchmarks call this outside pytest; tests ask require_program first
+        raise RuntimeError("nginx is not on PATH: apt-get install nginx (scripts/ensure-programs)")
     prefix.mkdir(parents=True, exist_ok=True)
     (prefix / "tmp").mkdir(exist_ok=True)
     port = _free_port()
@@ -108,8 +111,7 @@ def start_nginx(root: Path, prefix: Path, extra: str = "") -> Nginx:
 @pytest.fixture
 def nginx(tmp_path) -> Iterator:
     """``server = nginx(folder)`` starts a real nginx serving ``folder``; stopped after."""
-    if not (shutil.which("nginx") or Path("/usr/sbin/nginx").exists()):
-        pytest.skip("nginx is not installed (apt-get install nginx; .ci/run does)")
+    require_program("nginx")
     started: list[Nginx] = []
 
     def start(root: Path, extra: str = "") -> Nginx:
