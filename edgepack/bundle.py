@@ -14,7 +14,7 @@ import os
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,17 @@ class BundleSpec:
     model_details: Mapping[str, Any] = field(default_factory=dict)
     converter: Mapping[str, Any] = field(default_factory=dict)
     systemd_units: Mapping[str, str] = field(default_factory=dict)
+    # The model card's facts and the licence texts (shipped under license/, as licences such
+    # as Apache-2.0 §4(a) ask of redistribution), and what this bundle changed.
+    card: Mapping[str, Any] = field(default_factory=dict)
+    derivation: Mapping[str, Any] = field(default_factory=dict)
+    license_files: tuple[tuple[str, Path], ...] = ()  # (name, local path)
+
+
+# Writes more files into the unfinished bundle once the others are hashed (the SBOM describes
+# them); gets the directory and the file list so far, returns the relative paths it wrote.
+DocumentWriter = Callable[[Path, list[dict[str, Any]]], list[str]]
+LICENSE_DIR = "license"
 
 
 def toml_dumps(tables: Mapping[str, Mapping[str, Any]]) -> str:
@@ -125,12 +136,18 @@ def manifest_for(spec: BundleSpec, files: list[dict[str, Any]], model_rel: str) 
         "converter": dict(spec.converter),
         "validation": dict(spec.validation),
         "golden_prompts": [dict(g) for g in spec.golden_prompts],
+        **({"card": dict(spec.card)} if spec.card else {}),
+        **({"derivation": dict(spec.derivation)} if spec.derivation else {}),
         "files": files,
     }
 
 
-def write_bundle(spec: BundleSpec, out_dir: Path, *, overwrite: bool = False) -> Path:
+def write_bundle(spec: BundleSpec, out_dir: Path, *, overwrite: bool = False,
+                 documents: DocumentWriter | None = None) -> Path:
     """Write the bundle to ``out_dir`` atomically; return the path.
+
+    ``documents`` (e.g. the SBOM writer) runs after every other file is in place and hashed,
+    before the manifest, so what it writes is listed in the manifest too.
 
     Raises UsageError if ``out_dir`` exists and ``overwrite`` is false. The files are hashed
     once, as they are written into the manifest; they are not read a second time to verify
@@ -156,8 +173,14 @@ def write_bundle(spec: BundleSpec, out_dir: Path, *, overwrite: bool = False) ->
         for unit, text in sorted(spec.systemd_units.items()):
             (tmp / "systemd").mkdir(exist_ok=True)
             (tmp / "systemd" / unit).write_text(text, encoding="utf-8")
+        for lic_name, lic_path in spec.license_files:
+            _place(lic_path, tmp / LICENSE_DIR / lic_name)
         rels = [p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file()]
         files = [e.to_dict() for e in describe_files(tmp, rels)]
+        if documents is not None:
+            added = documents(tmp, [dict(f) for f in files])
+            files = sorted(files + [e.to_dict() for e in describe_files(tmp, added)],
+                           key=lambda f: f["path"])
         # The manifest goes last: its presence is what marks the bundle complete.
         (tmp / MANIFEST_NAME).write_bytes(canonical_json(manifest_for(spec, files, model_rel)))
         _fsync_tree(tmp)

@@ -12,6 +12,7 @@ import this module.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 import re
@@ -19,6 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgepack.build.model_card import (
+    README,
+    LicensePolicy,
+    ModelCard,
+    card_from_files,
+    card_from_folder,
+    is_license_file,
+)
 from edgepack.build.model_files import (
     PYTORCH_INDEX,
     SAFETENSORS_INDEX,
@@ -80,6 +89,7 @@ class ModelMetadata:
     safetensors: dict[str, dict[str, TensorSpec]]  # weight file -> tensor -> (dtype, shape)
     files: tuple[RepoFile, ...]
     weight_files: tuple[str, ...]
+    card: ModelCard = ModelCard()  # licence and lineage, read before any weight byte
 
 
 @dataclass(frozen=True)
@@ -242,6 +252,13 @@ def resolve_revision(repo_id: str, revision: str = "main", token: str | None = N
 
 
 def _repo_listing(ref: ModelRef, token: str | None, ep: str) -> tuple[str, list[RepoFile]]:
+    sha, files, _gated = _repo_info(ref, token, ep)
+    return sha, files
+
+
+def _repo_info(ref: ModelRef, token: str | None,
+               ep: str) -> tuple[str, list[RepoFile], str | None]:
+    """(commit sha, files, gated) of ``ref``; gated is the hub's "auto"/"manual" or None."""
     from huggingface_hub import HfApi
 
     assert ref.repo_id is not None
@@ -250,7 +267,16 @@ def _repo_listing(ref: ModelRef, token: str | None, ep: str) -> tuple[str, list[
                      _ctx=(ref.repo_id, ref.revision, ep, None))
     files = [RepoFile(s.rfilename, s.size, s.lfs.sha256 if s.lfs else None)
              for s in (info.siblings or [])]
-    return str(info.sha), files
+    gated = getattr(info, "gated", None)
+    return str(info.sha), files, (str(gated) if gated else None)
+
+
+def _remote_card(ref: ModelRef, sha: str, names: list[str], gated: str | None,
+                 token: str | None, ep: str, cache: Path) -> ModelCard:
+    """README.md and the licence texts at ``sha`` (small files: a few kB each)."""
+    readme = _download(ref, sha, README, token, ep, cache) if README in names else None
+    licenses = {n: _download(ref, sha, n, token, ep, cache) for n in names if is_license_file(n)}
+    return card_from_files(readme, licenses, gated)
 
 
 def _download(ref: ModelRef, sha: str, filename: str, token: str | None, ep: str,
@@ -343,22 +369,29 @@ def _local_metadata(ref: ModelRef, folder: Path, repo_id: str | None,
 
 def read_model_metadata(ref: ModelRef | str, token: str | None = None,
                         endpoint: str | None = None,
-                        cache_dir: str | os.PathLike[str] | None = None) -> ModelMetadata:
-    """config.json (+ tokenizer/generation config) and every safetensors header, without
-    downloading weights: two ranged reads per weight file. Offline, reads the cache.
+                        cache_dir: str | os.PathLike[str] | None = None,
+                        policy: LicensePolicy | None = None) -> ModelMetadata:
+    """The model card and licence texts, config.json (+ tokenizer/generation config) and every
+    safetensors header, without downloading weights: two ranged reads per weight file.
+    Offline, reads the cache.
 
-    Raises UsageError (bad ref), FetchError (hub/network), BuildError (no weights).
+    ``policy`` is checked on the card before any byte of a weight file (header included) is
+    requested. Raises UsageError (bad ref), ConfigError (licence refused, malformed card),
+    FetchError (hub/network), BuildError (no weights).
     """
     ref = parse_model_ref(ref) if isinstance(ref, str) else ref
     if ref.path is not None:
-        return _local_metadata(ref, ref.path, None, None)
+        return _checked_local(ref, ref.path, None, None, policy)
     assert ref.repo_id is not None
     ep, cache = hub_endpoint(endpoint), hub_cache_dir(cache_dir)
     if _offline():
         folder = _cached_snapshot(ref, token, ep, cache)
-        return _local_metadata(ref, folder, ref.repo_id, folder.name)
-    sha, files = _repo_listing(ref, token, ep)
+        return _checked_local(ref, folder, ref.repo_id, folder.name, policy)
+    sha, files, gated = _repo_info(ref, token, ep)
     names = [f.path for f in files]
+    card = _remote_card(ref, sha, names, gated, token, ep, cache)
+    if policy is not None:
+        policy.check(card, f"{ref.repo_id}@{sha[:12]}")
     selected = select_files(names, ref=ref.text)
     config = read_json(_download(ref, sha, "config.json", token, ep, cache))
     optional = {n: read_json(_download(ref, sha, n, token, ep, cache)) if n in names else None
@@ -378,7 +411,17 @@ def read_model_metadata(ref: ModelRef | str, token: str | None = None,
         generation_config=optional["generation_config.json"],
         safetensors={w: _remote_header(ref, sha, w, token, ep) for w in weights
                      if w.endswith(".safetensors")},
-        files=tuple(files), weight_files=tuple(weights))
+        files=tuple(files), weight_files=tuple(weights), card=card)
+
+
+def _checked_local(ref: ModelRef, folder: Path, repo_id: str | None, sha: str | None,
+                   policy: LicensePolicy | None) -> ModelMetadata:
+    """A local folder or cached snapshot: the card first (the policy may refuse it), then the
+    rest. The hub's gated flag is not known offline, so it stays None."""
+    card = card_from_folder(folder)
+    if policy is not None:
+        policy.check(card, ref.text)
+    return dataclasses.replace(_local_metadata(ref, folder, repo_id, sha), card=card)
 
 
 # -- pull ------------------------------------------------------------------------------------

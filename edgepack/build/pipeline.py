@@ -59,6 +59,7 @@ class BuildRequest:
     archive: bool = False
     overwrite: bool = False
     threads: int | None = None
+    allow_licenses: tuple[str, ...] = ()  # empty: no licence policy
 
 
 @dataclass
@@ -179,6 +180,7 @@ def run_build(req: BuildRequest, log: Callable[[str], None] = lambda _m: None) -
         pull_model,
         read_model_metadata,
     )
+    from edgepack.build.model_card import LicensePolicy, describe_derivation
     from edgepack.build.model_files import check_disk_space
     from edgepack.device.catalog import list_profiles
     from edgepack.device.profile import profile_digest
@@ -196,7 +198,11 @@ def run_build(req: BuildRequest, log: Callable[[str], None] = lambda _m: None) -
     ref = parse_model_ref(req.model)
 
     log(f"reading model facts of {ref.text}")
-    meta = read_model_metadata(ref, token=req.token)
+    # The licence policy is checked on the model card before any weight byte is requested.
+    policy = LicensePolicy.parse(req.allow_licenses)
+    meta = read_model_metadata(ref, token=req.token, policy=policy)
+    log(f"licence: {meta.card.license_label}" + (f", gated ({meta.card.gated})"
+                                                 if meta.card.gated else ""))
     facts = model_facts(meta.config, meta.safetensors)
     per_device = dict(req.device_quants)
     unknown = sorted(set(per_device) - set(req.devices) - set(ids))
@@ -266,6 +272,10 @@ def run_build(req: BuildRequest, log: Callable[[str], None] = lambda _m: None) -
             model_details=out.details,
             converter=out.converter,
             systemd_units=_systemd_units(plan),
+            card=meta.card.to_dict(),
+            derivation=describe_derivation(meta.card, source, plan.format, plan.quant,
+                                           out.converter, out.engine, out.validation),
+            license_files=tuple((f.path, f.local.resolve()) for f in meta.card.license_files),
         )
         path = write_bundle(spec, Path(req.out) / bundle_name, overwrite=req.overwrite)
         log(f"wrote {path}")

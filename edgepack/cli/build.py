@@ -86,8 +86,14 @@ def _parse_quants(values: tuple[str, ...]) -> tuple[str | None, tuple[tuple[str,
 @click.option("--overwrite", is_flag=True, help="Replace existing bundle folders.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Threads for quantization and validation (default: all CPUs).")
+@click.option("--allow-license", "allow_licenses", multiple=True, metavar="LIST",
+              envvar="EDGEPACK_ALLOW_LICENSE", show_envvar=True,
+              help="Licences the model may have, by model-card id (apache-2.0,mit; for "
+              "'license: other' its license_name); checked before any weight byte, exit 3 "
+              "when refused. Comma-separated or repeated.")
 def build(model, devices, fmt, quants, ctx, version, out, name, token, golden, no_golden,
-          min_agreement, max_kl, min_cosine, archive, overwrite, threads) -> None:
+          min_agreement, max_kl, min_cosine, archive, overwrite, threads,
+          allow_licenses) -> None:
     """Pull MODEL (org/name[@rev] or a folder), plan, convert, validate and bundle it."""
     from edgepack.build.pipeline import BuildRequest, describe, parse_version_option, run_build
 
@@ -98,6 +104,7 @@ def build(model, devices, fmt, quants, ctx, version, out, name, token, golden, n
         bundle_version=parse_version_option(version), name=name, token=token,
         golden=_parse_golden(golden, no_golden), min_agreement=min_agreement, max_kl=max_kl,
         min_cosine=min_cosine, archive=archive, overwrite=overwrite, threads=threads,
+        allow_licenses=tuple(allow_licenses),
     )
     result = run_build(req, log=lambda m: click.echo(f"· {m}", err=True))
     click.echo(describe(result))
@@ -144,6 +151,31 @@ def inspect(bundle: Path, as_json: bool) -> None:
         f"(threshold {val.get('threshold')}, {'passed' if val.get('passed') else 'FAILED'})",
         f"engine      {m.get('engine', {}).get('name')} "
         f"{m.get('engine', {}).get('version_range')}",
+        *_card_lines(m),
         f"files       {len(m['files'])}, edgepack {m.get('edgepack_version')}",
     ]
     click.echo("\n".join(lines))
+
+
+def _card_lines(m: dict) -> list[str]:
+    """Licence and lineage lines of ``inspect`` (bundles from before the card have none)."""
+    card, derivation = m.get("card"), m.get("derivation") or {}
+    if not isinstance(card, dict):
+        return ["licence     not recorded (bundle built before edgepack read model cards)"]
+    lic = card.get("license") or "unknown (the model card declares none)"
+    if lic == "other" and card.get("license_name"):
+        lic = f"other ({card['license_name']})"
+    texts = ", ".join(f["path"] for f in card.get("license_files") or []) or "none in the repo"
+    lines = [f"licence     {lic}" + (f", {card['license_link']}" if card.get("license_link")
+                                     else "") + f"; texts: {texts}"]
+    if card.get("gated"):
+        lines.append(f"gated       yes ({card['gated']}): the source needs accepted terms")
+    for label, key in (("base model", "base_model"), ("datasets", "datasets"),
+                       ("language", "language")):
+        if card.get(key):
+            lines.append(f"{label:<11} {', '.join(card[key])}")
+    if card.get("pipeline_tag"):
+        lines.append(f"task        {card['pipeline_tag']}")
+    for change in derivation.get("changes") or []:
+        lines.append(f"changed     {change}")
+    return lines

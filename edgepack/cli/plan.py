@@ -27,11 +27,15 @@ header bytes of a local file); the device from a shipped profile id, a profile .
                 "bytes_read_per_token": int},
       "quality": {"metric": "kld_llama3_8b" | "rank", "value": float},
       "rationale": [str, ...],
-      "rejected": [{"format", "quant", "ctx", "reason"}, ...]
+      "rejected": [{"format", "quant", "ctx", "reason"}, ...],
+      "card": {"license", "license_name", "license_link", "base_model": [str], "datasets": [str],
+               "language": [str], "pipeline_tag", "gated": "auto" | "manual" | null,
+               "readme_sha256", "license_files": [{"path", "sha256", "size"}]}
     }
 
-Exit codes: 2 bad option (unknown --quant, --ctx above the model's maximum), 3 unknown device,
-4 hub unreachable, 5 nothing fits / unsupported architecture.
+Exit codes: 2 bad option (unknown --quant, --ctx above the model's maximum), 3 unknown device
+or a licence that ``--allow-license`` refuses (decided on the model card, before any weight
+byte), 4 hub unreachable, 5 nothing fits / unsupported architecture.
 """
 
 from __future__ import annotations
@@ -76,6 +80,10 @@ import click
     default=None,
     help="Reject options whose estimated decode speed is below this.",
 )
+@click.option("--allow-license", "allow_licenses", multiple=True, metavar="LIST",
+              envvar="EDGEPACK_ALLOW_LICENSE", show_envvar=True,
+              help="Licences the model may have, by model-card id (apache-2.0,mit); exit 3 "
+              "when refused. Comma-separated or repeated.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (schema above).")
 def plan(
     model: str,
@@ -84,11 +92,13 @@ def plan(
     ctx: int | None,
     quant: str | None,
     min_tps: float | None,
+    allow_licenses: tuple[str, ...],
     as_json: bool,
 ) -> None:
     """Plan a build of MODEL (org/name[@rev] or a local folder) for a device, without
     downloading weights."""
     from edgepack.build.hub import read_model_metadata
+    from edgepack.build.model_card import LicensePolicy
     from edgepack.device.catalog import list_profiles
     from edgepack.device.resolve import load_profile
     from edgepack.plan.facts import model_facts
@@ -98,7 +108,7 @@ def plan(
     if quant is not None:
         fmt = _check_quant(quant, fmt)
     options = PlanOptions(format=fmt, ctx=ctx, quant=quant, min_tokens_per_second=min_tps)
-    meta = read_model_metadata(model)
+    meta = read_model_metadata(model, policy=LicensePolicy.parse(allow_licenses))
     facts = model_facts(meta.config, meta.safetensors)
     result = plan_build(facts, profile, options, alternatives=list_profiles())
     if as_json:
@@ -107,6 +117,7 @@ def plan(
             "schema": data.pop("schema"),
             "source": {"ref": meta.ref.text, "repo_id": meta.repo_id, "sha": meta.sha},
             **data,
+            "card": meta.card.to_dict(),
         }
         click.echo(json.dumps(data, indent=2))
         return
@@ -114,7 +125,19 @@ def plan(
 
     from edgepack.cli.render import render_plan
 
-    render_plan(result, Console(width=120, soft_wrap=False))
+    console = Console(width=120, soft_wrap=False)
+    render_plan(result, console)
+    card = meta.card
+    texts = ", ".join(f.path for f in card.license_files) or "none in the repo"
+    console.print(f"licence: {card.license_label}"
+                  + (f", {card.license_link}" if card.license_link else "")
+                  + f"; licence texts: {texts}", markup=False, highlight=False)
+    if card.gated:
+        console.print(f"gated: yes ({card.gated}); pulling needs a token of an account that "
+                      "accepted the terms (HF_TOKEN)", markup=False, highlight=False)
+    if card.base_model or card.datasets:
+        console.print(f"base model: {', '.join(card.base_model) or '-'}; datasets: "
+                      f"{', '.join(card.datasets) or '-'}", markup=False, highlight=False)
 
 
 def _check_quant(quant: str, fmt: str) -> str:
