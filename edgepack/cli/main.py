@@ -14,6 +14,7 @@ from typing import IO, Any
 import click
 
 from edgepack import __version__
+from edgepack.cli.output import verbosity_options
 from edgepack.errors import EXIT_INTERNAL, EdgepackError
 
 
@@ -35,8 +36,26 @@ class _ReportedError(click.ClickException):
         click.echo(f"error: {self.message}", err=True)
 
 
+def _add_verbosity(command: click.Command) -> None:
+    """Give ``command`` (and, for a group, its subcommands) the -q/-v options."""
+    names = {opt for p in command.params for opt in getattr(p, "opts", ())}
+    if "-q" not in names and "-v" not in names:
+        command.params.extend(verbosity_options())
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            _add_verbosity(sub)
+
+
 class EdgepackGroup(click.Group):
-    """A click group that maps edgepack's error tree to exit codes and clear messages."""
+    """A click group that maps edgepack's error tree to exit codes and clear messages.
+
+    Every command added to it gets ``-q``/``-v`` (edgepack.cli.output), so the convention holds
+    for commands written later without each one declaring it.
+    """
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        _add_verbosity(cmd)
+        super().add_command(cmd, name)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -61,6 +80,11 @@ class EdgepackGroup(click.Group):
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 @click.version_option(__version__, "--version", prog_name="edgepack")
+@click.option("-q", "--quiet", count=True, expose_value=False, is_eager=True,
+              callback=verbosity_options()[0].callback,
+              help="Print only results and errors, for every command.")
+@click.option("-v", "--verbose", count=True, expose_value=False, is_eager=True,
+              callback=verbosity_options()[1].callback, help="Print more detail (repeatable).")
 def cli() -> None:
     """Build, serve and update models on edge devices.
 

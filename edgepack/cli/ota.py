@@ -74,7 +74,7 @@ def repo_rollout(directory: Path, channel: str, version: str, percent: int) -> N
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--keep", required=True, type=click.IntRange(1),
               help="Versions kept per channel (newest first; the newest version rolled out "
-              "to 100%% also stays).")
+              "to 100% also stays).")
 @click.option("--dry-run", is_flag=True, help="Report what would be deleted; change nothing.")
 def repo_gc(directory: Path, keep: int, dry_run: bool) -> None:
     """Drop older versions from each channel and delete files and chunks nothing uses.

@@ -84,7 +84,8 @@ import click
               envvar="EDGEPACK_ALLOW_LICENSE", show_envvar=True,
               help="Licences the model may have, by model-card id (apache-2.0,mit); exit 3 "
               "when refused. Comma-separated or repeated.")
-@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (schema above).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the plan as one JSON object (schema: docs/json.md#plan).")
 def plan(
     model: str,
     device: str,
@@ -121,23 +122,22 @@ def plan(
         }
         click.echo(json.dumps(data, indent=2))
         return
-    from rich.console import Console
-
+    from edgepack.cli.output import console
     from edgepack.cli.render import render_plan
 
-    console = Console(width=120, soft_wrap=False)
-    render_plan(result, console)
+    out = console()
+    render_plan(result, out)
     card = meta.card
     texts = ", ".join(f.path for f in card.license_files) or "none in the repo"
-    console.print(f"licence: {card.license_label}"
-                  + (f", {card.license_link}" if card.license_link else "")
-                  + f"; licence texts: {texts}", markup=False, highlight=False)
+    out.print(f"licence: {card.license_label}"
+              + (f", {card.license_link}" if card.license_link else "")
+              + f"; licence texts: {texts}", markup=False, highlight=False)
     if card.gated:
-        console.print(f"gated: yes ({card.gated}); pulling needs a token of an account that "
-                      "accepted the terms (HF_TOKEN)", markup=False, highlight=False)
+        out.print(f"gated: yes ({card.gated}); pulling needs a token of an account that "
+                  "accepted the terms (HF_TOKEN)", markup=False, highlight=False)
     if card.base_model or card.datasets:
-        console.print(f"base model: {', '.join(card.base_model) or '-'}; datasets: "
-                      f"{', '.join(card.datasets) or '-'}", markup=False, highlight=False)
+        out.print(f"base model: {', '.join(card.base_model) or '-'}; datasets: "
+                  f"{', '.join(card.datasets) or '-'}", markup=False, highlight=False)
 
 
 def _check_quant(quant: str, fmt: str) -> str:

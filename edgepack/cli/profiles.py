@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -82,35 +81,34 @@ def list_command(as_json: bool) -> None:
     if as_json:
         _echo_json({"profiles": [_as_json(p) for p in items]})
         return
-    from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="edgepack device profiles (bandwidth: m = measured, t = theoretical x 0.6)")
-    for column in (
-        "id",
-        "name",
-        "arch",
-        "cores/thr",
-        "ISA",
-        "RAM total/usable GiB",
-        "GB/s",
-        "accelerator",
-    ):
-        table.add_column(column)
+    from edgepack.cli.output import console, verbosity
+
+    # Compact, boxless columns so the table fits 80 columns (piped output): ids never wrap
+    # and stay greppable; the ISA list (long) only with -v.
+    wide = verbosity() >= 1
+    title = "device profiles (RAM: total/usable; GB/s: m measured, t theoretical x 0.6)"
+    table = Table(title=title, box=None, title_justify="left", header_style="bold")
+    table.add_column("id", no_wrap=True, min_width=max(len(p.id) for p in items))
+    for column in ("arch", "cores", "RAM GiB", "GB/s", "accel"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("name", overflow="fold", ratio=1)
+    if wide:
+        table.add_column("ISA", overflow="fold")
     for p in items:
         basis = "m" if p.memory.measured_bandwidth_gbps is not None else "t"
-        table.add_row(
+        row = [
             p.id,
-            p.name,
             p.cpu.arch,
             f"{p.cpu.cores}/{p.cpu.threads}",
-            " ".join(p.cpu.isa),
-            f"{p.memory.total_gib:g} / {p.memory.usable_gib:g}",
-            f"{effective_bandwidth_gbps(p):g} {basis}",
-            _accelerator_text(p),
-        )
-    # Piped output is not wrapped to 80 columns: ids and figures must stay greppable.
-    Console(width=None if sys.stdout.isatty() else 220).print(table)
+            f"{p.memory.total_gib:g}/{p.memory.usable_gib:g}",
+            f"{effective_bandwidth_gbps(p):.3g} {basis}",
+            _accelerator_text(p) if wide else p.accelerator.kind,
+            p.name,
+        ]
+        table.add_row(*row, *([" ".join(p.cpu.isa)] if wide else []))
+    console().print(table)
 
 
 @profiles.command("show")
@@ -164,7 +162,8 @@ def _save(profile: DeviceProfile, path: Path) -> DeviceProfile:
     "--save",
     "save_path",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Write the profile as TOML to PATH (usable as --device PATH).",
+    metavar="FILE",
+    help="Write the profile as TOML to FILE (usable as --device FILE).",
 )
 def detect_command(
     as_json: bool, measure: bool, measure_seconds: float, save_path: Path | None
