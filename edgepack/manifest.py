@@ -5,6 +5,7 @@ Device side: this module imports only the standard library and ``edgepack.errors
 A bundle is a directory::
 
     manifest.json   written last; lists every other file with sha256 and size
+    provenance.intoto.jsonl   only when signed (``edgepack sign``): covers manifest.json
     model/          the GGUF file, or the ONNX graph(s) + external data
     tokenizer/      tokenizer.json etc. (ONNX), chat template
     server.toml     engine settings chosen by the plan
@@ -27,6 +28,9 @@ from typing import Any
 from edgepack.errors import IntegrityError
 
 MANIFEST_NAME = "manifest.json"
+# Written after the manifest by `edgepack sign` (edgepack.signature), so it cannot be listed in
+# it; the signature covers the manifest instead.
+SIGNATURE_NAME = "provenance.intoto.jsonl"
 SCHEMA_VERSION = 1
 _CHUNK = 1 << 20
 
@@ -138,7 +142,7 @@ def verify_bundle(
     if check_extra:
         for p in sorted(root.rglob("*")):
             rel = p.relative_to(root).as_posix()
-            if p.is_file() and rel != MANIFEST_NAME and rel not in listed:
+            if p.is_file() and rel not in (MANIFEST_NAME, SIGNATURE_NAME) and rel not in listed:
                 problems.append(f"{rel}: not listed in the manifest")
     if problems:
         raise IntegrityError(

@@ -26,7 +26,8 @@ import edgepack.plan
 
 BUILD_SIDE = ("torch", "transformers", "optimum", "huggingface_hub", "edgepack.build",
               "edgepack.cli")
-CORE = ["edgepack", "edgepack.errors", "edgepack.manifest", "edgepack.paths"]
+CORE = ["edgepack", "edgepack.errors", "edgepack.manifest", "edgepack.paths",
+        "edgepack.signature"]
 DEVICE_PACKAGES = (edgepack.runtimes, edgepack.ota.agent, edgepack.device)
 # What a pure planner must not load: network clients, process spawning, other stages.
 PLAN_FORBIDDEN = ("huggingface_hub", "requests", "httpx", "urllib3", "urllib.request",

@@ -112,8 +112,20 @@ def build(model, devices, fmt, quants, ctx, version, out, name, token, golden, n
 
 @click.command("verify")
 @click.argument("bundle", type=click.Path(path_type=Path))
-def verify(bundle: Path) -> None:
-    """Check every file of BUNDLE against its manifest (exit 6 naming each bad file)."""
+@click.option("--key", "keys", multiple=True, type=click.Path(path_type=Path),
+              help="Trusted ed25519 public key (PEM, from `edgepack keygen`); with it the "
+              "bundle must also carry a valid signature (provenance.intoto.jsonl) over its "
+              "manifest. Repeat to trust several keys.")
+def verify(bundle: Path, keys: tuple[Path, ...]) -> None:
+    """Check every file of BUNDLE against its manifest (exit 6 naming each bad file); with
+    --key, check its signature too, offline (exit 6 naming what failed)."""
+    if keys:
+        from edgepack.signature import verify_signed_bundle
+
+        signed = verify_signed_bundle(bundle, keys)
+        click.echo(f"ok: signature by key {signed.keyid[:16]}… ({signed.key_source}) covers "
+                   f"manifest.json and its {len(signed.manifest['files'])} files, which match")
+        return
     from edgepack.manifest import verify_bundle
 
     manifest = verify_bundle(bundle)

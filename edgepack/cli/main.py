@@ -106,6 +106,10 @@ def _register() -> None:
 
     for command in (build, verify, inspect):
         cli.add_command(command)
+    from edgepack.cli.sign import keygen, sign
+
+    for command in (sign, keygen):
+        cli.add_command(command)
     from edgepack.cli.serve import serve
 
     cli.add_command(serve)
