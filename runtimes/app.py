@@ -13,6 +13,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import re
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -20,6 +21,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgepack.runtimes import generation
+from edgepack.runtimes.access_log import (
+    ACCESS_LOGGER,
+    REQUEST_ID_HEADER,
+    access_record,
+    request_id,
+)
 from edgepack.runtimes.config import ServerConfig
 from edgepack.runtimes.engine import CancelToken, Engine
 from edgepack.runtimes.lifecycle import BROKEN, READY, Lifecycle
@@ -33,10 +40,11 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("edgepack.serve")
+access_log = logging.getLogger(ACCESS_LOGGER)
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
@@ -118,8 +126,28 @@ def _model_card(cfg: ServerConfig) -> dict[str, Any]:
 # -- middleware ----------------------------------------------------------------------------
 
 
+_CONVERTER = re.compile(r"\{(\w+):\w+\}")
+
+
+def route_template(app: Any, scope: Scope) -> str:
+    """The matched route's template (``/v1/models/{model}``), or "other".
+
+    Metrics labels and log lines use this, never the raw path: a label per distinct path let
+    anyone grow the registry without bound (issue #13).
+    """
+    for route in getattr(app, "routes", ()):
+        match, _ = route.matches(scope)
+        if match != Match.NONE:
+            # "/v1/models/{model:path}" → "/v1/models/{model}": the converter is noise.
+            return _CONVERTER.sub(r"{\1}", str(getattr(route, "path", "other")))
+    return "other"
+
+
 class GuardMiddleware:
-    """API key for /v1/*, request metrics by route and status. Pure ASGI (streams pass)."""
+    """API key for /v1/*, request id, request metrics by route template, the access log.
+
+    Pure ASGI (streams pass through untouched).
+    """
 
     def __init__(self, app: ASGIApp, api_key: str | None) -> None:
         self.app = app
@@ -130,15 +158,16 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
-        route = path if path in OPEN_PATHS or path.startswith("/v1/") else "other"
-        if route.startswith("/v1/models/"):
-            route = "/v1/models/{model}"
+        route = route_template(scope["app"], scope)
+        rid = request_id(scope["headers"])
         status = {"code": 500}
         t0 = time.perf_counter()
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                message["headers"] = [*message.get("headers", []),
+                                      (REQUEST_ID_HEADER, rid.encode())]
             await send(message)
 
         try:
@@ -156,6 +185,9 @@ class GuardMiddleware:
             if state is not None:
                 state.metrics.requests.labels(route, str(status["code"])).inc()
                 state.metrics.latency.labels(route).observe(time.perf_counter() - t0)
+            if access_log.isEnabledFor(logging.INFO):
+                access_log.info("request", extra={
+                    "access": access_record(scope, route, status["code"], t0, rid)})
 
     def _authorized(self, scope: Scope) -> bool:
         for name, value in scope["headers"]:

@@ -47,6 +47,12 @@ class ServerConfig:
     max_body_bytes: int = 1 << 20
     drain_seconds: float = 30.0
     request_timeout_seconds: float = 300.0
+    # Connection bounds (runtimes/connections.py): open sockets, seconds for a request's head,
+    # for its body, and idle seconds between two requests on one connection.
+    max_connections: int = 256
+    header_timeout_seconds: float = 10.0
+    body_timeout_seconds: float = 30.0
+    keep_alive_seconds: float = 5.0
     host: str = "127.0.0.1"
     port: int = 8080
     api_key: str | None = None
@@ -151,6 +157,12 @@ def load_server_config(
         request_timeout_seconds=float(
             _get(server, "request_timeout_seconds", (int, float), 300, where_s)
         ),
+        max_connections=_get(server, "max_connections", int, 256, where_s),
+        header_timeout_seconds=float(
+            _get(server, "header_timeout_seconds", (int, float), 10, where_s)),
+        body_timeout_seconds=float(
+            _get(server, "body_timeout_seconds", (int, float), 30, where_s)),
+        keep_alive_seconds=float(_get(server, "keep_alive_seconds", (int, float), 5, where_s)),
         cors_origins=tuple(str(o) for o in cors),
         model_sha256=str(man_model.get("sha256", "")),
         quant=str(man_model.get("quant", "")),
@@ -171,6 +183,7 @@ def validate_config(cfg: ServerConfig) -> None:
         ("queue_size", cfg.queue_size, 0),
         ("max_body_bytes", cfg.max_body_bytes, 1024),
         ("port", cfg.port, 0),
+        ("max_connections", cfg.max_connections, 8),
     ]
     for key, value, low in checks:
         if value < low:
@@ -179,3 +192,7 @@ def validate_config(cfg: ServerConfig) -> None:
         raise ConfigError(f"port = {cfg.port} is not a TCP port (0-65535)")
     if cfg.drain_seconds < 0 or cfg.request_timeout_seconds <= 0:
         raise ConfigError("drain_seconds must be >= 0 and request_timeout_seconds > 0")
+    for key in ("header_timeout_seconds", "body_timeout_seconds", "keep_alive_seconds"):
+        value = getattr(cfg, key)
+        if not 0 < value <= 3600:
+            raise ConfigError(f"{key} = {value} is out of range (more than 0, at most 3600)")

@@ -19,6 +19,7 @@ from typing import Any
 
 import uvicorn
 from edgepack.runtimes.config import ServerConfig, load_server_config, validate_config
+from edgepack.runtimes.connections import ConnectionLimits, fd_budget, uvicorn_options
 from edgepack.runtimes.engine import Engine, EngineError
 
 from edgepack.errors import ConfigError, RuntimeHealthError
@@ -76,6 +77,22 @@ def prepare(bundle_dir: str | os.PathLike[str], opts: ServeOptions,
     return cfg
 
 
+def connection_limits(cfg: ServerConfig) -> ConnectionLimits:
+    """The connection bounds for ``cfg``, with the cap fitted under the descriptor limit."""
+    cap = fd_budget(cfg.max_connections)
+    if cap < 8:
+        raise ConfigError(
+            f"the file-descriptor limit leaves room for only {cap} connections",
+            hint="raise it (systemd: LimitNOFILE=; shell: ulimit -n 1024)",
+        )
+    if cap < cfg.max_connections:
+        log.warning("max_connections %d lowered to %d to stay under the file-descriptor limit "
+                    "(raise LimitNOFILE to allow more)", cfg.max_connections, cap)
+    return ConnectionLimits(max_connections=cap, header_timeout=cfg.header_timeout_seconds,
+                            body_timeout=cfg.body_timeout_seconds,
+                            keep_alive=cfg.keep_alive_seconds)
+
+
 def bind_socket(host: str, port: int) -> socket.socket:
     """A listening TCP socket; ConfigError naming host:port when it cannot bind."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -109,15 +126,16 @@ def run_server(
     cfg = prepare(bundle_dir, opts, env)
     engine = make_engine(cfg)
     app = create_app(cfg, engine, env)
+    limits = connection_limits(cfg)
     sock = bind_socket(cfg.host, cfg.port)
     port = sock.getsockname()[1]
     server = _Server(uvicorn.Config(
         app,
         lifespan="on",
         log_level=opts.log_level,
-        access_log=False,
+        access_log=False,  # our own access log (runtimes/access_log.py) has route and tokens
         timeout_graceful_shutdown=int(cfg.drain_seconds) or None,
-        timeout_keep_alive=5,
+        **uvicorn_options(limits),
     ))
     (announce or _print)(
         f"edgepack serve: {cfg.model_name} ({cfg.model_kind}, {cfg.model_format}) on "

@@ -124,7 +124,7 @@ class ServerProcess:
     """``edgepack serve`` in a subprocess on 127.0.0.1 and a free port (``--port 0``)."""
 
     def __init__(self, bundle: Path, *args: str, env: Mapping[str, str] | None = None,
-                 log_path: Path | None = None) -> None:
+                 log_path: Path | None = None, preexec_fn: Any = None) -> None:
         import subprocess
         import sys
 
@@ -136,7 +136,7 @@ class ServerProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "edgepack", "serve", str(bundle), "--port", "0",
              "--log-level", "warning", *args],
-            stdout=subprocess.PIPE, stderr=self._log, env=full_env,
+            stdout=subprocess.PIPE, stderr=self._log, env=full_env, preexec_fn=preexec_fn,
         )
         self.base_url = ""
         self.first_line = ""
@@ -197,9 +197,12 @@ class ServerProcess:
 
 
 def serve_bundle(bundle: Path, *args: str, env: Mapping[str, str] | None = None,
-                 ready: bool = True) -> ServerProcess:
-    """Start a server process for ``bundle`` (and wait for readiness unless told not to)."""
-    server = ServerProcess(bundle, *args, env=env).start()
+                 ready: bool = True, preexec_fn: Any = None) -> ServerProcess:
+    """Start a server process for ``bundle`` (and wait for readiness unless told not to).
+
+    ``preexec_fn`` runs in the child before exec (e.g. to lower its file-descriptor limit).
+    """
+    server = ServerProcess(bundle, *args, env=env, preexec_fn=preexec_fn).start()
     if ready:
         try:
             server.wait_ready()

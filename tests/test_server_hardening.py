@@ -1,0 +1,161 @@
+"""Issue #13's attacks on ``edgepack serve``, replayed over real sockets on 127.0.0.1.
+
+Each test is one attack from the issue: random paths growing the metrics registry, idle and
+trickling connections, stalled bodies, descriptor exhaustion. The server is a real process
+serving SmolLM2 with llama.cpp; the deadlines are set short in the bundle's server.toml so the
+tests stay quick (the defaults are 10 s / 30 s).
+"""
+
+from __future__ import annotations
+
+import resource
+import socket
+import time
+import uuid
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from support.bundles import make_test_bundle, serve_bundle
+
+pytestmark = pytest.mark.slow
+
+SHORT = {"header_timeout_seconds": 1, "body_timeout_seconds": 2, "keep_alive_seconds": 1}
+
+
+@pytest.fixture(scope="module")
+def strict_server(tmp_path_factory):
+    bundle = make_test_bundle(tmp_path_factory.mktemp("strict") / "b", server=SHORT)
+    server = serve_bundle(bundle, "--api-key", "k3y")
+    yield server
+    server.stop()
+
+
+def _connect(base_url: str) -> socket.socket:
+    host, port = base_url.removeprefix("http://").split(":")
+    s = socket.create_connection((host, int(port)), timeout=10)
+    return s
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> tuple[bool, bytes]:
+    """Read until the server closes; (closed, bytes read). Bounded by ``seconds``."""
+    sock.settimeout(0.2)
+    got = b""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            data = sock.recv(65536)
+        except TimeoutError:
+            continue
+        except ConnectionResetError:
+            return True, got
+        if not data:
+            return True, got
+        got += data
+    return False, got
+
+
+def _route_labels(base_url: str) -> set[str]:
+    labels = set()
+    for family in text_string_to_metric_families(httpx.get(base_url + "/metrics").text):
+        for s in family.samples:
+            if "route" in s.labels:
+                labels.add(s.labels["route"])
+    return labels
+
+
+def test_random_paths_do_not_grow_the_metrics_labels(strict_server):
+    # The attack: unauthenticated requests to random /v1/ paths, each a new label before.
+    with httpx.Client(base_url=strict_server.base_url) as c:
+        for _ in range(300):
+            r = c.get(f"/v1/{uuid.uuid4().hex}")
+            assert r.status_code == 401
+            c.post(f"/x/{uuid.uuid4().hex}")
+        assert c.get("/v1/models/anything", headers={"authorization": "Bearer k3y"}
+                     ).status_code == 404
+    labels = _route_labels(strict_server.base_url)
+    assert "other" in labels
+    assert "/v1/models/{model}" in labels
+    assert not any(len(x) >= 32 and x != "/v1/models/{model}" for x in labels), labels
+    assert len(labels) <= 12, labels
+
+
+def test_request_id_is_echoed_or_made(strict_server):
+    r = httpx.get(strict_server.base_url + "/healthz", headers={"x-request-id": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
+    fresh = httpx.get(strict_server.base_url + "/healthz",
+                      headers={"x-request-id": "bad id\twith spaces"})
+    assert fresh.headers["x-request-id"] not in ("", "bad id\twith spaces")
+    assert len(fresh.headers["x-request-id"]) == 32
+
+
+def test_idle_connection_is_closed_after_the_head_deadline(strict_server):
+    sock = _connect(strict_server.base_url)
+    try:
+        closed, got = _closed_within(sock, 15)
+    finally:
+        sock.close()
+    assert closed, "an idle connection that never sent a request stayed open"
+    assert got.startswith(b"HTTP/1.1 408"), got
+
+
+def test_trickled_head_is_closed_although_bytes_keep_coming(strict_server):
+    sock = _connect(strict_server.base_url)
+    try:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        closed = False
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                sock.sendall(b"X")  # one byte of a header name every 0.2 s, never finished
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+                break
+            done, _ = _closed_within(sock, 0.2)
+            if done:
+                closed = True
+                break
+    finally:
+        sock.close()
+    assert closed, "a client trickling its headers kept the connection for 15 s"
+
+
+def test_stalled_body_is_closed_after_the_body_deadline(strict_server):
+    sock = _connect(strict_server.base_url)
+    try:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k3y\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 1000000\r\n\r\n"
+                     + b" " * 4096)
+        closed, _ = _closed_within(sock, 15)
+    finally:
+        sock.close()
+    assert closed, "a body stalled after 4 KiB of 1 MB held the connection for 15 s"
+    # The server is fine afterwards.
+    assert httpx.get(strict_server.base_url + "/healthz").status_code == 200
+
+
+def _low_fd_limit() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (160, 160))
+
+
+def test_idle_sockets_cannot_exhaust_descriptors_health_keeps_answering(tmp_path):
+    # The attack: more half-open sockets than the server has descriptors (limit 160 here).
+    # Long deadlines, so only the connection cap (fitted under the limit) can save the probe.
+    bundle = make_test_bundle(tmp_path / "b", server={"header_timeout_seconds": 600})
+    server = serve_bundle(bundle, preexec_fn=_low_fd_limit)
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(250):
+            socks.append(_connect(server.base_url))
+        time.sleep(0.5)
+        for _ in range(5):
+            r = httpx.get(server.base_url + "/healthz", timeout=10)
+            assert r.status_code == 200
+            assert httpx.get(server.base_url + "/readyz", timeout=10).status_code == 200
+        # The oldest idle sockets were the ones closed to make room.
+        closed, _ = _closed_within(socks[0], 2)
+        assert closed
+    finally:
+        for s in socks:
+            s.close()
+        server.stop()
