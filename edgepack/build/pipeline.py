@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -19,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgepack import __version__
 from edgepack.bundle import BundleSpec, archive_bundle, write_bundle
 from edgepack.errors import BuildError, UsageError
 from edgepack.manifest import parse_bundle_version
@@ -62,16 +60,48 @@ class BuildRequest:
     allow_licenses: tuple[str, ...] = ()  # empty: no licence policy
 
 
+@dataclass(frozen=True)
+class BundleSummary:
+    """One built bundle, as the CLI's summary and ``build --json`` report it."""
+
+    device: str
+    path: Path
+    format: str
+    quant: str
+    size_bytes: int
+    validation: dict[str, Any]
+    archive: Path | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        v = self.validation
+        return {
+            "device": self.device, "path": str(self.path), "format": self.format,
+            "quant": self.quant, "size_bytes": self.size_bytes,
+            "validation": {k: v.get(k) for k in ("metric", "value", "threshold", "passed")},
+            "archive": None if self.archive is None else str(self.archive),
+        }
+
+
 @dataclass
 class BuildResult:
     bundles: list[Path] = field(default_factory=list)
     archives: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    summaries: list[BundleSummary] = field(default_factory=list)
 
 
 @contextmanager
 def _stage(log: Callable[[str], None], name: str, text: str) -> Iterator[None]:
-    """Log what starts, then how long it took (``name: 1.2 s``; bench/build.py reads it)."""
+    """Log what starts, then how long it took (``name: 1.2 s``; bench/build.py reads it).
+
+    A ``log`` with a ``stage(name, text)`` context manager (the CLI's progress reporter)
+    shows the step live instead (a spinner with the elapsed time on a terminal).
+    """
+    stage = getattr(log, "stage", None)
+    if stage is not None:
+        with stage(name, text):
+            yield
+        return
     log(text)
     t0 = time.perf_counter()
     yield
@@ -95,17 +125,6 @@ def parse_version_option(text: str) -> int | str:
             hint="for example --bundle-version 3 or --bundle-version 1.4.2",
         ) from e
     return value
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-.") or "model"
-
-
-def _folder_name(ref: Any) -> str:
-    """A local folder's model name; a generic leaf like ``model/`` takes its parent's name."""
-    path = Path(ref.path)
-    generic = {"model", "models", "hf", "weights"}
-    return path.parent.name if path.name.lower() in generic else path.name
 
 
 def _source_digest(files: dict[str, str]) -> str:
@@ -182,6 +201,7 @@ def run_build(req: BuildRequest, log: Callable[[str], None] = lambda _m: None) -
     )
     from edgepack.build.model_card import LicensePolicy, describe_derivation
     from edgepack.build.model_files import check_disk_space
+    from edgepack.build.preflight import check_request, model_name
     from edgepack.device.catalog import list_profiles
     from edgepack.device.profile import profile_digest
     from edgepack.device.resolve import load_profile
@@ -196,6 +216,8 @@ def run_build(req: BuildRequest, log: Callable[[str], None] = lambda _m: None) -
     if len(set(ids)) != len(ids):
         raise UsageError(f"--device names a profile twice: {', '.join(ids)}")
     ref = parse_model_ref(req.model)
+    # Options and the output location, before any network or compute.
+    check_request(req, ref, profiles)
 
     log(f"reading model facts of {ref.text}")
     # The licence policy is checked on the model card before any weight byte is requested.
@@ -205,12 +227,6 @@ def run_build(req: BuildRequest, log: Callable[[str], None] = lambda _m: None) -
                                                  if meta.card.gated else ""))
     facts = model_facts(meta.config, meta.safetensors)
     per_device = dict(req.device_quants)
-    unknown = sorted(set(per_device) - set(req.devices) - set(ids))
-    if unknown:
-        raise UsageError(
-            f"--quant names device {unknown[0]!r}, which is not among the --device values",
-            hint=f"use one of: {', '.join(req.devices)}",
-        )
     plans: list[Plan] = []
     for ref_text, profile in zip(req.devices, profiles, strict=True):
         quant = per_device.get(ref_text) or per_device.get(profile.id) or req.quant
@@ -225,7 +241,7 @@ def run_build(req: BuildRequest, log: Callable[[str], None] = lambda _m: None) -
     with _stage(log, "pull", "pulling model files"):
         pulled = pull_model(ref, token=req.token)
     source_id = pulled.sha or _source_digest(pulled.files)
-    name = _slug(req.name or (ref.repo_id.split("/")[-1] if ref.repo_id else _folder_name(ref)))
+    name = model_name(req.name, ref)
     kind = _model_kind(facts, pulled.folder)
     source = {
         "ref": ref.text,
@@ -280,8 +296,16 @@ def run_build(req: BuildRequest, log: Callable[[str], None] = lambda _m: None) -
         path = write_bundle(spec, Path(req.out) / bundle_name, overwrite=req.overwrite)
         log(f"wrote {path}")
         result.bundles.append(path)
+        archive = None
         if req.archive:
-            result.archives.append(archive_bundle(path, path.with_name(path.name + ".tar")))
+            with _stage(log, "archive", f"packing {path.name}.tar"):
+                archive = archive_bundle(path, path.with_name(path.name + ".tar"))
+            result.archives.append(archive)
+        result.summaries.append(BundleSummary(
+            device=profile.id, path=path, format=plan.format, quant=plan.quant,
+            size_bytes=sum(f.stat().st_size for f in path.rglob("*") if f.is_file()),
+            validation=out.validation, archive=archive,
+        ))
     return result
 
 
@@ -445,10 +469,3 @@ def _onnx_output(
         details={"task": task, "notes": list(q.notes), "size_bytes": q.size_bytes},
         converter={"name": "optimum-onnx", "version": version("optimum-onnx")},
     )
-
-
-def describe(result: BuildResult) -> str:
-    """The summary the CLI prints."""
-    lines = [f"bundle: {p}" for p in result.bundles]
-    lines += [f"archive: {p}" for p in result.archives]
-    return "\n".join(lines + [f"edgepack {__version__}"])

@@ -62,8 +62,8 @@ def _parse_quants(values: tuple[str, ...]) -> tuple[str | None, tuple[tuple[str,
 @click.option("--format", "fmt", type=click.Choice(["auto", "gguf", "onnx"]), default="auto",
               show_default=True, help="Output format; auto: encoders ONNX, decoders GGUF.")
 @click.option("--quant", "quants", multiple=True, metavar="[DEVICE=]QUANT",
-              help="Force a quantization for every device (Q4_0) or for one (rpi=Q4_0); "
-              "default: the plan's choice.")
+              help="Force a quantization for every device (Q4_0) or for one "
+              "(raspberry-pi-5-8gb=Q4_0); default: the plan's choice.")
 @click.option("--ctx", type=click.IntRange(min=1), default=None, help="Context length in tokens.")
 @click.option("--bundle-version", "version", default="1", show_default=True,
               help="Bundle version (integer or MAJOR.MINOR.PATCH); orders updates.")
@@ -86,16 +86,18 @@ def _parse_quants(values: tuple[str, ...]) -> tuple[str | None, tuple[tuple[str,
 @click.option("--overwrite", is_flag=True, help="Replace existing bundle folders.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Threads for quantization and validation (default: all CPUs).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the result as one JSON object (schema: docs/json.md#build).")
 @click.option("--allow-license", "allow_licenses", multiple=True, metavar="LIST",
               envvar="EDGEPACK_ALLOW_LICENSE", show_envvar=True,
               help="Licences the model may have, by model-card id (apache-2.0,mit; for "
               "'license: other' its license_name); checked before any weight byte, exit 3 "
               "when refused. Comma-separated or repeated.")
 def build(model, devices, fmt, quants, ctx, version, out, name, token, golden, no_golden,
-          min_agreement, max_kl, min_cosine, archive, overwrite, threads,
+          min_agreement, max_kl, min_cosine, archive, overwrite, threads, as_json,
           allow_licenses) -> None:
     """Pull MODEL (org/name[@rev] or a folder), plan, convert, validate and bundle it."""
-    from edgepack.build.pipeline import BuildRequest, describe, parse_version_option, run_build
+    from edgepack.build.pipeline import BuildRequest, parse_version_option, run_build
 
     quant, per_device = _parse_quants(quants)
     req = BuildRequest(
@@ -106,8 +108,46 @@ def build(model, devices, fmt, quants, ctx, version, out, name, token, golden, n
         min_cosine=min_cosine, archive=archive, overwrite=overwrite, threads=threads,
         allow_licenses=tuple(allow_licenses),
     )
-    result = run_build(req, log=lambda m: click.echo(f"· {m}", err=True))
-    click.echo(describe(result))
+    from edgepack.cli.progress import StageReporter, hub_progress_bars
+
+    reporter = StageReporter()
+    with hub_progress_bars(reporter):
+        result = run_build(req, log=reporter)
+    if as_json:
+        from edgepack.cli.output import echo_json
+
+        echo_json({"schema": 1, "bundles": [b.to_dict() for b in result.summaries],
+                   "notes": result.notes})
+        return
+    _render_summary(result)
+
+
+def _render_summary(result) -> None:
+    """A table per bundle (device, format, quant, size, validation, path) and what to run next."""
+    from rich.table import Table
+
+    from edgepack.cli.output import console
+
+    table = Table(box=None, header_style="bold", title="built", title_justify="left")
+    for column in ("device", "format", "quant", "size", "validation"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("path", overflow="fold")
+    for b in result.summaries:
+        v = b.validation
+        value = v.get("value")
+        shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+        verdict = "passed" if v.get("passed") else "FAILED"
+        table.add_row(b.device, b.format, b.quant, f"{b.size_bytes / 2**20:,.1f} MiB",
+                      f"{v.get('metric')} {shown} {verdict}",
+                      str(b.path) + (f"\n{b.archive}" if b.archive else ""))
+    console().print(table)
+    # Plain echo, never wrapped: the commands must stay copyable at any width.
+    for note in result.notes:
+        click.echo(f"note: {note}")
+    if result.summaries:
+        first = result.summaries[0].path
+        click.echo(f"next: edgepack chat {first}")
+        click.echo(f"      edgepack serve {first}")
 
 
 @click.command("verify")
