@@ -67,11 +67,13 @@ def render_units(
     port: int = 8080,
     watchdog_seconds: int = 30,
     drain_seconds: int = 30,
+    state_dir: str = STATE_DIR,
 ) -> dict[str, str]:
     """Return ``{unit file name: text}`` for the server and the agent.
 
     ``memory_bytes`` (the plan's ``memory.required_bytes``) sets ``MemoryMax``; a GPU
-    offload keeps ``/dev`` visible for the accelerator's device nodes.
+    offload keeps ``/dev`` visible for the accelerator's device nodes. ``executable`` and
+    ``state_dir`` are where ``edgepack install`` put the venv and the bundles.
     """
     mem = memory_max_bytes(memory_bytes)
     gpu = gpu_offload
@@ -84,6 +86,10 @@ def render_units(
         "# GPU offload: the accelerator's device nodes must stay visible.\n"
         "SupplementaryGroups=video render"
         if gpu else "PrivateDevices=yes"
+    )
+    # StateDirectory= names a folder under /var/lib only; another state dir is used as is.
+    state_lines = (
+        "StateDirectory=edgepack\nStateDirectoryMode=0755\n" if state_dir == STATE_DIR else ""
     )
     server = f"""\
 [Unit]
@@ -142,13 +148,11 @@ Group=edgepack
 EnvironmentFile={AGENT_ENV}
 Environment=PYTHONUNBUFFERED=1
 ExecStart={executable} agent run --repo-url ${{EDGEPACK_REPO_URL}} \
---state-dir {STATE_DIR} --channel ${{EDGEPACK_CHANNEL}} --device-id ${{EDGEPACK_DEVICE_ID}}
+--state-dir {state_dir} --channel ${{EDGEPACK_CHANNEL}} --device-id ${{EDGEPACK_DEVICE_ID}}
 Restart=on-failure
 RestartSec=30
 # The agent writes only its state directory (slots, current/previous, journal, chunks).
-StateDirectory=edgepack
-StateDirectoryMode=0755
-ReadWritePaths={STATE_DIR}
+{state_lines}ReadWritePaths={state_dir}
 PrivateDevices=yes
 {_HARDENING}
 

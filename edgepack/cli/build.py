@@ -157,17 +157,28 @@ def _render_summary(result) -> None:
               "bundle must also carry a valid signature (provenance.intoto.jsonl) over its "
               "manifest. Repeat to trust several keys.")
 def verify(bundle: Path, keys: tuple[Path, ...]) -> None:
-    """Check every file of BUNDLE against its manifest (exit 6 naming each bad file); with
-    --key, check its signature too, offline (exit 6 naming what failed)."""
+    """Check every file of BUNDLE (a folder or its .tar) against its manifest (exit 6 naming
+    each bad file); with --key, check its signature too, offline (exit 6 naming what failed)."""
+    from edgepack.archive import extract_archive, is_archive, scan_archive, verify_archive
+
     if keys:
+        import tempfile
+
         from edgepack.signature import verify_signed_bundle
 
-        signed = verify_signed_bundle(bundle, keys)
+        with tempfile.TemporaryDirectory(prefix="edgepack-verify-") as tmp:
+            folder = (extract_archive(scan_archive(bundle), Path(tmp) / "bundle")
+                      if is_archive(bundle) else bundle)
+            signed = verify_signed_bundle(folder, keys)
         click.echo(f"ok: signature by key {signed.keyid[:16]}… ({signed.key_source}) covers "
                    f"manifest.json and its {len(signed.manifest['files'])} files, which match")
         return
     from edgepack.manifest import verify_bundle
 
+    if is_archive(bundle):
+        manifest = verify_archive(scan_archive(bundle))
+        click.echo(f"ok: {len(manifest['files'])} files in {bundle} match its manifest")
+        return
     manifest = verify_bundle(bundle)
     click.echo(f"ok: {len(manifest['files'])} files match {bundle / 'manifest.json'}")
 
@@ -176,10 +187,12 @@ def verify(bundle: Path, keys: tuple[Path, ...]) -> None:
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
 def inspect(bundle: Path, as_json: bool) -> None:
-    """Show what BUNDLE holds: model, source, device, plan, validation."""
+    """Show what BUNDLE (a folder or its .tar) holds: model, source, device, plan, validation,
+    runtime pack."""
+    from edgepack.archive import is_archive, read_archive_manifest, scan_archive
     from edgepack.manifest import load_manifest
 
-    m = load_manifest(bundle)
+    m = read_archive_manifest(scan_archive(bundle)) if is_archive(bundle) else load_manifest(bundle)
     if as_json:
         click.echo(json.dumps(m, indent=2, sort_keys=True))
         return

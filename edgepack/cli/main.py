@@ -113,6 +113,9 @@ def _register() -> None:
     from edgepack.cli.serve import serve
 
     cli.add_command(serve)
+    from edgepack.cli.install import install
+
+    cli.add_command(install)
     from edgepack.cli.ota import COMMANDS as ota_commands
 
     for command in ota_commands:
