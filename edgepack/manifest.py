@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,11 +69,107 @@ def describe_files(root: Path, relpaths: Iterable[str]) -> list[FileEntry]:
     return entries
 
 
+def _regular_file_problem(root: Path, rel: str) -> str | None:
+    """Why ``root/rel`` is not a plain file reached through plain directories (or None)."""
+    p = root
+    parts = Path(rel).parts
+    for i, part in enumerate(parts):
+        p = p / part
+        try:
+            st = os.lstat(p)
+        except FileNotFoundError:
+            return "missing"
+        except OSError as e:
+            return f"cannot be read: {e.strerror or e}"
+        where = "/".join(parts[: i + 1])
+        if stat.S_ISLNK(st.st_mode):
+            return f"{where} is a symbolic link (bundles hold regular files only)"
+        last = i == len(parts) - 1
+        if not last and not stat.S_ISDIR(st.st_mode):
+            return f"{where} is not a directory"
+        if last and not stat.S_ISREG(st.st_mode):
+            return f"{where} is not a regular file ({_kind(st.st_mode)})"
+    return None
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "an unusual file"
+
+
+def open_regular(root: Path, rel: str) -> int:
+    """Open ``root/rel`` read-only without following any link inside the bundle.
+
+    Each directory is opened relative to the one before with ``O_NOFOLLOW``, so a link swapped
+    in between the check and the open cannot redirect the read. Returns the descriptor;
+    raises IntegrityError when any part is a link or the file is not a regular file.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    dir_flags = flags | getattr(os, "O_DIRECTORY", 0)
+    parts = Path(rel).parts
+    fd = os.open(root, dir_flags & ~getattr(os, "O_NOFOLLOW", 0))  # the root may be a link
+    try:
+        for part in parts[:-1]:
+            nxt = os.open(part, dir_flags, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        file_fd = os.open(parts[-1], flags, dir_fd=fd)
+    except OSError as e:
+        raise IntegrityError(f"{rel}: {_regular_file_problem(root, rel) or e}") from e
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(os.fstat(file_fd).st_mode):
+        os.close(file_fd)
+        raise IntegrityError(f"{rel}: not a regular file")
+    return file_fd
+
+
+def sha256_fd(fd: int) -> tuple[str, int]:
+    """Hex sha256 and byte count of an open file, read from offset 0 (the offset is kept)."""
+    h = hashlib.sha256()
+    offset = 0
+    while block := os.pread(fd, _CHUNK, offset):
+        h.update(block)
+        offset += len(block)
+    return h.hexdigest(), offset
+
+
+@dataclass(frozen=True)
+class HeldFile:
+    """A bundle file verified through a descriptor that stays open.
+
+    Loading from ``open_path`` reads the very bytes that were hashed, whatever happens to
+    the name in the bundle afterwards (a swap between verify and load cannot pass).
+    """
+
+    path: str
+    fd: int
+    sha256: str
+    size: int
+
+    @property
+    def open_path(self) -> str:
+        """A path that opens this descriptor's file: ``/proc/self/fd/N`` (Linux)."""
+        return f"/proc/self/fd/{self.fd}"
+
+    def read_text(self) -> str:
+        data, offset = bytearray(), 0
+        while block := os.pread(self.fd, _CHUNK, offset):
+            data += block
+            offset += len(block)
+        return data.decode("utf-8")
+
+
 def load_manifest(bundle_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and sanity-check ``manifest.json``.
 
-    Raises IntegrityError when it is missing, not JSON, of an unknown schema, or lacks the
-    file list: a bundle without a whole manifest is an unfinished one.
+    Raises IntegrityError when it is missing, a link or not a regular file, not JSON, of an
+    unknown schema, or lacks a well-typed file list: a bundle without a whole manifest is an
+    unfinished (or forged) one.
     """
     root = Path(bundle_dir)
     path = root / MANIFEST_NAME
@@ -81,15 +178,23 @@ def load_manifest(bundle_dir: str | os.PathLike[str]) -> dict[str, Any]:
             f"bundle {str(root)!r} is not a directory",
             hint="pass the folder that `edgepack build` wrote (it holds manifest.json)",
         )
-    if not path.is_file():
+    problem = _regular_file_problem(root, MANIFEST_NAME)
+    if problem == "missing":
         raise IntegrityError(
             f"bundle {str(root)!r} has no {MANIFEST_NAME}",
             hint="the manifest is written last, so this bundle is incomplete (an interrupted "
             "build or copy?); rebuild it or copy it again",
         )
+    if problem:
+        raise IntegrityError(f"bundle {str(root)!r}: {problem}",
+                             hint="rebuild the bundle or copy it again (without links)")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        fd = open_regular(root, MANIFEST_NAME)
+        try:
+            data = json.loads(HeldFile(MANIFEST_NAME, fd, "", 0).read_text())
+        finally:
+            os.close(fd)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise IntegrityError(
             f"{path} is not valid JSON: {e}", hint="rebuild the bundle or copy it again"
         ) from e
@@ -107,7 +212,33 @@ def load_manifest(bundle_dir: str | os.PathLike[str]) -> dict[str, Any]:
             f"{path}: 'files' must be a list of {{path, sha256, size}}",
             hint="rebuild the bundle",
         )
+    problems = [p for i, f in enumerate(files) if (p := _entry_problem(i, f))]
+    seen: set[str] = set()
+    for f in files:
+        if isinstance(f["path"], str) and f["path"] in seen:
+            problems.append(f"files: {f['path']!r} is listed twice")
+        seen.add(f["path"] if isinstance(f["path"], str) else "")
+    if problems:
+        raise IntegrityError(f"{path}: malformed file list:\n    " + "\n    ".join(problems),
+                             hint="the manifest was damaged or forged; rebuild the bundle")
     return data
+
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def _entry_problem(i: int, f: dict[str, Any]) -> str | None:
+    path, digest, size = f["path"], f["sha256"], f["size"]
+    if not isinstance(path, str) or not path:
+        return f"files[{i}].path = {path!r}, expected a relative path (string)"
+    p = Path(path)
+    if p.is_absolute() or ".." in p.parts or "\\" in path or p.as_posix() != path:
+        return f"files[{i}].path = {path!r} escapes the bundle or is not a plain relative path"
+    if not isinstance(digest, str) or len(digest) != 64 or not set(digest) <= _HEX:
+        return f"files[{i}] ({path}): sha256 = {digest!r}, expected 64 lowercase hex digits"
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        return f"files[{i}] ({path}): size = {size!r}, expected a non-negative integer"
+    return None
 
 
 def verify_bundle(
@@ -115,41 +246,91 @@ def verify_bundle(
 ) -> dict[str, Any]:
     """Check every file of a bundle against its manifest; return the manifest.
 
-    Raises IntegrityError naming each missing, resized, altered or (with ``check_extra``)
-    unlisted file.
+    Raises IntegrityError naming each missing, resized, altered, linked, non-regular or (with
+    ``check_extra``) unlisted file.
+    """
+    manifest, _ = verify_and_hold(bundle_dir, (), check_extra=check_extra)
+    return manifest
+
+
+def verify_and_hold(
+    bundle_dir: str | os.PathLike[str], hold: Iterable[str], *, check_extra: bool = True
+) -> tuple[dict[str, Any], dict[str, HeldFile]]:
+    """``verify_bundle``, keeping the files named in ``hold`` open (see HeldFile).
+
+    Each file is hashed once, through the descriptor it is opened with; the caller owns the
+    returned descriptors (they live as long as the server that loads from them).
     """
     root = Path(bundle_dir)
     manifest = load_manifest(root)
+    keep = set(hold)
+    held: dict[str, HeldFile] = {}
     problems: list[str] = []
     listed = set()
-    for entry in manifest["files"]:
-        rel = entry["path"]
-        listed.add(rel)
-        p = root / rel
-        if Path(rel).is_absolute() or ".." in Path(rel).parts:
-            problems.append(f"{rel}: path escapes the bundle")
-            continue
-        if not p.is_file():
-            problems.append(f"{rel}: missing")
-            continue
-        size = p.stat().st_size
-        if size != entry["size"]:
-            problems.append(f"{rel}: size {size}, expected {entry['size']}")
-            continue
-        digest = sha256_file(p)
-        if digest != entry["sha256"]:
-            problems.append(f"{rel}: sha256 {digest[:16]}…, expected {entry['sha256'][:16]}…")
-    if check_extra:
-        for p in sorted(root.rglob("*")):
+    try:
+        for entry in manifest["files"]:
+            rel = entry["path"]
+            listed.add(rel)
+            problem = _regular_file_problem(root, rel)
+            if problem:
+                problems.append(f"{rel}: {problem}")
+                continue
+            try:
+                fd = open_regular(root, rel)
+            except IntegrityError as e:
+                problems.append(e.message)
+                continue
+            try:
+                size = os.fstat(fd).st_size
+                if size != entry["size"]:
+                    problems.append(f"{rel}: size {size}, expected {entry['size']}")
+                    continue
+                digest, read = sha256_fd(fd)
+                if digest != entry["sha256"] or read != size:
+                    problems.append(
+                        f"{rel}: sha256 {digest[:16]}…, expected {entry['sha256'][:16]}…")
+                    continue
+                if rel in keep:
+                    held[rel] = HeldFile(rel, fd, digest, size)
+                    fd = -1
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+        if check_extra:
+            problems += _unlisted(root, listed)
+        missing = keep - held.keys() - listed
+        problems += [f"{rel}: not listed in the manifest" for rel in sorted(missing)]
+        if problems:
+            raise IntegrityError(
+                f"bundle {str(root)!r} does not match its manifest:\n    "
+                + "\n    ".join(problems),
+                hint="the bundle was altered or damaged; rebuild it or fetch it again",
+            )
+    except BaseException:
+        for h in held.values():
+            os.close(h.fd)
+        raise
+    return manifest, held
+
+
+def _unlisted(root: Path, listed: set[str]) -> list[str]:
+    """Files the manifest does not list, and anything that is neither a file nor a folder."""
+    problems = []
+    for dirpath, dirnames, filenames in os.walk(root):  # never follows links
+        base = Path(dirpath)
+        for name in sorted(dirnames + filenames):
+            p = base / name
             rel = p.relative_to(root).as_posix()
-            if p.is_file() and rel not in (MANIFEST_NAME, SIGNATURE_NAME) and rel not in listed:
+            st = os.lstat(p)
+            if stat.S_ISLNK(st.st_mode):
+                problems.append(f"{rel}: is a symbolic link (bundles hold regular files only)")
+            elif stat.S_ISDIR(st.st_mode):
+                continue
+            elif not stat.S_ISREG(st.st_mode):
+                problems.append(f"{rel}: is {_kind(st.st_mode)}, not a regular file")
+            elif rel not in (MANIFEST_NAME, SIGNATURE_NAME) and rel not in listed:
                 problems.append(f"{rel}: not listed in the manifest")
-    if problems:
-        raise IntegrityError(
-            f"bundle {str(root)!r} does not match its manifest:\n    " + "\n    ".join(problems),
-            hint="the bundle was altered or damaged; rebuild it or fetch it again",
-        )
-    return manifest
+    return problems
 
 
 def parse_bundle_version(value: object) -> tuple[int, ...]:
