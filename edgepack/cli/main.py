@@ -116,6 +116,9 @@ def _register() -> None:
     from edgepack.cli.install import install
 
     cli.add_command(install)
+    from edgepack.cli.chat import chat
+
+    cli.add_command(chat)
     from edgepack.cli.ota import COMMANDS as ota_commands
 
     for command in ota_commands:
