@@ -10,6 +10,7 @@ line), because no Jetson can run here.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import datetime, timezone
 from pathlib import Path
@@ -188,3 +189,43 @@ def test_measure_bandwidth_returns_a_positive_figure():
 def test_local_ref_detects_this_machine():
     p = load_profile("local")
     assert p.id == "local" and p.memory.usable_gib > 0
+
+
+def test_local_ref_measures_bandwidth_once_and_caches_it(tmp_path, monkeypatch):
+    import json
+
+    from edgepack.device.profile import effective_bandwidth_gbps
+
+    monkeypatch.setenv("EDGEPACK_HOME", str(tmp_path))
+    first = load_profile("local")
+    stored = json.loads((tmp_path / "bandwidth.json").read_text())
+    (entry,) = stored.values()
+    if first.memory.measured_bandwidth_gbps is None:  # pragma: no cover - a Pi with a profile
+        pytest.skip("a shipped profile of this board carries a published measurement")
+    assert first.memory.measured_bandwidth_gbps == round(entry["gbps"], 2) > 0
+    assert effective_bandwidth_gbps(first) == first.memory.measured_bandwidth_gbps
+    assert "measured now" in first.sources["memory.measured_bandwidth_gbps"]
+    second = load_profile("local")
+    assert second.memory.measured_bandwidth_gbps == first.memory.measured_bandwidth_gbps
+    assert "cached in" in second.sources["memory.measured_bandwidth_gbps"]
+
+
+def test_bandwidth_cache_expires_and_is_keyed_by_machine(tmp_path):
+    from edgepack.device.bandwidth_cache import MAX_AGE_SECONDS, cached_bandwidth
+    from edgepack.device.detect import gather_host_facts
+
+    env = {"EDGEPACK_HOME": str(tmp_path)}
+    facts = gather_host_facts()
+    calls = []
+
+    def measure(seconds):  # records calls; the real measurement is tested above
+        calls.append(seconds)
+        return 10.0 + len(calls)
+
+    assert cached_bandwidth(facts, measure, environ=env, now=1000.0)[0] == 11.0
+    assert cached_bandwidth(facts, measure, environ=env, now=2000.0)[0] == 11.0
+    assert cached_bandwidth(facts, measure, environ=env, now=1001.0 + MAX_AGE_SECONDS)[0] == 12.0
+    other = dataclasses.replace(facts, total_bytes=facts.total_bytes * 2)
+    assert cached_bandwidth(other, measure, environ=env, now=2000.0 + MAX_AGE_SECONDS)[0] == 13.0
+    (tmp_path / "bandwidth.json").write_text("not json")
+    assert cached_bandwidth(facts, measure, environ=env, now=0.0)[0] == 14.0

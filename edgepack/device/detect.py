@@ -470,6 +470,23 @@ def detect_profile(measure: bool = False, *, seconds: float = 2.0) -> DeviceProf
     return build_profile(facts, measured_gbps=measured)
 
 
+def local_profile() -> DeviceProfile:
+    """The profile ``--device local`` plans for: this machine with its memory bandwidth
+    measured (once, then cached; see :mod:`edgepack.device.bandwidth_cache`), unless a shipped
+    profile of the same board already carries a published measurement."""
+    from edgepack.device.bandwidth_cache import cached_bandwidth
+
+    facts = gather_host_facts()
+    profile = build_profile(facts)
+    if profile.memory.measured_bandwidth_gbps is not None:
+        return profile
+    gbps, how = cached_bandwidth(facts, measure_bandwidth)
+    profile = build_profile(facts, measured_gbps=gbps)
+    sources = dict(profile.sources)
+    sources["memory.measured_bandwidth_gbps"] += f" ({how})"
+    return replace(profile, sources=sources)
+
+
 def with_id(profile: DeviceProfile, profile_id: str) -> DeviceProfile:
     """``profile`` renamed to ``profile_id`` (used when saving it as ``<profile_id>.toml``)."""
     return replace(profile, id=profile_id)

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from edgepack.device.catalog import load_profile_ref
-from edgepack.device.detect import detect_profile
+from edgepack.device.detect import local_profile
 from edgepack.device.profile import DeviceProfile
 
 
 def load_profile(ref: str) -> DeviceProfile:
-    """Resolve ``ref``: a shipped id, a path to a .toml file, or ``local`` (this machine).
+    """Resolve ``ref``: a shipped id, a path to a .toml file, or ``local`` (this machine,
+    its memory bandwidth measured once and then cached).
 
     Raises ProfileError for an unknown id (listing close matches), an unreadable file or an
     invalid profile.
     """
     if ref == "local":
-        return detect_profile()
+        return local_profile()
     return load_profile_ref(ref)
