@@ -19,6 +19,11 @@ MODELS = ("Qwen2.5-0.5B", "Qwen2.5-1.5B", "Qwen2.5-3B", "Llama-3.1-8B")
 DEVICES = ("raspberry-pi-4-4gb", "raspberry-pi-5-8gb", "jetson-orin-nano-8gb", "laptop-x86-16gb")
 
 
+# Memory-ranking tests switch the default interactive speed floor off: they are about what
+# fits; the floor's own tests are below.
+NO_FLOOR = PlanOptions(min_tokens_per_second=0)
+
+
 def facts(name: str):
     cfg = CONFIGS[name]
     return model_facts(cfg, synth_tensors(cfg))
@@ -40,7 +45,7 @@ def test_device_choices_fit_and_rank_devices_sensibly(model):
     for dev in DEVICES:
         p = load_profile(dev)
         try:
-            plans[dev] = plan_build(f, p)
+            plans[dev] = plan_build(f, p, NO_FLOOR)
         except BuildError:
             plans[dev] = None
             continue
@@ -64,10 +69,15 @@ def test_device_choices_fit_and_rank_devices_sensibly(model):
 def test_known_choices():
     pi4_4 = load_profile("raspberry-pi-4-4gb")
     assert plan_build(facts("Qwen2.5-0.5B"), load_profile("laptop-x86-16gb")).quant == "Q8_0"
-    assert plan_build(facts("Qwen2.5-3B"), pi4_4).quant == "Q6_K"  # Q8_0 is 3.6 GiB: over
-    assert plan_build(facts("Llama-3.1-8B"), load_profile("raspberry-pi-5-8gb")).quant == "Q5_K_M"
+    assert plan_build(facts("Qwen2.5-3B"), pi4_4, NO_FLOOR).quant == "Q6_K"  # Q8_0: over
+    pi5 = load_profile("raspberry-pi-5-8gb")
+    assert plan_build(facts("Llama-3.1-8B"), pi5, NO_FLOOR).quant == "Q5_K_M"
     with pytest.raises(BuildError):
         plan_build(facts("Llama-3.1-8B"), pi4_4)
+
+
+def rank(plan) -> tuple[bool, int, float]:
+    return (plan.low_quality, -plan.ctx, kld(plan))
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -77,12 +87,13 @@ def test_more_ram_never_yields_a_worse_quant(model):
     last = None
     for gib in [x / 2 for x in range(2, 65)]:
         try:
-            plan = plan_build(f, with_ram(base, gib))
+            plan = plan_build(f, with_ram(base, gib), NO_FLOOR)
         except BuildError:
             assert last is None, f"{gib} GiB fails after a smaller size fit"
             continue
         if last is not None:
-            assert kld(plan) <= kld(last) and plan.ctx >= last.ctx, gib
+            # preference order: Q4 quality or better first, then context, then quality
+            assert rank(plan) <= rank(last), gib
         last = plan
     assert last is not None
 
@@ -122,7 +133,7 @@ def test_forced_quant_that_does_not_fit_is_an_error_with_numbers():
 
 def test_speed_floor_trades_quality_for_speed():
     f, pi5 = facts("Qwen2.5-3B"), load_profile("raspberry-pi-5-8gb")
-    free = plan_build(f, pi5)
+    free = plan_build(f, pi5, NO_FLOOR)
     fast = plan_build(f, pi5, PlanOptions(min_tokens_per_second=free.estimate.decode_tps * 1.5))
     assert kld(fast) > kld(free)
     assert fast.estimate.decode_tps >= free.estimate.decode_tps * 1.5
@@ -197,6 +208,8 @@ def test_encoder_goes_to_onnx_and_json_schema_is_stable():
         "quality",
         "rationale",
         "rejected",
+        "speed_floor",
+        "warnings",
     ]
     assert d["schema"] == 1 and d["device"]["digest"].startswith("sha256:")
 
@@ -244,3 +257,53 @@ def test_gpu_offload_all_layers_on_shared_memory_and_what_fits_in_dedicated_vram
     plan = plan_build(f, laptop, PlanOptions(quant="Q4_K_M"))
     assert 0 < plan.gpu_layers < f.n_layer + 1
     assert any(f"{plan.gpu_layers} of 33 layers" in line for line in plan.rationale)
+
+
+# -- what an expert picks (issue 12) -----------------------------------------------------------
+
+
+def test_default_floor_keeps_q4_for_a_big_model_on_a_pi5():
+    # Llama-3-8B on a Pi 5: nothing reaches reading speed, so take the fastest option of Q4
+    # quality, not Q5_K_M at ~1.7 tok/s; say so.
+    plan = plan_build(facts("Llama-3.1-8B"), load_profile("raspberry-pi-5-8gb"))
+    assert plan.quant in ("Q4_K_M", "Q4_0")
+    assert not plan.low_quality and plan.speed_floor["met"] is False
+    assert plan.speed_floor["tokens_per_second"] == 5.0
+    assert "interactive floor of a sbc device" in plan.speed_floor["source"]
+    assert any("below the interactive floor" in w for w in plan.warnings)
+    # a Q5/Q6 option that fits was passed over for speed, and the record says why
+    assert any(r.quant == "Q5_K_M" and r.reason.startswith("too slow") for r in plan.rejected)
+    d = plan.to_dict()
+    assert d["speed_floor"]["met"] is False and d["warnings"] and d["quality"]["low"] is False
+
+
+def test_a_small_model_keeps_the_best_quality_when_the_floor_is_met():
+    plan = plan_build(facts("Qwen2.5-0.5B"), load_profile("raspberry-pi-5-8gb"))
+    assert plan.quant == "Q8_0" and plan.speed_floor["met"] and not plan.warnings
+
+
+def test_context_shrinks_before_dropping_below_q4():
+    # A 7B without GQA on an 8 GB Jetson: Q4_K_M at ctx 2048, not Q2_K at 4096.
+    plan = plan_build(facts("Llama-2-7B"), load_profile("jetson-orin-nano-8gb"))
+    assert (plan.quant, plan.ctx) == ("Q4_K_M", 2048) and not plan.low_quality
+    assert any("shrunk from 4096 to 2048" in line for line in plan.rationale)
+    assert any(r.quant == "Q4_K_M" and r.ctx == 4096 and r.reason.startswith("does not fit")
+               for r in plan.rejected)
+
+
+def test_q3_and_q2_are_flagged_low_quality():
+    # Only Q3/Q2 fit an 8B on 6 GiB even at the smallest context: chosen, and flagged.
+    tight = with_ram(load_profile("raspberry-pi-5-8gb"), 5.5)
+    plan = plan_build(facts("Llama-3.1-8B"), tight)
+    assert plan.quant in ("Q3_K_M", "Q2_K") and plan.low_quality
+    assert any("low quality" in w for w in plan.warnings)
+    assert plan.to_dict()["quality"]["low"] is True
+    # Q4 was tried at every context first
+    assert {r.ctx for r in plan.rejected if r.quant == "Q4_0"} >= {4096, 512}
+
+
+def test_explicit_floor_still_fails_when_nothing_reaches_it():
+    with pytest.raises(BuildError) as e:
+        plan_build(facts("Llama-3.1-8B"), load_profile("raspberry-pi-5-8gb"),
+                   PlanOptions(min_tokens_per_second=5))
+    assert "5 tok/s" in e.value.message and e.value.exit_code == 5

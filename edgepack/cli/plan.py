@@ -25,9 +25,13 @@ header bytes of a local file); the device from a shipped profile id, a profile .
                  "usable_bytes", "headroom_bytes", "free_after_headroom_bytes"},
       "speed": {"decode_tokens_per_second": float | null, "prompt_tokens_per_second": float,
                 "bytes_read_per_token": int},
-      "quality": {"metric": "kld_llama3_8b" | "rank", "value": float},
+      "quality": {"metric": "kld_llama3_8b" | "rank", "value": float,
+                  "low": bool},                 # true for Q3/Q2-class choices
       "rationale": [str, ...],
-      "rejected": [{"format", "quant", "ctx", "reason"}, ...],
+      "rejected": [{"format", "quant", "ctx", "reason", "file"?}, ...],
+      "speed_floor": {"tokens_per_second": float, "source": str, "met": bool},
+      "warnings": [str, ...],                   # low quality, floor not met
+      "gguf_file": {"path", "files": [str], "quant", "quality_basis"},  # GGUF repos only
       "card": {"license", "license_name", "license_link", "base_model": [str], "datasets": [str],
                "language": [str], "pipeline_tag", "gated": "auto" | "manual" | null,
                "readme_sha256", "license_files": [{"path", "sha256", "size"}]}
@@ -78,7 +82,9 @@ import click
     "min_tps",
     type=click.FloatRange(min=0.0),
     default=None,
-    help="Reject options whose estimated decode speed is below this.",
+    help="Reject options whose estimated decode speed is below this (default: the device "
+    "class's interactive floor, 5 tok/s = reading speed, which picks the fastest option of "
+    "Q4 quality when nothing reaches it; 0 turns it off).",
 )
 @click.option("--allow-license", "allow_licenses", multiple=True, metavar="LIST",
               envvar="EDGEPACK_ALLOW_LICENSE", show_envvar=True,

@@ -39,6 +39,10 @@ def render_plan(plan: Plan, console: Console) -> None:
             else ""
         ),
     )
+    if plan.low_quality:
+        head.add_row("quality", Text("LOW (below Q4)", style="bold red"))
+    if plan.gguf_file is not None:
+        head.add_row("repo file", plan.gguf_file["path"])
     head.add_row("context", f"{plan.ctx} tokens")
     head.add_row("threads / batch / ubatch", f"{plan.threads} / {plan.batch} / {plan.ubatch}")
     head.add_row("GPU layers", str(plan.gpu_layers))
@@ -65,6 +69,11 @@ def render_plan(plan: Plan, console: Console) -> None:
             "(+ reclaimable page cache of repacked weights)", _mib(e.repack_duplicate_bytes)
         )
 
+    warn = Table(title="warnings", title_justify="left", show_header=False)
+    warn.add_column(style="yellow")
+    for line in plan.warnings:
+        warn.add_row(f"! {line}")
+
     why = Table(title="why", title_justify="left", show_header=False)
     why.add_column()
     for line in plan.rationale:
@@ -75,6 +84,8 @@ def render_plan(plan: Plan, console: Console) -> None:
     rej.add_column("ctx", justify="right")
     rej.add_column("reason")
     for r in plan.rejected:
-        rej.add_row(f"{r.format} {r.quant}", str(r.ctx), r.reason)
-    parts: list[Any] = [title, head, mem, why] + ([rej] if plan.rejected else [])
+        rej.add_row(f"{r.format} {r.quant}" + (f" ({r.file})" if r.file else ""),
+                    str(r.ctx), r.reason)
+    parts: list[Any] = [title, head, mem] + ([warn] if plan.warnings else []) + [why]
+    parts += [rej] if plan.rejected else []
     console.print(Group(*parts))

@@ -49,8 +49,10 @@ from edgepack.device.profile import (
     effective_bandwidth_gbps,
 )
 from edgepack.plan.facts import ModelFacts
+from edgepack.plan.gguf_header import GgufTensorInfo
 from edgepack.plan.quants import (
     FILE_TYPES_BY_NAME,
+    GGML_TYPES,
     ONNX_QUANTS_BY_NAME,
     GgufTensor,
     gguf_tensor_plan,
@@ -204,15 +206,41 @@ def gguf_tensors(facts: ModelFacts) -> list[GgufTensor]:
     ]
 
 
+def _exotic_nbytes(type_name: str, shape: tuple[int, ...]) -> int:
+    # Types the quantizer never produces here (IQ*, TQ*) but a downloaded GGUF may hold.
+    return GgufTensorInfo("", tuple(shape), type_name).nbytes
+
+
 def _pad(n: int, to: int) -> int:
     return -(-n // to) * to
 
 
-def estimate_gguf(facts: ModelFacts, profile: DeviceProfile, quant: str, ctx: int) -> Estimate:
-    """Memory and speed of llama.cpp serving ``facts`` as GGUF ``quant`` at context ``ctx``."""
-    ft = FILE_TYPES_BY_NAME[quant]
-    tensors = gguf_tensors(facts)
-    types, fallbacks = gguf_tensor_plan(ft, tensors, n_layer=facts.n_layer, n_gqa=facts.n_gqa)
+def estimate_gguf(
+    facts: ModelFacts,
+    profile: DeviceProfile,
+    quant: str,
+    ctx: int,
+    *,
+    stored_kld: float | None = None,
+) -> Estimate:
+    """Memory and speed of llama.cpp serving ``facts`` as GGUF ``quant`` at context ``ctx``.
+
+    With ``stored_kld`` the facts come from an existing GGUF file (a GGUF repo): every tensor
+    keeps the type it is stored in (``TensorFact.dtype``), ``quant`` is only the file's label
+    and ``stored_kld`` its quality figure.
+    """
+    if stored_kld is not None:
+        tensors = [GgufTensor(t.gguf_name, t.gguf_shape, t.dtype)
+                   for t in facts.tensors if t.gguf_name is not None]
+        types, fallbacks = {t.name: t.source_type for t in tensors}, 0
+        kld = stored_kld
+    else:
+        ft = FILE_TYPES_BY_NAME[quant]
+        kld = ft.kld
+        tensors = gguf_tensors(facts)
+        types, fallbacks = gguf_tensor_plan(
+            ft, tensors, n_layer=facts.n_layer, n_gqa=facts.n_gqa
+        )
     weights = 0
     repack_dup = 0
     read_per_token = 0
@@ -220,7 +248,7 @@ def estimate_gguf(facts: ModelFacts, profile: DeviceProfile, quant: str, ctx: in
     repack = repack_types(profile) if profile.accelerator.kind == "none" else frozenset()
     for t in tensors:
         ty = types[t.name]
-        n = tensor_nbytes(ty, t.shape)
+        n = tensor_nbytes(ty, t.shape) if ty in GGML_TYPES else _exotic_nbytes(ty, t.shape)
         weights += n
         counts[ty] = counts.get(ty, 0) + 1
         if (
@@ -264,7 +292,7 @@ def estimate_gguf(facts: ModelFacts, profile: DeviceProfile, quant: str, ctx: in
         prompt_tps=prompt,
         bytes_per_token=read_per_token,
         quality_metric="kld_llama3_8b",
-        quality_value=ft.kld,
+        quality_value=kld,
         tensor_types=counts,
         fallback_tensors=fallbacks,
     )

@@ -4,11 +4,23 @@ No I/O. The memory and speed models and their calibration live in :mod:`edgepack
 this module makes the choice and explains it: every option it did not take is listed with the
 reason (does not fit by X MiB, slower than --min-tokens-per-second, lower quality than chosen).
 
-Choice: walk the quantizations from best to worst quality (llama.cpp's published KL divergence
-for GGUF, see :mod:`edgepack.plan.quants`) and take the first that fits the usable memory with
-headroom and meets the speed floor. If none does at the requested context, halve the context
-(down to 512 tokens) and say so. If none does at all, raise BuildError (exit 5) naming the
-smallest option, by how much it misses, and what would fit.
+Choice, in this order of preference:
+
+1. quantizations of Q4 quality or better (KL divergence at most Q4_0's in llama.cpp's published
+   table, see :mod:`edgepack.plan.quants`), at the requested context; if none fits, the context
+   is halved (down to 512 tokens) before anything below Q4 is considered -- a short context
+   is a smaller loss than Q3/Q2 text;
+2. among those that fit, the best quality whose estimated decode speed reaches the speed
+   floor: ``--min-tokens-per-second``, or by default the device class's interactive floor
+   (reading speed, :data:`READING_SPEED_TPS`). When nothing reaches a *default* floor, the
+   fastest option of the tier is taken (the best quality within 10 % of it) and the plan
+   warns; an explicit floor that nothing reaches is an error;
+3. Q3/Q2 only when nothing of Q4 quality fits at any context; flagged ``low_quality`` with a
+   warning.
+
+If nothing fits, BuildError (exit 5) names the smallest option, by how much it misses, and
+what would fit. For a GGUF repo (``files``), the options are the repo's files, each estimated
+from its own header (exact tensor types and sizes).
 """
 
 from __future__ import annotations
@@ -33,7 +45,7 @@ from edgepack.plan.estimate import (
     repacks_q4_0,
 )
 from edgepack.plan.facts import ModelFacts
-from edgepack.plan.quants import FILE_TYPES, ONNX_QUANTS, file_type
+from edgepack.plan.quants import FILE_TYPES, FILE_TYPES_BY_NAME, ONNX_QUANTS, file_type
 
 PLAN_SCHEMA = 1
 DEFAULT_CTX = 4096
@@ -42,8 +54,27 @@ MIN_CTX = 512
 # estimate cannot see (page cache for the model file's first read, allocator fragmentation).
 HEADROOM_FRACTION = 0.10
 HEADROOM_MIN = 256 * MIB
-# Below this decode speed the rationale warns (people read ~4-5 words/s, ~1.3 tokens a word).
-SLOW_DECODE_TPS = 5.0
+# The interactive speed floor: silent reading speed. Adults read English non-fiction at 238
+# words/min on average (Brysbaert 2019, "How many words do we read per minute?", Journal of
+# Memory and Language 109:104047) = 3.97 words/s; at OpenAI's rule of thumb of 100 tokens per
+# 75 words (https://help.openai.com/en/articles/4936856) that is 5.3 tokens/s, rounded to 5.
+# Slower than this, a reader waits for the text. Every shipped device class is used by a
+# person reading a chat today, so all share it; the table lets a class differ.
+READING_SPEED_TPS = 5.0
+INTERACTIVE_FLOOR_TPS: dict[str, float] = {
+    "sbc": READING_SPEED_TPS,
+    "jetson": READING_SPEED_TPS,
+    "mini-pc": READING_SPEED_TPS,
+    "laptop": READING_SPEED_TPS,
+    "desktop": READING_SPEED_TPS,
+    "server": READING_SPEED_TPS,
+}
+# Above this KL divergence a quantization is flagged low quality: anything below Q4_0 in
+# llama.cpp's LLaMA 3 8B scoreboard (Q4_0: 0.0719, Q3_K_M: 0.1019, Q2_K: 0.4451).
+LOW_QUALITY_KLD = FILE_TYPES_BY_NAME["Q4_0"].kld
+# When nothing reaches a default floor: options within this fraction of the fastest count as
+# equally fast (the speed model's own error is larger than 10 %).
+NEAR_FASTEST = 0.90
 
 
 @dataclass(frozen=True)
@@ -62,9 +93,48 @@ class Rejected:
     quant: str
     ctx: int
     reason: str
+    file: str | None = None  # the repo file, when planning over a GGUF repo's files
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": self.format, "quant": self.quant, "ctx": self.ctx, "reason": self.reason}
+        out = {"format": self.format, "quant": self.quant, "ctx": self.ctx, "reason": self.reason}
+        if self.file is not None:
+            out["file"] = self.file
+        return out
+
+
+@dataclass(frozen=True)
+class FileChoice:
+    """A GGUF file (or set of split parts) that a repo already holds, as the planner sees it.
+
+    ``facts`` are read from its header: every TensorFact's dtype is the ggml type stored.
+    ``kld`` ranks it (see :func:`edgepack.plan.gguf_header.quality_kld`).
+    """
+
+    path: str  # the first (or only) file's path in the repo
+    files: tuple[str, ...]
+    quant: str
+    facts: ModelFacts
+    kld: float
+    kld_basis: str
+
+
+@dataclass(frozen=True)
+class _Choice:
+    quant: str
+    kld: float
+    low: bool
+    file: str | None = None
+    files: tuple[str, ...] = ()
+    facts: ModelFacts | None = None  # a stored file's own facts
+    kld_basis: str = "llama.cpp scoreboard"
+    fmt: str = "gguf"
+    base: ModelFacts | None = None
+
+    def estimate(self, profile: DeviceProfile, ctx: int) -> Estimate:
+        if self.facts is not None:
+            return estimate_gguf(self.facts, profile, self.quant, ctx, stored_kld=self.kld)
+        assert self.base is not None
+        return _estimate(self.fmt, self.quant, self.base, profile, ctx)
 
 
 @dataclass(frozen=True)
@@ -86,9 +156,16 @@ class Plan:
     headroom_bytes: int
     rationale: tuple[str, ...]
     rejected: tuple[Rejected, ...] = field(default=())
+    warnings: tuple[str, ...] = ()
+    low_quality: bool = False
+    speed_floor: dict[str, Any] | None = None
+    gguf_file: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         e = self.estimate
+        extra: dict[str, Any] = {}
+        if self.gguf_file is not None:
+            extra["gguf_file"] = self.gguf_file
         return {
             "schema": PLAN_SCHEMA,
             "model": self.model,
@@ -110,9 +187,17 @@ class Plan:
                 - e.required_bytes,
             },
             "speed": e.speed_dict(),
-            "quality": {"metric": e.quality_metric, "value": e.quality_value},
+            "quality": {
+                "metric": e.quality_metric,
+                "value": e.quality_value,
+                "low": self.low_quality,
+            },
             "rationale": list(self.rationale),
             "rejected": [r.to_dict() for r in self.rejected],
+            # additions to schema 1 (new keys after the old ones)
+            "speed_floor": self.speed_floor,
+            "warnings": list(self.warnings),
+            **extra,
         }
 
 
@@ -134,12 +219,31 @@ def _format_for(facts: ModelFacts, profile: DeviceProfile, options: PlanOptions)
     return "gguf", f"{facts.architecture} is a decoder LLM: GGUF with llama.cpp"
 
 
-def _candidates(fmt: str, facts: ModelFacts, profile: DeviceProfile, forced: str | None):
-    if fmt == "gguf":
-        names = [ft.name for ft in FILE_TYPES]
+def _choices(
+    fmt: str,
+    facts: ModelFacts,
+    profile: DeviceProfile,
+    forced: str | None,
+    files: Sequence[FileChoice],
+) -> list[_Choice]:
+    """What may be chosen, best quality first."""
+    if files:
+        ranked = sorted(files, key=lambda f: (f.kld, f.path))
+        out = [_Choice(f.quant, f.kld, _low_quality(f.kld), f.path, f.files, f.facts,
+                       f.kld_basis) for f in ranked]
         if forced is not None:
-            return [file_type(forced).name]
-        return names
+            want = forced.upper().replace("-", "_")
+            out = [c for c in out if c.quant.upper() == want or c.file == forced]
+            if not out:
+                raise UsageError(
+                    f"--quant {forced!r}: the repo holds no such GGUF file",
+                    hint="the repo has: " + ", ".join(
+                        f"{f.quant} ({f.path})" for f in ranked),
+                )
+        return out
+    if fmt == "gguf":
+        fts = FILE_TYPES if forced is None else (file_type(forced),)
+        return [_Choice(ft.name, ft.kld, _low_quality(ft.kld), base=facts) for ft in fts]
     names = [q.name for q in ONNX_QUANTS]
     if forced is not None:
         q = forced.lower()
@@ -147,8 +251,8 @@ def _candidates(fmt: str, facts: ModelFacts, profile: DeviceProfile, forced: str
             raise UsageError(
                 f"unknown ONNX quantization {forced!r}", hint=f"use {', '.join(names)}"
             )
-        return [q]
-    return names
+        names = [q]
+    return [_Choice(n, 0.0, False, fmt="onnx", base=facts) for n in names]
 
 
 def _ctx_ladder(facts: ModelFacts, fmt: str, options: PlanOptions) -> list[int]:
@@ -179,11 +283,14 @@ def _estimate(
     return estimate_onnx(facts, profile, quant, ctx)
 
 
-def _skip_reason(fmt: str, quant: str, profile: DeviceProfile, forced: bool) -> str | None:
+def _skip_reason(
+    fmt: str, quant: str, profile: DeviceProfile, forced: bool, choices: Sequence[_Choice]
+) -> str | None:
     """Options never worth choosing unless asked for by name."""
     if forced:
         return None
-    if fmt == "gguf" and quant == "F16":
+    has_q8 = any(c.quant == "Q8_0" for c in choices) or all(c.file is None for c in choices)
+    if fmt == "gguf" and quant in ("F16", "BF16", "F32") and has_q8:
         return (
             "Q8_0 is within 0.001 KLD of F16 (llama.cpp scoreboard) at half the memory "
             "and memory traffic; ask with --quant F16"
@@ -203,21 +310,49 @@ def _skip_reason(fmt: str, quant: str, profile: DeviceProfile, forced: bool) -> 
     return None
 
 
+def _floor_for(profile: DeviceProfile, options: PlanOptions) -> tuple[float, bool, str]:
+    """(tok/s floor, given explicitly?, where it comes from)."""
+    if options.min_tokens_per_second is not None:
+        return options.min_tokens_per_second, True, "--min-tokens-per-second"
+    tps = INTERACTIVE_FLOOR_TPS.get(profile.device_class, READING_SPEED_TPS)
+    return tps, False, f"the interactive floor of a {profile.device_class} device ({tps:g} tok/s)"
+
+
+def _low_quality(kld: float) -> bool:
+    return kld > LOW_QUALITY_KLD
+
+
 def plan_build(
     facts: ModelFacts,
     profile: DeviceProfile,
     options: PlanOptions = PlanOptions(),
     *,
     alternatives: Sequence[DeviceProfile] = (),
+    files: Sequence[FileChoice] = (),
 ) -> Plan:
     """Choose format, quant, context, threads and offload for ``facts`` on ``profile``.
 
-    ``alternatives`` are other device profiles, used only to say what would fit when nothing
-    does. Raises UsageError for impossible options and BuildError (exit 5) when no option fits
-    the device or meets ``min_tokens_per_second``.
+    ``files``: the GGUF files a repo already holds (a GGUF repo); the plan then picks one of
+    them instead of a quantization to make. ``alternatives`` are other device profiles, used
+    only to say what would fit when nothing does. Raises UsageError for impossible options and
+    BuildError (exit 5) when no option fits the device or meets ``min_tokens_per_second``.
+
+    Order of preference: quantizations of Q4 quality or better at the largest context that
+    fits (shrinking the context before going below Q4), best quality first unless it misses
+    the speed floor; Q3/Q2 only when nothing of Q4 quality fits at any context, flagged as low
+    quality. A default floor (not asked for) that nothing reaches picks the fastest option of
+    Q4 quality or better rather than failing.
     """
-    fmt, fmt_reason = _format_for(facts, profile, options)
-    names = _candidates(fmt, facts, profile, options.quant)
+    if files:
+        if options.format == "onnx":
+            raise UsageError(
+                "--format onnx cannot be built from a GGUF repo",
+                hint="drop --format, or use the repo of the original safetensors checkpoint",
+            )
+        fmt, fmt_reason = "gguf", "the repo holds GGUF files: one of them is chosen as is"
+    else:
+        fmt, fmt_reason = _format_for(facts, profile, options)
+    choices = _choices(fmt, facts, profile, options.quant, files)
     forced = options.quant is not None
     ladder = _ctx_ladder(facts, fmt, options)
     if forced and options.ctx is not None:
@@ -225,75 +360,122 @@ def plan_build(
     usable = int(profile.memory.usable_gib * 1024**3)
     headroom = max(HEADROOM_MIN, int(usable * HEADROOM_FRACTION))
     budget = usable - headroom
-    floor = options.min_tokens_per_second
+    floor, explicit_floor, floor_source = _floor_for(profile, options)
 
     rejected: list[Rejected] = []
     smallest: tuple[int, str, int, Estimate] | None = None
-    chosen: tuple[str, int, Estimate] | None = None
+    chosen: tuple[_Choice, int, Estimate] | None = None
     fastest: tuple[float, str] | None = None  # among options that fit, for the error message
-    for ctx in ladder:
-        tried: list[Rejected] = []
-        for q in names:
-            skip = _skip_reason(fmt, q, profile, forced)
-            if skip:
-                tried.append(Rejected(fmt, q, ctx, skip))
-                continue
-            est = _estimate(fmt, q, facts, profile, ctx)
-            over = est.required_bytes - budget
-            if smallest is None or est.required_bytes < smallest[0]:
-                smallest = (est.required_bytes, q, ctx, est)
-            if over > 0:
-                tried.append(
-                    Rejected(
-                        fmt,
-                        q,
-                        ctx,
-                        f"does not fit: needs {_fmt_mib(est.required_bytes)}, "
-                        f"{_fmt_mib(over)} over the {_fmt_mib(budget)} left after "
-                        f"{_fmt_mib(headroom)} headroom",
+    below_floor: tuple[_Choice, int, Estimate] | None = None  # fastest of Q4+ that fits
+    tiers = [[c for c in choices if not c.low], [c for c in choices if c.low]]
+    for tier in tiers:
+        for ctx in ladder:
+            tried: list[Rejected] = []
+            fit_here: list[tuple[_Choice, Estimate]] = []
+            for c in tier:
+                skip = _skip_reason(fmt, c.quant, profile, forced, choices)
+                if skip:
+                    tried.append(Rejected(fmt, c.quant, ctx, skip, c.file))
+                    continue
+                est = c.estimate(profile, ctx)
+                over = est.required_bytes - budget
+                if smallest is None or est.required_bytes < smallest[0]:
+                    smallest = (est.required_bytes, c.quant, ctx, est)
+                if over > 0:
+                    tried.append(
+                        Rejected(
+                            fmt,
+                            c.quant,
+                            ctx,
+                            f"does not fit: needs {_fmt_mib(est.required_bytes)}, "
+                            f"{_fmt_mib(over)} over the {_fmt_mib(budget)} left after "
+                            f"{_fmt_mib(headroom)} headroom",
+                            c.file,
+                        )
                     )
-                )
-                continue
-            speed = est.decode_tps if est.decode_tps is not None else est.prompt_tps
-            if fastest is None or speed > fastest[0]:
-                fastest = (speed, q)
-            if floor is not None and speed < floor:
-                tried.append(
-                    Rejected(
-                        fmt,
-                        q,
-                        ctx,
-                        f"too slow: about {speed:.1f} tok/s, below "
-                        f"--min-tokens-per-second {floor:g}",
+                    continue
+                speed = _speed(est)
+                fit_here.append((c, est))
+                if fastest is None or speed > fastest[0]:
+                    fastest = (speed, c.quant)
+                if speed < floor and (explicit_floor or not forced):
+                    tried.append(
+                        Rejected(
+                            fmt,
+                            c.quant,
+                            ctx,
+                            f"too slow: about {speed:.1f} tok/s, below {floor_source}",
+                            c.file,
+                        )
                     )
-                )
-                continue
-            chosen = (q, ctx, est)
-            break
-        rejected.extend(tried)
+                    continue
+                chosen = (c, ctx, est)
+                break
+            rejected.extend(tried)
+            if chosen is not None:
+                break
+            if fit_here and not explicit_floor and below_floor is None:
+                # The best quality within 10 % of the fastest: where decoding is compute-bound
+                # a smaller file buys no speed, so it should not cost quality.
+                top = max(_speed(e) for _, e in fit_here)
+                best = next(ce for ce in fit_here if _speed(ce[1]) >= NEAR_FASTEST * top)
+                below_floor = (best[0], ctx, best[1])
         if chosen is not None:
             break
+        if below_floor is not None:
+            # A default floor is advice: keep this tier's quality at the fastest option that fits
+            # rather than trading to Q3/Q2 or failing.
+            chosen = below_floor
+            rejected[:] = [r for r in rejected
+                           if not (r.quant == chosen[0].quant and r.file == chosen[0].file
+                                   and r.ctx == chosen[1])]
+            break
     if chosen is None:
-        raise _nothing_fits(facts, profile, fmt, options, smallest, budget, fastest, alternatives)
+        raise _nothing_fits(
+            facts, profile, fmt, options, smallest, budget, fastest, alternatives, floor,
+            files,
+        )
 
-    q, ctx, est = chosen
-    chosen_rank = names.index(q)
-    for lower in names[chosen_rank + 1 :]:
-        rejected.append(Rejected(fmt, lower, ctx, f"lower quality than {q}"))
+    c, ctx, est = chosen
+    q = c.quant
+    chosen_rank = choices.index(c)
+    for lower in choices[chosen_rank + 1 :]:
+        if not any(r.quant == lower.quant and r.file == lower.file for r in rejected):
+            rejected.append(Rejected(fmt, lower.quant, ctx, f"lower quality than {q}", lower.file))
     rationale = [fmt_reason]
-    rationale += _quant_rationale(fmt, q, est, forced, floor)
+    warnings: list[str] = []
+    speed = _speed(est)
+    rationale += _quant_rationale(fmt, c, est, forced, floor, floor_source, speed >= floor)
+    if c.file is not None:
+        rationale.append(f"file {c.file}" + (f" (+{len(c.files) - 1} split parts)"
+                                             if len(c.files) > 1 else ""))
+    if c.low:
+        warnings.append(
+            f"{q} is low quality (KLD {est.quality_value:g} vs FP16 on LLaMA 3 8B, llama.cpp "
+            "scoreboard; Q4_0 is 0.072): expect wrong facts and broken text; a device with "
+            "more memory or a smaller model is the better fix"
+        )
+    if speed < floor and not forced and fmt == "gguf" and facts.family == "decoder":
+        warnings.append(
+            f"about {speed:.1f} tok/s, below {floor_source}: "
+            + ("nothing that fits" if c.low else "nothing of Q4 quality or better")
+            + " reaches it here; this is the fastest such option (a smaller model would be "
+            "faster; --min-tokens-per-second 0 prefers quality)"
+        )
     requested = ladder[0]
     if ctx != requested:
         rationale.append(
-            f"context shrunk from {requested} to {ctx} tokens: nothing fit at "
-            f"{requested} (see rejected options)"
+            f"context shrunk from {requested} to {ctx} tokens: nothing of Q4 quality or better "
+            f"fit at {requested} (see rejected options)"
+            if not c.low
+            else f"context shrunk from {requested} to {ctx} tokens: nothing fit at {requested}"
         )
     elif options.ctx is None and facts.family == "decoder":
         rationale.append(
             f"context {ctx}: min(model maximum {facts.max_context}, default {DEFAULT_CTX})"
         )
     rationale.append(f"{profile.cpu.cores} threads: one per physical core")
-    layers = gpu_offload(facts, profile, est) if fmt == "gguf" else 0
+    layers = gpu_offload(c.facts or facts, profile, est) if fmt == "gguf" else 0
     if layers:
         which = "all" if layers == facts.n_layer + 1 else f"{layers} of {facts.n_layer + 1}"
         rationale.append(
@@ -309,11 +491,6 @@ def plan_build(
         )
     elif fmt == "gguf" and q == "Q4_0" and not repacks_q4_0(profile):
         rationale.append("no dotprod/i8mm/AVX2 here: llama.cpp does not repack Q4_0 on this CPU")
-    if est.decode_tps is not None and est.decode_tps < SLOW_DECODE_TPS and floor is None:
-        rationale.append(
-            f"expect about {est.decode_tps:.1f} tok/s, slower than reading speed; "
-            "--min-tokens-per-second trades quality for speed"
-        )
     rationale.append(
         f"memory: {_fmt_mib(est.required_bytes)} of {_fmt_mib(usable)} usable "
         f"({_fmt_mib(headroom)} kept as headroom)"
@@ -339,19 +516,41 @@ def plan_build(
         headroom_bytes=headroom,
         rationale=tuple(rationale),
         rejected=tuple(rejected),
+        warnings=tuple(warnings),
+        low_quality=c.low,
+        speed_floor={"tokens_per_second": floor, "source": floor_source,
+                     "met": speed >= floor},
+        gguf_file=None if c.file is None else {
+            "path": c.file, "files": list(c.files), "quant": q,
+            "quality_basis": c.kld_basis,
+        },
     )
 
 
+def _speed(est: Estimate) -> float:
+    return est.decode_tps if est.decode_tps is not None else est.prompt_tps
+
+
 def _quant_rationale(
-    fmt: str, q: str, est: Estimate, forced: bool, floor: float | None
+    fmt: str,
+    c: _Choice,
+    est: Estimate,
+    forced: bool,
+    floor: float,
+    floor_source: str,
+    met: bool,
 ) -> list[str]:
+    q = c.quant
     if forced:
         return [f"{q} as asked with --quant"]
-    why = f"{q}: the highest-quality option that fits with headroom"
-    if floor is not None:
-        why += f" and reaches --min-tokens-per-second {floor:g}"
+    if met:
+        why = f"{q}: the highest-quality option that fits with headroom"
+        if fmt == "gguf" or est.decode_tps is not None:
+            why += f" and reaches {floor_source}"
+    else:
+        why = f"{q}: the fastest option of Q4 quality or better that fits"
     if fmt == "gguf":
-        why += f" (KLD {est.quality_value:g} vs FP16 on LLaMA 3 8B, llama.cpp scoreboard)"
+        why += f" (KLD {est.quality_value:g} vs FP16 on LLaMA 3 8B, {c.kld_basis})"
     return [why]
 
 
@@ -364,6 +563,8 @@ def _nothing_fits(
     budget: int,
     fastest: tuple[float, str] | None,
     alternatives: Sequence[DeviceProfile],
+    floor: float,
+    files: Sequence[FileChoice],
 ) -> BuildError:
     if smallest is None:
         return BuildError(
@@ -373,7 +574,6 @@ def _nothing_fits(
     need, q, ctx, est = smallest
     over = need - budget
     if over <= 0:
-        floor = options.min_tokens_per_second
         fast = (
             f" (fastest that fits: {fastest[1]}, about {fastest[0]:.1f} tok/s)" if fastest else ""
         )
@@ -388,7 +588,13 @@ def _nothing_fits(
             continue
         o_usable = int(other.memory.usable_gib * 1024**3)
         o_budget = o_usable - max(HEADROOM_MIN, int(o_usable * HEADROOM_FRACTION))
-        if _estimate(fmt, q, facts, other, ctx).required_bytes <= o_budget:
+        stored = next((f for f in files if f.quant == q), None)
+        other_est = (
+            estimate_gguf(stored.facts, other, q, ctx, stored_kld=stored.kld)
+            if stored is not None
+            else _estimate(fmt, q, facts, other, ctx)
+        )
+        if other_est.required_bytes <= o_budget:
             fits_elsewhere.append(other.id)
     hint = (
         f"the smallest option ({fmt} {q} at ctx {ctx}) needs {_fmt_mib(need)}: weights "

@@ -1,8 +1,9 @@
 """Config dicts of real models and safetensors-like tensor maps synthesized from them.
 
 The configs are copied from the models' config.json on the Hugging Face hub (Qwen2.5-0.5B/1.5B/
-3B-Instruct, Llama-3.1-8B-Instruct, SmolLM2-135M-Instruct); the tensor shapes follow from the
-config exactly as the transformers modeling code creates them, so planner tests need no download.
+3B-Instruct, Llama-3.1-8B-Instruct, SmolLM2-135M-Instruct, Llama-2-7b-hf); the tensor shapes
+follow from the config exactly as the transformers modeling code creates them, so planner
+tests need no download.
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
     ),
     "Llama-3.1-8B": _llama_like(
         "llama", 4096, 32, 32, 8, 14336, 128256, 131072, False, arch="LlamaForCausalLM"
+    ),
+    # A 7B without grouped-query attention: 2 GiB of f16 KV cache at ctx 4096.
+    "Llama-2-7B": _llama_like(
+        "llama", 4096, 32, 32, 32, 11008, 32000, 4096, False, arch="LlamaForCausalLM"
     ),
 }
 
