@@ -32,7 +32,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from edgepack.errors import IntegrityError
-from edgepack.manifest import MANIFEST_NAME, load_manifest, verify_bundle
+from edgepack.manifest import MANIFEST_NAME, SIGNATURE_NAME, load_manifest, verify_bundle
 
 MAX_MEMBERS = 100_000
 DEFAULT_MAX_BYTES = 256 << 30
@@ -192,7 +192,7 @@ def verify_archive(listing: ArchiveListing) -> dict[str, Any]:
                 problems.append(f"{rel}: sha256 {h.hexdigest()[:16]}…, expected "
                                 f"{entry['sha256'][:16]}…")
     problems += [f"{rel}: not listed in the manifest" for rel in sorted(listing.files)
-                 if rel != MANIFEST_NAME and rel not in listed]
+                 if rel not in (MANIFEST_NAME, SIGNATURE_NAME) and rel not in listed]
     if problems:
         raise IntegrityError(
             f"archive {str(listing.path)!r} does not match its manifest:\n    "

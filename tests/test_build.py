@@ -64,6 +64,7 @@ def test_tiny_llama_round_trip_through_the_hub(local_hub, tiny_llama_dir, tmp_pa
     assert m["engine"]["name"] == "llama.cpp"
     assert {f["path"] for f in m["files"]} == {
         m["model"]["path"],
+        "sbom.cdx.json",
         "server.toml",
         "systemd/edgepack-server.service",
         "systemd/edgepack-agent.service",

@@ -202,6 +202,7 @@ def run_build(req: BuildRequest, log: Callable[[str], None] = lambda _m: None) -
     from edgepack.build.model_card import LicensePolicy, describe_derivation
     from edgepack.build.model_files import check_disk_space
     from edgepack.build.preflight import check_request, model_name
+    from edgepack.build.sbom import write_sbom
     from edgepack.device.catalog import list_profiles
     from edgepack.device.profile import profile_digest
     from edgepack.device.resolve import load_profile
@@ -293,7 +294,8 @@ def run_build(req: BuildRequest, log: Callable[[str], None] = lambda _m: None) -
                                            out.converter, out.engine, out.validation),
             license_files=tuple((f.path, f.local.resolve()) for f in meta.card.license_files),
         )
-        path = write_bundle(spec, Path(req.out) / bundle_name, overwrite=req.overwrite)
+        path = write_bundle(spec, Path(req.out) / bundle_name, overwrite=req.overwrite,
+                            documents=write_sbom(spec))
         log(f"wrote {path}")
         result.bundles.append(path)
         archive = None

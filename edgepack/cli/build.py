@@ -186,13 +186,21 @@ def verify(bundle: Path, keys: tuple[Path, ...]) -> None:
 @click.command("inspect")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
-def inspect(bundle: Path, as_json: bool) -> None:
-    """Show what BUNDLE (a folder or its .tar) holds: model, source, device, plan, validation,
-    runtime pack."""
+@click.option("--sbom", "as_sbom", is_flag=True,
+              help="Print the bundle's ML-BOM (sbom.cdx.json, CycloneDX 1.6) as it is.")
+def inspect(bundle: Path, as_json: bool, as_sbom: bool) -> None:
+    """Show what BUNDLE (a folder or its .tar) holds: model, licence, source, device, plan,
+    validation, runtime pack."""
     from edgepack.archive import is_archive, read_archive_manifest, scan_archive
     from edgepack.manifest import load_manifest
 
     m = read_archive_manifest(scan_archive(bundle)) if is_archive(bundle) else load_manifest(bundle)
+    if as_sbom:
+        if is_archive(bundle):
+            raise UsageError("--sbom reads a bundle folder, not an archive",
+                             hint=f"unpack it first (edgepack install, or tar -xf {bundle})")
+        click.echo(_sbom_text(bundle, m), nl=False)
+        return
     if as_json:
         click.echo(json.dumps(m, indent=2, sort_keys=True))
         return
@@ -244,3 +252,19 @@ def _card_lines(m: dict) -> list[str]:
     for change in derivation.get("changes") or []:
         lines.append(f"changed     {change}")
     return lines
+
+
+def _sbom_text(bundle: Path, manifest: dict) -> str:
+    """sbom.cdx.json, checked against its manifest entry before it is shown."""
+    from edgepack.errors import IntegrityError
+    from edgepack.manifest import sha256_file
+
+    entry = next((f for f in manifest["files"] if f["path"] == "sbom.cdx.json"), None)
+    path = bundle / "sbom.cdx.json"
+    if entry is None:
+        raise UsageError(f"bundle {str(bundle)!r} has no sbom.cdx.json",
+                         hint="it was built before edgepack wrote ML-BOMs; rebuild it")
+    if not path.is_file() or sha256_file(path) != entry["sha256"]:
+        raise IntegrityError(f"{path} does not match its manifest entry",
+                             hint="the bundle was altered; run `edgepack verify` on it")
+    return path.read_text(encoding="utf-8")
