@@ -18,6 +18,11 @@ from typing import Any, Protocol, runtime_checkable
 
 from edgepack.errors import RuntimeHealthError
 
+# What an engine can do beyond plain sampling; the server refuses a request that needs more.
+FEATURE_GRAMMAR = "grammar"  # GBNF-constrained sampling (response_format, grammar, forced tools)
+FEATURE_LOGPROBS = "logprobs"
+FEATURE_TOOLS = "tools"  # chat templates rendered with `tools`
+
 # Why a generation ended. "stop": end-of-generation token or a stop sequence; "length":
 # max_tokens or the context is full; "cancelled": the client went away or the server drains.
 FINISH_STOP = "stop"
@@ -90,6 +95,21 @@ class SamplingParams:
     presence_penalty: float = 0.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # A GBNF grammar (llama.cpp's format) every sampled token must keep the text inside;
+    # structured output and forced tool calls compile to one (see structured.py, tools.py).
+    grammar: str | None = None
+    # None: no log-probabilities; N >= 0: each token's log-probability and its N most likely
+    # alternatives, from the model's distribution before sampling (as llama-server reports).
+    logprobs: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token: its bytes, its log-probability and the most likely alternatives."""
+
+    piece: bytes
+    logprob: float
+    top: tuple[tuple[bytes, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -97,6 +117,7 @@ class TokenEvent:
     """Text produced by one or more tokens (multi-byte characters may span tokens)."""
 
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token, when SamplingParams.logprobs
 
 
 @dataclass(frozen=True)
@@ -154,10 +175,29 @@ class Engine(Protocol):
     @property
     def n_ctx(self) -> int: ...
 
+    @property
+    def features(self) -> frozenset[str]:
+        """The FEATURE_* this engine implements."""
+        ...
+
+    @property
+    def chat_template(self) -> str | None:
+        """The model's chat template source (None: not a chat model or none shipped)."""
+        ...
+
     def count_tokens(self, text: str) -> int: ...
 
-    def prepare_chat(self, messages: Sequence[dict[str, Any]]) -> Prompt:
-        """Apply the model's chat template and tokenize; ValueError when messages don't fit it."""
+    def check_grammar(self, grammar: str) -> None:
+        """Raise ValueError when ``grammar`` is not a GBNF grammar this engine can sample with."""
+        ...
+
+    def prepare_chat(
+        self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None
+    ) -> Prompt:
+        """Apply the model's chat template (with ``tools`` when given) and tokenize.
+
+        ValueError when the messages don't fit the template.
+        """
         ...
 
     def prepare_completion(self, text: str) -> Prompt: ...

@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.runtimes.engine import (
+    FEATURE_GRAMMAR,
+    FEATURE_LOGPROBS,
+    FEATURE_TOOLS,
     CancelToken,
     EngineError,
     FinishEvent,
@@ -27,6 +30,7 @@ from edgepack.runtimes.engine import (
     Prompt,
     SamplingParams,
     TokenEvent,
+    TokenLogprob,
     fitted,
     generation_limit,
     not_for_chat,
@@ -61,6 +65,7 @@ class LlamaEngine:
         self._is_eog: Any = None
         self._pieces: dict[int, bytes] = {}
         self._piece_buf: Any = None
+        self._template_source: str | None = None
 
     # -- loading -------------------------------------------------------------------------
 
@@ -100,6 +105,7 @@ class LlamaEngine:
         self._piece_buf = ctypes.create_string_buffer(256)
         if s.kind == "chat":
             self._template = self._chat_template(llm)
+            self._template_source = llm.metadata.get("tokenizer.chat_template")
         meta = dict(llm.metadata)
         return ModelInfo(
             name=s.name,
@@ -158,17 +164,45 @@ class LlamaEngine:
             raise EngineError("the engine is not loaded")
         return self._llm
 
+    @property
+    def features(self) -> frozenset[str]:
+        return frozenset({FEATURE_GRAMMAR, FEATURE_LOGPROBS, FEATURE_TOOLS})
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._template_source
+
     # -- prompts ---------------------------------------------------------------------------
 
     def count_tokens(self, text: str) -> int:
         return len(self._require().tokenize(text.encode("utf-8"), add_bos=False, special=False))
 
-    def prepare_chat(self, messages: Sequence[dict[str, Any]]) -> Prompt:
+    def check_grammar(self, grammar: str) -> None:
+        # llama.cpp's parser returns NULL (and logs why on stderr) for a grammar it cannot
+        # use; a NULL added to a sampler chain would crash the process, so every grammar is
+        # parsed here first, where a failure is the client's 400. Reads only the vocabulary.
+        import llama_cpp
+
+        llm = self._require()
+        sampler = llama_cpp.llama_sampler_init_grammar(
+            llm._model.vocab, grammar.encode("utf-8"), b"root"
+        )
+        if not sampler:
+            raise ValueError(
+                "llama.cpp could not parse the grammar (GBNF, with a 'root' rule; see "
+                "https://github.com/ggml-org/llama.cpp/blob/master/grammars/README.md)"
+            )
+        llama_cpp.llama_sampler_free(sampler)
+
+    def prepare_chat(
+        self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None
+    ) -> Prompt:
         llm = self._require()
         if self._template is None:
             raise not_for_chat(self.settings.name, self.settings.kind)
         try:
-            rendered = self._template(messages=list(messages))
+            rendered = self._template(messages=list(messages),
+                                      tools=list(tools) if tools else None)
         except Exception as e:  # noqa: BLE001 - jinja raises many kinds; all mean bad input
             raise ValueError(f"the model's chat template rejected the messages: {e}") from e
         # The template writes BOS itself when the model wants one (added_special=True).
@@ -198,6 +232,12 @@ class LlamaEngine:
         vocab = llm._model.vocab
         is_eog = self._is_eog
         llm.set_seed(_DEFAULT_SEED if params.seed is None else params.seed & 0xFFFFFFFF)
+        grammar = None
+        if params.grammar is not None:
+            from llama_cpp.llama_grammar import LlamaGrammar
+
+            self.check_grammar(params.grammar)
+            grammar = LlamaGrammar.from_string(params.grammar)
         tokens = llm.generate(
             list(prompt.tokens),
             top_k=params.top_k,
@@ -207,7 +247,11 @@ class LlamaEngine:
             repeat_penalty=params.repeat_penalty,
             frequency_penalty=params.frequency_penalty,
             presence_penalty=params.presence_penalty,
+            grammar=grammar,
         )
+        describe = None
+        if params.logprobs is not None:
+            describe = self._logprob_reader(params.logprobs)
         yield from token_events(
             tokens,
             lambda t: decoder.decode(self._piece(t)),
@@ -217,7 +261,30 @@ class LlamaEngine:
             stops=tuple(prompt.stop) + tuple(params.stop),
             cancel=cancel,
             is_end=lambda t: bool(is_eog(vocab, t)),
+            describe=describe,
         )
+
+    def _logprob_reader(self, n_top: int) -> Any:
+        # The logits of the last decoded position are those that produced the token just
+        # sampled: llama-cpp-python yields each token before it decodes the next one.
+        import numpy as np
+
+        llm = self._llm
+        n_vocab = llm.n_vocab()
+
+        def describe(token: int) -> TokenLogprob:
+            ptr = llm._ctx.get_logits_ith(-1)
+            logits = np.ctypeslib.as_array(ptr, shape=(n_vocab,)).astype(np.float64)
+            peak = logits.max()
+            logp = logits - (peak + np.log(np.exp(logits - peak).sum()))
+            top: tuple[tuple[bytes, float], ...] = ()
+            if n_top > 0:
+                ids = np.argpartition(-logp, n_top)[:n_top]
+                ids = ids[np.argsort(-logp[ids])]
+                top = tuple((self._piece(int(i)), float(logp[i])) for i in ids)
+            return TokenLogprob(self._piece(token), float(logp[token]), top)
+
+        return describe
 
     def _piece(self, token: int) -> bytes:
         # The bytes of one token, cached: the vocabulary is fixed once loaded.

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 from edgepack.runtimes.engine import (
+    FEATURE_TOOLS,
     CancelToken,
     EngineError,
     FinishEvent,
@@ -233,13 +234,33 @@ class OnnxEngine:
         self._require()
         return len(self._tokenizer.encode(text, add_special_tokens=False).ids)
 
-    def prepare_chat(self, messages: Sequence[dict[str, Any]]) -> Prompt:
+    @property
+    def features(self) -> frozenset[str]:
+        # Tool calls are rendered by the template and parsed by the server; sampling here is
+        # plain numpy, without a grammar engine, so forced calls and structured output are not.
+        return frozenset({FEATURE_TOOLS})
+
+    @property
+    def chat_template(self) -> str | None:
+        source = self._config.get("chat_template") if self._config else None
+        return source if isinstance(source, str) and source else None
+
+    def check_grammar(self, grammar: str) -> None:
+        raise ValueError(
+            "the ONNX engine has no grammar-constrained sampling; serve a GGUF bundle for "
+            "response_format json_object/json_schema, grammar or forced tool calls"
+        )
+
+    def prepare_chat(
+        self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None
+    ) -> Prompt:
         self._require()
         if self._template is None:
             raise not_for_chat(self.settings.name, self.settings.kind)
         try:
             text = self._template.render(
                 messages=list(messages),
+                tools=list(tools) if tools else None,
                 bos_token=self._config.get("bos_token") or "",
                 eos_token=self._config.get("eos_token") or "",
                 add_generation_prompt=True,

@@ -18,6 +18,7 @@ from edgepack.runtimes.engine import (
     CancelToken,
     FinishEvent,
     TokenEvent,
+    TokenLogprob,
 )
 from edgepack.runtimes.stops import StopScanner
 
@@ -32,10 +33,13 @@ def token_events(
     stops: Sequence[str],
     cancel: CancelToken,
     is_end: Callable[[int], bool] = lambda _t: False,
+    describe: Callable[[int], TokenLogprob] | None = None,
 ) -> Generator[TokenEvent | FinishEvent, None, None]:
     """Turn ``tokens`` into events; ``tokens`` is closed however the loop ends.
 
     A token stream that ends by itself before ``limit`` means end of generation (stop).
+    ``describe`` (for logprobs) is called for each generated token before ``tokens`` is
+    advanced, while the engine still holds the logits that produced it.
     """
     scanner = StopScanner(stops)
     t0 = time.perf_counter()
@@ -46,6 +50,7 @@ def token_events(
         yield FinishEvent(FINISH_CANCELLED, n_prompt, 0)
         return
     reason = FINISH_STOP
+    pending: list[TokenLogprob] = []  # logprobs of tokens whose text is still held back
     try:
         if limit <= 0:
             reason = FINISH_LENGTH
@@ -60,9 +65,12 @@ def token_events(
                     reason = FINISH_STOP
                     break
                 n_out += 1
+                if describe is not None:
+                    pending.append(describe(token))
                 out = scanner.feed(to_text(token))
                 if out:
-                    yield TokenEvent(out)
+                    yield TokenEvent(out, tuple(pending))
+                    pending.clear()
                 if scanner.stopped:
                     reason = FINISH_STOP
                     break
@@ -75,7 +83,7 @@ def token_events(
         tail = scanner.feed(flush_text())
         tail += "" if scanner.stopped else scanner.flush()
         if tail:
-            yield TokenEvent(tail)
+            yield TokenEvent(tail, tuple(pending))
     t_end = time.perf_counter()
     t_first = t_first or t_end
     yield FinishEvent(
