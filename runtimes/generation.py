@@ -20,13 +20,22 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import anyio
+from edgepack.runtimes.answers import (
+    Answer,
+    Constrained,
+    chat_logprobs,
+    check_features,
+    completion_logprobs,
+    constrain,
+    stream_tool_calls,
+)
 from edgepack.runtimes.engine import (
     FINISH_CANCELLED,
     FINISH_STOP,
     CancelToken,
     FinishEvent,
-    Prompt,
     PromptTooLongError,
+    SamplingParams,
     TokenEvent,
 )
 from edgepack.runtimes.lifecycle import DRAINING, LOADING, READY
@@ -100,7 +109,7 @@ def _check_ready(s: ServerState) -> None:
                    status=503, type="server_error", code="engine_failed")
 
 
-async def _prepare(s: ServerState, fn: Callable[[], Prompt], param: str) -> Prompt:
+async def _prepare(s: ServerState, fn: Callable[[], Constrained], param: str) -> Constrained:
     # Tokenizing reads only the vocabulary, so it runs beside a generation (llama-server
     # does the same on its HTTP threads); a long prompt never blocks the event loop.
     try:
@@ -112,7 +121,7 @@ async def _prepare(s: ServerState, fn: Callable[[], Prompt], param: str) -> Prom
 
 
 def _engine_events(
-    s: ServerState, prompt: Prompt, req: GenerationRequest, cancel: CancelToken,
+    s: ServerState, job: Constrained, cancel: CancelToken,
     ticket: Ticket, loop: asyncio.AbstractEventLoop,
 ) -> Callable[[], Iterator[Any]]:
     """The job the worker runs: marks the ticket, records metrics, releases the ticket."""
@@ -121,7 +130,7 @@ def _engine_events(
     def make() -> Iterator[Any]:
         _post(loop, ticket.start)
         try:
-            for ev in _guarded(s, loop, s.engine.generate(prompt, req.params, cancel)):
+            for ev in _guarded(s, loop, s.engine.generate(job.prompt, job.params, cancel)):
                 if isinstance(ev, FinishEvent):
                     reason = ev.reason
                     if reason == FINISH_CANCELLED and cancel.reason:
@@ -190,42 +199,46 @@ async def _generate(request: Request, chat: bool) -> Response:
     _check_model(s, req.model)
     _check_ready(s)
     engine = s.engine
-    if chat:
-        prompt = await _prepare(s, lambda: engine.prepare_chat(req.messages), "messages")
-    else:
-        prompt = await _prepare(s, lambda: engine.prepare_completion(req.prompt), "prompt")
+    check_features(engine, req)
+    job = await _prepare(s, lambda: constrain(engine, req, chat),
+                         "messages" if chat else "prompt")
     _check_ready(s)
     ticket = s.admission.enter()
     cancel = CancelToken()
     loop = asyncio.get_running_loop()
     try:
-        events = s.worker.stream(_engine_events(s, prompt, req, cancel, ticket, loop))
+        events = s.worker.stream(_engine_events(s, job, cancel, ticket, loop))
     except BaseException:
         ticket.release()
         raise
     ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
+    answer = Answer(job.tool_format, req.tool_forced, job.params.logprobs is not None)
     if req.stream:
-        return _CancellingStream(_sse(s, req, chat, events, cancel, ident, created, t0), cancel)
-    return await _complete(s, request, req, chat, events, cancel, ident, created, t0)
+        return _CancellingStream(
+            _sse(s, req, chat, events, cancel, ident, created, t0, answer), cancel)
+    return await _complete(s, request, chat, events, cancel, ident, created, t0, answer,
+                           job.params)
 
 
 async def _complete(
-    s: ServerState, request: Request, req: GenerationRequest, chat: bool,
-    events: AsyncIterator[Any], cancel: CancelToken, ident: str, created: int, t0: float,
+    s: ServerState, request: Request, chat: bool, events: AsyncIterator[Any],
+    cancel: CancelToken, ident: str, created: int, t0: float, answer: Answer,
+    params: SamplingParams,
 ) -> Response:
     s_active = s.active
     s_active.add(cancel)
     watcher = asyncio.create_task(_watch_disconnect(request, cancel))
-    parts: list[str] = []
+    first = True
     finish: FinishEvent | None = None
     try:
         with anyio.move_on_after(s.config.request_timeout_seconds) as scope:
             async for ev in events:
                 if isinstance(ev, TokenEvent):
-                    if not parts:
+                    if first:
                         s.metrics.ttft.observe(time.perf_counter() - t0)
-                    parts.append(ev.text)
+                        first = False
+                    answer.feed(ev.text, ev.logprobs)
                 else:
                     finish = ev
     finally:
@@ -248,16 +261,21 @@ async def _complete(
             status=503, type="server_error", code="shutting_down",
             headers={"Retry-After": "1"},
         )
-    text = "".join(parts)
+    answer.finish()
     usage = {"prompt_tokens": finish.prompt_tokens, "completion_tokens": finish.completion_tokens,
              "total_tokens": finish.prompt_tokens + finish.completion_tokens}
-    reason = _public_reason(finish.reason)
+    reason = answer.finish_reason(_public_reason(finish.reason))
+    logprobs: dict[str, Any] | None = None
+    if params.logprobs is not None:
+        items = answer.take_logprobs()
+        logprobs = chat_logprobs(items) if chat else completion_logprobs(items, 0)
     if chat:
-        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
-                                  "logprobs": None, "finish_reason": reason}
+        choice: dict[str, Any] = {"index": 0, "message": answer.message(),
+                                  "logprobs": logprobs, "finish_reason": reason}
         obj = "chat.completion"
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+        choice = {"index": 0, "text": answer.content, "logprobs": logprobs,
+                  "finish_reason": reason}
         obj = "text_completion"
     return JSONResponse({"id": ident, "object": obj, "created": created,
                          "model": s.config.model_name, "choices": [choice], "usage": usage})
@@ -269,18 +287,25 @@ def _sse_data(payload: dict[str, Any]) -> bytes:
 
 async def _sse(
     s: ServerState, req: GenerationRequest, chat: bool, events: AsyncIterator[Any],
-    cancel: CancelToken, ident: str, created: int, t0: float,
+    cancel: CancelToken, ident: str, created: int, t0: float, answer: Answer,
 ) -> AsyncIterator[bytes]:
     """OpenAI's chunk stream. Leaving early (client gone) cancels the engine at once."""
     model = s.config.model_name
     obj = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(delta_or_text: Any, reason: str | None) -> dict[str, Any]:
+        logprobs: dict[str, Any] | None = None
+        if answer.want_logprobs:
+            items = answer.take_logprobs()
+            if items:
+                logprobs = (chat_logprobs(items) if chat else
+                            completion_logprobs(items, answer.completion_offset(items)))
         if chat:
-            c: dict[str, Any] = {"index": 0, "delta": delta_or_text, "logprobs": None,
+            c: dict[str, Any] = {"index": 0, "delta": delta_or_text, "logprobs": logprobs,
                                  "finish_reason": reason}
         else:
-            c = {"index": 0, "text": delta_or_text, "logprobs": None, "finish_reason": reason}
+            c = {"index": 0, "text": delta_or_text, "logprobs": logprobs,
+                 "finish_reason": reason}
         return {"id": ident, "object": obj, "created": created, "model": model, "choices": [c]}
 
     s.active.add(cancel)
@@ -295,10 +320,18 @@ async def _sse(
                     if first:
                         s.metrics.ttft.observe(time.perf_counter() - t0)
                         first = False
-                    yield _sse_data(chunk({"content": ev.text} if chat else ev.text, None))
+                    out = answer.feed(ev.text, ev.logprobs)
+                    if out:
+                        yield _sse_data(chunk({"content": out} if chat else out, None))
                     continue
                 finished = True
-                yield _sse_data(chunk({} if chat else "", _public_reason(ev.reason)))
+                tail = answer.finish()
+                if tail:
+                    yield _sse_data(chunk({"content": tail} if chat else tail, None))
+                if answer.calls:
+                    yield _sse_data(chunk({"tool_calls": stream_tool_calls(answer.calls)}, None))
+                reason = answer.finish_reason(_public_reason(ev.reason))
+                yield _sse_data(chunk({} if chat else "", reason))
                 if req.include_usage:
                     yield _sse_data({
                         "id": ident, "object": obj, "created": created, "model": model,

@@ -5,21 +5,28 @@ Every check names the parameter, the value's type and what was expected, and rai
 ``{"error": {"message", "type", "param", "code"}}``. Nothing here may raise anything else
 for any JSON a client sends: bad input is a 400, never a 500.
 
-Fields edgepack does not implement (tools, logprobs, n > 1, ...) are refused with a 400
+Fields edgepack does not implement (n > 1, echo, logit_bias, ...) are refused with a 400
 naming them rather than ignored, so a client never gets an answer to a question it did not
 ask. Unknown fields are ignored, as OpenAI-compatible servers commonly do.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from edgepack.runtimes.engine import SamplingParams
+from edgepack.runtimes.structured import FormatError, Structure, parse_response_format
 
 MAX_STOP = 4
+MAX_TOOLS = 128
+MAX_TOP_LOGPROBS = 20
+_TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+TOOL_CHOICES = ("none", "auto", "required")
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -140,6 +147,19 @@ class GenerationRequest:
     params: SamplingParams
     messages: tuple[dict[str, Any], ...] = ()
     prompt: str = ""
+    structure: Structure | None = None  # response_format / grammar
+    tools: tuple[dict[str, Any], ...] = ()
+    tool_choice: str = "auto"  # none | auto | required | function (then tool_name)
+    tool_name: str | None = None
+    parallel_tool_calls: bool = True
+
+    @property
+    def tools_active(self) -> bool:
+        return bool(self.tools) and self.tool_choice != "none"
+
+    @property
+    def tool_forced(self) -> bool:
+        return self.tools_active and self.tool_choice in ("required", "function")
 
 
 def _stop(body: Mapping[str, Any]) -> tuple[str, ...]:
@@ -171,20 +191,16 @@ def _sampling(body: Mapping[str, Any]) -> SamplingParams:
     pres = _number(body, "presence_penalty", -2.0, 2.0)
     n = _integer(body, "n", 1)
     if n not in (None, 1):
-        raise ApiError("'n' must be 1: this server returns one choice per request",
+        # Several choices would each need their own sequence; send n requests instead
+        # (they are decoded one after another either way).
+        raise ApiError("'n' must be 1: this server returns one choice per request; send "
+                       "several requests for several answers",
                        param="n", code="unsupported_parameter")
-    for key in ("logprobs", "echo"):
-        _unsupported(body, key, (None, False))
-    for key in ("tools", "functions", "logit_bias", "suffix"):
+    _unsupported(body, "echo", (None, False))
+    for key in ("functions", "logit_bias", "suffix"):
         _unsupported(body, key, (None, [], {}))
-    for key in ("tool_choice", "function_call"):
-        _unsupported(body, key, (None, "none"))
-    _unsupported(body, "top_logprobs", (None, 0))
+    _unsupported(body, "function_call", (None, "none"))
     _unsupported(body, "best_of", (None, 1))
-    rf = body.get("response_format")
-    if rf is not None and rf != {"type": "text"}:
-        raise ApiError("'response_format' other than {\"type\": \"text\"} is not supported",
-                       param="response_format", code="unsupported_parameter")
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=defaults.temperature if temperature is None else temperature,
@@ -197,6 +213,96 @@ def _sampling(body: Mapping[str, Any]) -> SamplingParams:
         seed=seed,
         stop=_stop(body),
     )
+
+
+def _chat_logprobs(body: Mapping[str, Any]) -> int | None:
+    # Chat: logprobs is a boolean, top_logprobs (0-20) the alternatives per token.
+    on = _boolean(body, "logprobs")
+    top = _integer(body, "top_logprobs", 0)
+    if top is not None and top > MAX_TOP_LOGPROBS:
+        raise _bad("top_logprobs", top, f"an integer between 0 and {MAX_TOP_LOGPROBS}")
+    if top and not on:
+        raise ApiError("'top_logprobs' needs 'logprobs': true", param="top_logprobs",
+                       code="invalid_value")
+    return (top or 0) if on else None
+
+
+def _completion_logprobs(body: Mapping[str, Any]) -> int | None:
+    # Legacy completions: logprobs is the number of alternatives (0-20; OpenAI allows 5).
+    v = body.get("logprobs")
+    if v is None or v is False:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_TOP_LOGPROBS:
+        raise _bad("logprobs", v, f"an integer between 0 and {MAX_TOP_LOGPROBS}")
+    return v
+
+
+def _structure(body: Mapping[str, Any]) -> Structure | None:
+    try:
+        return parse_response_format(body.get("response_format"), body.get("grammar"))
+    except FormatError as e:
+        raise ApiError(str(e), param=e.param, code="invalid_value") from e
+
+
+def _tools(body: Mapping[str, Any]) -> tuple[tuple[dict[str, Any], ...], str, str | None, bool]:
+    raw = body.get("tools")
+    tools: list[dict[str, Any]] = []
+    if raw is not None:
+        if not isinstance(raw, list):
+            raise _bad("tools", raw, "an array of function tools")
+        if len(raw) > MAX_TOOLS:
+            raise ApiError(f"'tools' holds {len(raw)} tools, at most {MAX_TOOLS} allowed",
+                           param="tools", code="invalid_value")
+        for i, t in enumerate(raw):
+            param = f"tools[{i}]"
+            if not isinstance(t, dict) or t.get("type") != "function":
+                raise _bad(param, t, 'an object {"type": "function", "function": {...}}')
+            fn = t.get("function")
+            if not isinstance(fn, dict):
+                raise _bad(f"{param}.function", fn, "an object with 'name' and 'parameters'")
+            name = fn.get("name")
+            if not isinstance(name, str):
+                raise _bad(f"{param}.function.name", name, "a string")
+            if not _TOOL_NAME.match(name):
+                raise ApiError(f"'{param}.function.name' is {name[:80]!r}; a function name is "
+                               "1-64 letters, digits, '_' or '-'",
+                               param=f"{param}.function.name", code="invalid_value")
+            params = fn.get("parameters")
+            if params is not None and not isinstance(params, dict):
+                raise _bad(f"{param}.function.parameters", params, "a JSON schema object")
+            desc = fn.get("description")
+            if desc is not None and not isinstance(desc, str):
+                raise _bad(f"{param}.function.description", desc, "a string")
+            clean = {"name": name, "parameters": params or {"type": "object", "properties": {}}}
+            if desc:
+                clean["description"] = desc
+            tools.append({"type": "function", "function": clean})
+    names = [t["function"]["name"] for t in tools]
+    choice = body.get("tool_choice")
+    tool_name: str | None = None
+    if choice is None:
+        choice = "auto"
+    elif isinstance(choice, dict):
+        fn = choice.get("function")
+        tool_name = fn.get("name") if isinstance(fn, dict) else None
+        if choice.get("type") != "function" or not isinstance(tool_name, str):
+            raise _bad("tool_choice", choice,
+                       'one of none, auto, required or {"type": "function", "function": '
+                       '{"name": ...}}')
+        if tool_name not in names:
+            raise ApiError(f"'tool_choice' names function {tool_name!r}, which is not in "
+                           f"'tools' ({', '.join(names) or 'no tools given'})",
+                           param="tool_choice", code="invalid_value")
+        choice = "function"
+    elif choice not in TOOL_CHOICES:
+        raise _bad("tool_choice", choice, "one of none, auto, required or a function object")
+    if choice in ("required", "function") and not tools:
+        raise ApiError(f"'tool_choice' {choice!r} needs 'tools'", param="tool_choice",
+                       code="invalid_value")
+    parallel = body.get("parallel_tool_calls", True)
+    if not isinstance(parallel, bool):
+        raise _bad("parallel_tool_calls", parallel, "a boolean")
+    return tuple(tools), choice, tool_name, parallel
 
 
 def _stream_options(body: Mapping[str, Any], stream: bool) -> bool:
@@ -242,27 +348,76 @@ def parse_chat(body: Any) -> GenerationRequest:
     raw = body.get("messages")
     if not isinstance(raw, list) or not raw:
         raise _bad("messages", raw, "a non-empty array of messages")
-    messages = []
-    for i, m in enumerate(raw):
-        if not isinstance(m, dict):
-            raise _bad(f"messages[{i}]", m, "an object with 'role' and 'content'")
-        role = m.get("role")
-        if role not in ROLES:
-            raise _bad(f"messages[{i}].role", role, f"one of {', '.join(ROLES)}")
-        content = m.get("content")
-        if content is None and role == "assistant":
-            content = ""
-        # "developer" is OpenAI's newer name for "system"; chat templates know "system".
-        messages.append({"role": "system" if role == "developer" else role,
-                         "content": _content(i, content)})
+    messages = [_message(i, m) for i, m in enumerate(raw)]
     stream = _boolean(body, "stream")
+    tools, choice, tool_name, parallel = _tools(body)
+    structure = _structure(body)
+    if structure is not None and tools and choice in ("required", "function"):
+        raise ApiError("a forced tool call and a structured 'response_format'/'grammar' "
+                       "cannot both constrain one answer; drop one of them",
+                       param="tool_choice", code="invalid_value")
+    params = SamplingParams(**{**_sampling(body).__dict__, "logprobs": _chat_logprobs(body)})
     return GenerationRequest(
         model=model,
         stream=stream,
         include_usage=_stream_options(body, stream),
-        params=_sampling(body),
+        params=params,
         messages=tuple(messages),
+        structure=structure,
+        tools=tools,
+        tool_choice=choice,
+        tool_name=tool_name,
+        parallel_tool_calls=parallel,
     )
+
+
+def _message(i: int, m: Any) -> dict[str, Any]:
+    if not isinstance(m, dict):
+        raise _bad(f"messages[{i}]", m, "an object with 'role' and 'content'")
+    role = m.get("role")
+    if role not in ROLES:
+        raise _bad(f"messages[{i}].role", role, f"one of {', '.join(ROLES)}")
+    content = m.get("content")
+    calls = m.get("tool_calls") if role == "assistant" else None
+    if content is None and role == "assistant":
+        content = ""
+    # "developer" is OpenAI's newer name for "system"; chat templates know "system".
+    out: dict[str, Any] = {"role": "system" if role == "developer" else role,
+                           "content": _content(i, content)}
+    if calls:
+        out["tool_calls"] = _history_calls(i, calls)
+    if role == "tool":
+        ident = m.get("tool_call_id")
+        if not isinstance(ident, str) or not ident:
+            raise _bad(f"messages[{i}].tool_call_id", ident,
+                       "the id of the tool call this message answers")
+        out["tool_call_id"] = ident
+        if isinstance(m.get("name"), str):
+            out["name"] = m["name"]
+    return out
+
+
+def _history_calls(i: int, calls: Any) -> list[dict[str, Any]]:
+    param = f"messages[{i}].tool_calls"
+    if not isinstance(calls, list):
+        raise _bad(param, calls, "an array of tool calls")
+    out = []
+    for j, c in enumerate(calls):
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise _bad(f"{param}[{j}].function", fn, "an object with 'name' and 'arguments'")
+        args = fn.get("arguments", "{}")
+        if isinstance(args, str):
+            # Templates print arguments with |tojson and expect an object (as transformers
+            # documents and llama.cpp passes them); text that is not JSON stays text.
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except json.JSONDecodeError:
+                pass
+        ident = c.get("id")
+        out.append({"id": ident if isinstance(ident, str) else f"call_{i}_{j}",
+                    "type": "function", "function": {"name": fn["name"], "arguments": args}})
+    return out
 
 
 def parse_completion(body: Any) -> GenerationRequest:
@@ -276,15 +431,19 @@ def parse_completion(body: Any) -> GenerationRequest:
         raise _bad("prompt", prompt, "a string (or an array holding one string)")
     stream = _boolean(body, "stream")
     params = _sampling(body)
+    for key in ("tools", "tool_choice"):
+        _unsupported(body, key, (None, [], "none"))
+    changes: dict[str, Any] = {"logprobs": _completion_logprobs(body)}
     if params.max_tokens is None:
         # OpenAI's default for the legacy completions route.
-        params = SamplingParams(**{**params.__dict__, "max_tokens": 16})
+        changes["max_tokens"] = 16
     return GenerationRequest(
         model=model,
         stream=stream,
         include_usage=_stream_options(body, stream),
-        params=params,
+        params=SamplingParams(**{**params.__dict__, **changes}),
         prompt=prompt,
+        structure=_structure(body),
     )
 
 
