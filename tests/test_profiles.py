@@ -229,3 +229,47 @@ def test_cli_list_table_and_json():
     listed = json.loads(runner.invoke(cli, ["profiles", "list", "--json"]).output)
     assert [p["id"] for p in listed["profiles"]] == shipped_ids()
     assert all("effective_bandwidth_gbps" in p["derived"] for p in listed["profiles"])
+
+
+# The runtime pack picks wheels and the compiler target from these facts (issue #11).
+@pytest.mark.parametrize(("pid", "target", "os_id", "python", "libc"), [
+    ("raspberry-pi-4-4gb", "cortex-a72", "debian-12", "3.11", "glibc-2.36"),
+    ("raspberry-pi-5-8gb", "cortex-a76", "debian-12", "3.11", "glibc-2.36"),
+    ("jetson-orin-nano-8gb", "cortex-a78ae", "ubuntu-22.04", "3.10", "glibc-2.35"),
+])
+def test_device_software_facts(pid, target, os_id, python, libc):
+    p = load_profile(pid)
+    assert p.cpu.target == target
+    assert p.software is not None
+    assert (p.software.os, p.software.python, p.software.libc) == (os_id, python, libc)
+    for field_name in ("cpu.target", "software.os", "software.python", "software.libc"):
+        assert "https://" in p.sources[field_name]
+
+
+def test_every_arm_profile_knows_its_software():
+    for p in list_profiles():
+        if p.cpu.arch == "aarch64":
+            assert p.software is not None and p.cpu.target, p.id
+
+
+@pytest.mark.parametrize(("field_name", "bad", "says"), [
+    ("os", "Debian 12", "software.os"),
+    ("python", "3", "software.python"),
+    ("libc", "musl-1.2", "software.libc"),
+])
+def test_bad_software_facts_are_named(field_name, bad, says):
+    data = _pi5()
+    data["software"][field_name] = bad
+    assert says in _reject(data)
+
+
+def test_software_facts_need_sources_and_all_three():
+    data = _pi5()
+    del data["sources"]["software.libc"]
+    assert "software.libc" in _reject(data)
+    data = _pi5()
+    del data["software"]["python"]
+    assert "software.python" in _reject(data)
+    data = _pi5()
+    data["cpu"]["target"] = "Cortex A76"
+    assert "cpu.target" in _reject(data)

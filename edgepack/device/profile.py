@@ -17,6 +17,8 @@ A profile is one TOML file, ``device_profiles/<id>.toml`` for the shipped ones. 
                                         # x86: sse4_2 avx avx2 fma f16c avx512f avx512_vnni
                                         #      avx512_bf16 avx_vnni amx
     peak_gflops_fp32 = 153.6            # > 0: cores x GHz x FP32 FLOP/cycle (arithmetic in sources)
+    target = "cortex-a76"               # optional: the compiler's -mcpu name for this core
+                                        # (what the runtime pack compiles llama.cpp for)
 
     [memory]
     total_gib = 8.0                     # > 0
@@ -39,6 +41,11 @@ A profile is one TOML file, ``device_profiles/<id>.toml`` for the shipped ones. 
     [preferences]
     formats = ["gguf", "onnx"]          # ordered, non-empty, no repeats: gguf | onnx
     engines = ["llama.cpp", "onnxruntime"]
+
+    [software]                          # optional; all three or none: what the device runs,
+    os = "debian-12"                    # os-release ID-VERSION_ID (Raspberry Pi OS Bookworm)
+    python = "3.11"                     # the system python3, MAJOR.MINOR
+    libc = "glibc-2.36"                 # glibc-MAJOR.MINOR (sets the manylinux wheel tags)
 
     [sources]                           # dotted field name -> where the figure came from
     "cpu.model" = "https://... (what it says)"
@@ -111,6 +118,10 @@ SOURCED_FIELDS = (
     "accelerator.fp16_tflops",
     "accelerator.cuda_cores",
     "storage.read_mbps",
+    "cpu.target",
+    "software.os",
+    "software.python",
+    "software.libc",
 )
 KNOWN_FIELDS = (
     "schema",
@@ -138,6 +149,10 @@ KNOWN_FIELDS = (
     "storage.read_mbps",
     "preferences.formats",
     "preferences.engines",
+    "cpu.target",
+    "software.os",
+    "software.python",
+    "software.libc",
 )
 
 
@@ -149,6 +164,7 @@ class CpuSpec:
     threads: int
     isa: tuple[str, ...]
     peak_gflops_fp32: float
+    target: str | None = None  # gcc/clang -mcpu name, e.g. cortex-a76
 
     def has(self, flag: str) -> bool:
         """True when the CPU implements ISA extension ``flag`` (a name from ISA_FLAGS)."""
@@ -186,6 +202,20 @@ class StorageSpec:
 
 
 @dataclass(frozen=True)
+class SoftwareSpec:
+    """What the device runs: the runtime pack picks its wheels by these."""
+
+    os: str  # os-release ID-VERSION_ID, e.g. debian-12, ubuntu-22.04
+    python: str  # MAJOR.MINOR of the system python3
+    libc: str  # glibc-MAJOR.MINOR
+
+    @property
+    def glibc(self) -> tuple[int, int]:
+        major, minor = self.libc.removeprefix("glibc-").split(".")
+        return int(major), int(minor)
+
+
+@dataclass(frozen=True)
 class DeviceProfile:
     id: str
     name: str
@@ -200,6 +230,7 @@ class DeviceProfile:
     # profile_digest() covers it.
     sources: Mapping[str, str] = field(default_factory=dict, hash=False)
     schema: int = SCHEMA_VERSION
+    software: SoftwareSpec | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The profile as plain JSON-able data in schema order (from_dict's inverse)."""
@@ -211,6 +242,8 @@ class DeviceProfile:
             "isa": list(self.cpu.isa),
             "peak_gflops_fp32": self.cpu.peak_gflops_fp32,
         }
+        if self.cpu.target is not None:
+            cpu["target"] = self.cpu.target
         memory: dict[str, Any] = {
             "total_gib": self.memory.total_gib,
             "os_reserve_gib": self.memory.os_reserve_gib,
@@ -227,7 +260,7 @@ class DeviceProfile:
         storage: dict[str, Any] = {"kind": self.storage.kind}
         if self.storage.read_mbps is not None:
             storage["read_mbps"] = self.storage.read_mbps
-        return {
+        out: dict[str, Any] = {
             "schema": self.schema,
             "id": self.id,
             "name": self.name,
@@ -237,8 +270,12 @@ class DeviceProfile:
             "accelerator": accelerator,
             "storage": storage,
             "preferences": {"formats": list(self.formats), "engines": list(self.engines)},
-            "sources": {k: self.sources[k] for k in sorted(self.sources)},
         }
+        if self.software is not None:
+            sw = self.software
+            out["software"] = {"os": sw.os, "python": sw.python, "libc": sw.libc}
+        out["sources"] = {k: self.sources[k] for k in sorted(self.sources)}
+        return out
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -317,7 +354,10 @@ def profile_to_toml(profile: DeviceProfile) -> str:
     """TOML text for ``profile`` that parse_profile_toml reads back to an equal profile."""
     d = profile.to_dict()
     lines = [f"{_toml_key(k)} = {_toml_value(d[k])}" for k in ("schema", "id", "name", "class")]
-    for table in ("cpu", "memory", "accelerator", "storage", "preferences", "sources"):
+    for table in ("cpu", "memory", "accelerator", "storage", "preferences", "software",
+                  "sources"):
+        if table not in d:
+            continue
         lines.append("")
         lines.append(f"[{table}]")
         lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in d[table].items())

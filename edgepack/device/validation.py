@@ -28,6 +28,7 @@ from edgepack.device.profile import (
     CpuSpec,
     DeviceProfile,
     MemorySpec,
+    SoftwareSpec,
     StorageSpec,
     flatten_profile,
 )
@@ -35,6 +36,10 @@ from edgepack.errors import ProfileError
 
 _ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 _CC_RE = re.compile(r"^\d+\.\d+$")
+_TARGET_RE = re.compile(r"^[a-z0-9][a-z0-9.+-]*$")
+_OS_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*-[0-9][0-9.]*$")
+_PY_RE = re.compile(r"^3\.\d{1,2}$")
+_LIBC_RE = re.compile(r"^glibc-\d+\.\d+$")
 
 
 class Validator:
@@ -146,6 +151,7 @@ class Validator:
                 "accelerator",
                 "storage",
                 "preferences",
+                "software",
                 "sources",
             ),
         )
@@ -171,6 +177,7 @@ class Validator:
         formats = self.strings(pref, "formats", "preferences.formats", FORMATS)
         engines = self.strings(pref, "engines", "preferences.engines", ENGINES)
         sources = self.sources(self.get(top, "sources", "sources"))
+        software = self.software(top["software"]) if "software" in top else None
         profile = DeviceProfile(
             id=pid,
             name=name,
@@ -182,13 +189,15 @@ class Validator:
             formats=formats,
             engines=engines,
             sources=sources,
+            software=software,
         )
         self.check_sourced(profile)
         return profile
 
     def cpu(self, data: Any) -> CpuSpec:
         t = self.table(
-            data, "cpu", ("arch", "model", "cores", "threads", "isa", "peak_gflops_fp32")
+            data, "cpu", ("arch", "model", "cores", "threads", "isa", "peak_gflops_fp32",
+                          "target")
         )
         arch = self.string(t, "arch", "cpu.arch", ARCHES)
         cores = self.number(t, "cores", "cpu.cores", integer=True)
@@ -206,7 +215,29 @@ class Validator:
             threads=threads,
             isa=isa,
             peak_gflops_fp32=self.number(t, "peak_gflops_fp32", "cpu.peak_gflops_fp32"),
+            target=self.target(t) if "target" in t else None,
         )
+
+    def target(self, t: Mapping[str, Any]) -> str:
+        value = self.string(t, "target", "cpu.target")
+        if not _TARGET_RE.match(value):
+            raise self.fail("cpu.target", value, "a compiler -mcpu name such as cortex-a76 "
+                            "(lowercase letters, digits, '-', '.', '+')")
+        return value
+
+    def software(self, data: Any) -> SoftwareSpec:
+        t = self.table(data, "software", ("os", "python", "libc"))
+        os_id = self.string(t, "os", "software.os")
+        if not _OS_RE.match(os_id):
+            raise self.fail("software.os", os_id, "os-release ID-VERSION_ID, e.g. debian-12")
+        python = self.string(t, "python", "software.python")
+        if not _PY_RE.match(python):
+            raise self.fail("software.python", python, "MAJOR.MINOR of CPython 3, e.g. 3.11")
+        libc = self.string(t, "libc", "software.libc")
+        if not _LIBC_RE.match(libc):
+            raise self.fail("software.libc", libc, "glibc-MAJOR.MINOR, e.g. glibc-2.36 (musl "
+                            "devices are not supported by the runtime pack)")
+        return SoftwareSpec(os=os_id, python=python, libc=libc)
 
     def memory(self, data: Any) -> MemorySpec:
         t = self.table(
