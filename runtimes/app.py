@@ -32,6 +32,7 @@ from edgepack.runtimes.engine import CancelToken, Engine
 from edgepack.runtimes.lifecycle import BROKEN, READY, Lifecycle
 from edgepack.runtimes.metrics import ServerMetrics
 from edgepack.runtimes.openai_schema import ApiError
+from edgepack.runtimes.page import basic_password, status_page
 from edgepack.runtimes.queue import Admission
 from edgepack.runtimes.worker import EngineWorker
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -176,6 +177,9 @@ class GuardMiddleware:
                     "missing or wrong API key: send 'Authorization: Bearer <key>' with the key "
                     "the server was started with (--api-key / EDGEPACK_API_KEY)",
                     status=401, code="invalid_api_key",
+                    # The status page asks a browser for the key (HTTP Basic, key as password).
+                    headers={"WWW-Authenticate": 'Basic realm="edgepack", charset="UTF-8"'}
+                    if path == "/" else None,
                 )
                 await error_response(err)(scope, receive, send_wrapper)
                 return
@@ -194,9 +198,11 @@ class GuardMiddleware:
             if name == b"authorization":
                 scheme, _, token = value.partition(b" ")
                 assert self.api_key is not None
-                return scheme.lower() == b"bearer" and hmac.compare_digest(
-                    token.strip(), self.api_key
-                )
+                if scheme.lower() == b"basic":  # a browser on the status page: user:KEY
+                    token = basic_password(token.strip())
+                elif scheme.lower() != b"bearer":
+                    return False
+                return hmac.compare_digest(token.strip(), self.api_key)
         return False
 
 
@@ -270,6 +276,7 @@ def create_app(
                                         allow_methods=["GET", "POST"],
                                         allow_headers=["authorization", "content-type"]))
     routes = [
+        Route("/", status_page, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
