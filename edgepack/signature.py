@@ -351,6 +351,27 @@ def verify_signed_bundle(bundle_dir: str | os.PathLike[str],
     (signature, statement, manifest or file), ConfigError for an unusable key.
     """
     root = Path(bundle_dir)
+    statement, key = verify_signature(root, public_keys)
+    where = root / SIGNATURE_NAME
+    subjects = {str(s.get("name")): (s.get("digest") or {}).get("sha256")
+                for s in statement["subject"] if isinstance(s, dict)}
+    manifest = verify_bundle(root)
+    listed = {f["path"]: f["sha256"] for f in manifest["files"]}
+    signed_files = {k: v for k, v in subjects.items() if k != MANIFEST_NAME}
+    if listed != signed_files:
+        raise IntegrityError(f"{where}: the statement's subjects differ from the manifest's "
+                             "files", hint="sign the bundle again")
+    return SignedBundle(manifest, statement, key.keyid, key.source)
+
+
+def verify_signature(bundle_dir: str | os.PathLike[str],
+                     public_keys: Iterable[str | os.PathLike[str] | PublicKey]
+                     ) -> tuple[dict[str, Any], PublicKey]:
+    """The first half of :func:`verify_signed_bundle`: the signature with a trusted key, the
+    statement's shape and the manifest's digest, without hashing the files. For a caller that
+    checks every file against the (now authenticated) manifest itself, as the server does at
+    start, so a multi-GB model is not read twice. Raises IntegrityError, ConfigError."""
+    root = Path(bundle_dir)
     keys = [k if isinstance(k, PublicKey) else load_public_key(k) for k in public_keys]
     if not keys:
         raise ConfigError("no trusted public key given", hint="pass --key PUB")
@@ -371,13 +392,7 @@ def verify_signed_bundle(bundle_dir: str | os.PathLike[str],
             f"the signed statement covers {str(subjects.get(MANIFEST_NAME))[:16]}…: the "
             "manifest was altered after signing",
             hint="do not install this bundle; get it again from its builder")
-    manifest = verify_bundle(root)
-    listed = {f["path"]: f["sha256"] for f in manifest["files"]}
-    signed_files = {k: v for k, v in subjects.items() if k != MANIFEST_NAME}
-    if listed != signed_files:
-        raise IntegrityError(f"{where}: the statement's subjects differ from the manifest's "
-                             "files", hint="sign the bundle again")
-    return SignedBundle(manifest, statement, key.keyid, key.source)
+    return statement, key
 
 
 # -- key files --------------------------------------------------------------------------------

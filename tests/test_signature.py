@@ -220,3 +220,42 @@ def test_sign_verify_and_every_tamper_exits_6_on_a_built_bundle(local_hub, tiny_
                      "--no-golden", "--out", str(tmp_path / "out"))
     assert code == 0, text
     sign_verify_tamper(tmp_path / "out" / "tiny-llama-laptop-x86-16gb", tmp_path)
+
+
+def _serve_exit(bundle: Path, *args: str) -> tuple[int, str]:
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "edgepack", "serve", str(bundle), "--port", "0",
+                        *args], capture_output=True, text=True, timeout=120)
+    return p.returncode, p.stderr
+
+
+@pytest.mark.slow
+def test_serve_require_signature_starts_signed_bundles_only(chat_bundle, tmp_path):
+    import os
+
+    import httpx
+    from support.bundles import serve_bundle
+
+    bundle = tmp_path / "signed"
+    shutil.copytree(chat_bundle, bundle, copy_function=os.link)  # the model is hard-linked
+    key, pub = generate_keypair(tmp_path / "k")
+    _, other = generate_keypair(tmp_path / "other")
+    code, err = _serve_exit(bundle, "--require-signature", str(pub))
+    assert code == 6 and "is not signed" in err, err
+    sign_bundle(bundle, key)
+    code, err = _serve_exit(bundle, "--require-signature", str(other))
+    assert code == 6 and "signature does not verify" in err, err
+    server = serve_bundle(bundle, "--require-signature", str(pub))
+    try:
+        assert httpx.get(server.base_url + "/readyz").status_code == 200
+    finally:
+        assert server.stop() == 0
+    # A file altered after signing: the signature still verifies, the manifest check refuses.
+    toml = bundle / "server.toml"
+    text = toml.read_text()
+    toml.unlink()  # a new inode: the shared original stays intact
+    toml.write_text(text + "\n# changed\n")
+    code, err = _serve_exit(bundle, "--require-signature", str(pub))
+    assert code == 6 and "server.toml" in err, err

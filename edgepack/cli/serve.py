@@ -25,11 +25,17 @@ import click
               "(default: server.toml's queue_size).")
 @click.option("--ctx", type=click.IntRange(16), default=None,
               help="Context window in tokens (default: server.toml's n_ctx, from the plan).")
+@click.option("--require-signature", "trusted_key", default=None, metavar="PUB",
+              envvar="EDGEPACK_TRUSTED_KEY", show_envvar=True,
+              type=click.Path(dir_okay=False, path_type=str),
+              help="Refuse to start (exit 6) unless BUNDLE carries a signature "
+              "(provenance.intoto.jsonl, `edgepack sign`) by this ed25519 public key.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]),
               help="Server log verbosity.")
 def serve(bundle: str, host: str, port: int, api_key: str | None, threads: int | None,
-          queue_size: int | None, ctx: int | None, log_level: str) -> None:
+          queue_size: int | None, ctx: int | None, trusted_key: str | None,
+          log_level: str) -> None:
     """Serve BUNDLE with an OpenAI-compatible API.
 
     The bundle is verified against its manifest first (exit 6 if any file differs). The model
@@ -40,6 +46,12 @@ def serve(bundle: str, host: str, port: int, api_key: str | None, threads: int |
     Routes: GET /v1/models, POST /v1/chat/completions, /v1/completions (stream: true gives
     SSE), /v1/embeddings, GET /healthz, /readyz, /metrics (Prometheus).
     """
+    if trusted_key:
+        from edgepack.signature import verify_signature
+
+        # The signature authenticates the manifest; the server then checks every file
+        # against it before loading, so a signed bundle is fully checked, and read once.
+        verify_signature(bundle, [trusted_key])
     from edgepack.runtimes.serve import ServeOptions, run_server
 
     run_server(bundle, ServeOptions(host=host, port=port, api_key=api_key, threads=threads,
