@@ -32,6 +32,8 @@ MANIFEST_NAME = "manifest.json"
 # Written after the manifest by `edgepack sign` (edgepack.signature), so it cannot be listed in
 # it; the signature covers the manifest instead.
 SIGNATURE_NAME = "provenance.intoto.jsonl"
+# The bundle's CycloneDX ML-BOM (written by edgepack.build.sbom, listed in the manifest).
+SBOM_NAME = "sbom.cdx.json"
 SCHEMA_VERSION = 1
 _CHUNK = 1 << 20
 

@@ -197,3 +197,40 @@ def test_a_build_writes_a_valid_sbom_and_twice_gives_the_same_bytes(local_hub, t
     validate(doc)
     model = next(c for c in doc["components"] if c["type"] == "machine-learning-model")
     assert model["modelCard"]["modelParameters"]["modelArchitecture"] == "LlamaForCausalLM"
+
+
+def test_the_update_repository_publishes_sbom_and_provenance_beside_each_version(tmp_path):
+    from tuf.api.metadata import Metadata
+
+    from edgepack.ota.release import provenance_target, sbom_target, stored_target_path
+    from edgepack.ota.repo import init_repo
+    from edgepack.ota.retention import collect_garbage
+    from edgepack.signature import generate_keypair, sign_bundle
+
+    repo = init_repo(tmp_path / "repo")
+    key, _pub = generate_keypair(tmp_path / "k")
+    published = {}
+    for version in (1, 2):
+        spec = spec_for(tmp_path / f"v{version}")
+        spec = BundleSpec(**{**spec.__dict__, "version": version})
+        bundle = write_bundle(spec, tmp_path / f"b{version}", documents=write_sbom(spec))
+        sign_bundle(bundle, key)
+        repo.publish(bundle, "stable")
+        published[version] = bundle
+    targets = Metadata.from_file(str(max((repo.public / "metadata").glob("*.targets.json"),
+                                         key=lambda p: int(p.name.split(".")[0]))))
+    for version, bundle in published.items():
+        for target, name in ((sbom_target("stable", version), SBOM_NAME),
+                             (provenance_target("stable", version), "provenance.intoto.jsonl")):
+            info = targets.signed.targets[target]
+            data = (bundle / name).read_bytes()
+            assert info.length == len(data)
+            stored = repo.public / "targets" / stored_target_path(target, info.hashes["sha256"])
+            assert stored.read_bytes() == data
+    # Dropping a version drops its SBOM and provenance too.
+    collect_garbage(repo, keep=1)
+    targets = Metadata.from_file(str(max((repo.public / "metadata").glob("*.targets.json"),
+                                         key=lambda p: int(p.name.split(".")[0]))))
+    assert sbom_target("stable", 1) not in targets.signed.targets
+    assert provenance_target("stable", 1) not in targets.signed.targets
+    assert sbom_target("stable", 2) in targets.signed.targets

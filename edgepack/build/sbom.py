@@ -37,8 +37,10 @@ from typing import Any
 
 from edgepack import __version__
 from edgepack.errors import BuildError
+from edgepack.manifest import SBOM_NAME
 
-SBOM_NAME = "sbom.cdx.json"
+__all__ = ["SBOM_NAME", "sbom_dict", "write_sbom"]
+
 _WHEEL = re.compile(r"^(?P<name>[^-]+)-(?P<version>[^-]+)(?:-\d[^-]*)?-[^-]+-[^-]+-[^-]+\.whl$")
 # The device extras edgepack installs for each engine (pyproject.toml).
 _DEVICE_EXTRAS = {"gguf": ("serve", "llama", "agent"), "onnx": ("serve", "onnx", "agent")}

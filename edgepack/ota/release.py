@@ -108,6 +108,16 @@ def release_target(channel: str, version: int | str) -> str:
     return f"releases/{channel}/{version_text(version)}.json"
 
 
+def sbom_target(channel: str, version: int | str) -> str:
+    """The version's ML-BOM, published beside it for auditors (not fetched by devices)."""
+    return f"sboms/{channel}/{version_text(version)}.cdx.json"
+
+
+def provenance_target(channel: str, version: int | str) -> str:
+    """The version's signed provenance (``edgepack sign``), when the bundle carries one."""
+    return f"provenance/{channel}/{version_text(version)}.intoto.jsonl"
+
+
 def blob_target(sha256: str) -> str:
     return f"blobs/{sha256}"
 

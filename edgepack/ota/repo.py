@@ -38,7 +38,13 @@ from typing import Any
 
 from edgepack import __version__
 from edgepack.errors import ConfigError, IntegrityError, UsageError
-from edgepack.manifest import MANIFEST_NAME, canonical_json, verify_bundle
+from edgepack.manifest import (
+    MANIFEST_NAME,
+    SBOM_NAME,
+    SIGNATURE_NAME,
+    canonical_json,
+    verify_bundle,
+)
 from edgepack.ota.release import (
     Release,
     ReleaseFile,
@@ -50,7 +56,9 @@ from edgepack.ota.release import (
     chunk_path,
     index_target,
     parse_channel,
+    provenance_target,
     release_target,
+    sbom_target,
     stored_target_path,
     version_key,
 )
@@ -305,6 +313,12 @@ class Repository:
             }
             target = release_target(channel, version)
             self._add_target(targets, target, canonical_json(release.to_dict()), custom)
+            # The ML-BOM and the signed provenance, under predictable names beside the version,
+            # so an auditor can read what a fleet runs without assembling a bundle.
+            for name, path_of in ((SBOM_NAME, sbom_target), (SIGNATURE_NAME, provenance_target)):
+                if (bundle_dir / name).is_file():
+                    self._add_target(targets, path_of(channel, version),
+                                     (bundle_dir / name).read_bytes())
             self._add_target(targets, channel_target(channel),
                              canonical_json(channel_doc(channel, [*existing, version])))
             self._sign_and_write(timestamp, snapshot, targets, expiry or Expiry())

@@ -32,7 +32,9 @@ from edgepack.ota.release import (
     parse_channel,
     parse_chunk_index,
     parse_release,
+    provenance_target,
     release_target,
+    sbom_target,
     stored_target_path,
     version_key,
     version_text,
@@ -108,8 +110,9 @@ def collect_garbage(repo: Repository, keep: int, *, dry_run: bool = False,
             if dropped:
                 result.dropped_versions[ch] = dropped
                 new_channel_docs[ch] = canonical_json(channel_doc(ch, kept))
-        dropped_paths = {release_target(ch, v)
-                         for ch, vs in result.dropped_versions.items() for v in vs}
+        dropped_paths = {target(ch, v) for ch, vs in result.dropped_versions.items()
+                         for v in vs for target in (release_target, sbom_target,
+                                                    provenance_target)}
         # What the kept releases use: their small files (blobs) and chunk indexes.
         used: set[str] = set()
         for path, _info in table.items():
