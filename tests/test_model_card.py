@@ -159,3 +159,15 @@ def test_allowed_build_records_the_card_ships_the_licence_and_says_what_changed(
     assert any(c.startswith("validated against") for c in d["changes"])
     code, text = run("inspect", str(bundle))
     assert code == 0 and "licence     other (llama3.1)" in text and "changed     " in text
+
+
+def test_a_policy_file_lists_allowed_licences(tmp_path):
+    policy_file = tmp_path / "licences.txt"
+    policy_file.write_text("# what legal approved\napache-2.0\nmit  # permissive\n")
+    policy = LicensePolicy.parse([f"@{policy_file}", "bsd-3-clause"])
+    assert policy is not None and policy.allowed == {"apache-2.0", "mit", "bsd-3-clause"}
+    (tmp_path / "empty.txt").write_text("# nothing yet\n")
+    with pytest.raises(ConfigError, match="allows no licence"):
+        LicensePolicy.parse([f"@{tmp_path / 'empty.txt'}"])
+    with pytest.raises(ConfigError, match="cannot read licence policy file"):
+        LicensePolicy.parse([f"@{tmp_path / 'missing.txt'}"])

@@ -188,8 +188,14 @@ class LicensePolicy:
 
     @classmethod
     def parse(cls, values: Iterable[str]) -> LicensePolicy | None:
-        """``--allow-license`` values (repeatable, comma-separated); None when none given."""
-        names = {v.strip().lower() for text in values for v in text.split(",") if v.strip()}
+        """``--allow-license`` values (repeatable, comma-separated; ``@FILE`` reads a policy
+        file: ids separated by commas or lines, ``#`` comments); None when none given.
+        Raises ConfigError for an unreadable or empty policy file."""
+        names: set[str] = set()
+        for text in values:
+            if text.strip().startswith("@"):
+                text = _read_policy_file(Path(text.strip()[1:]).expanduser())
+            names |= {v.strip().lower() for v in re.split(r"[,\n]", text) if v.strip()}
         return cls(frozenset(names)) if names else None
 
     def permits(self, card: ModelCard) -> bool:
@@ -209,6 +215,20 @@ class LicensePolicy:
             f"does not allow (--allow-license {allowed}); nothing was downloaded",
             hint="choose a model under an allowed licence, or add its licence id to "
                  "--allow-license after reading its terms")
+
+
+def _read_policy_file(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read licence policy file {path}: {e.strerror or e}",
+                          hint="--allow-license @FILE names a file of licence ids, one per "
+                               "line") from e
+    kept = "\n".join(line.split("#", 1)[0] for line in text.splitlines())
+    if not kept.strip():
+        raise ConfigError(f"licence policy file {path} allows no licence",
+                          hint="list licence ids such as apache-2.0 and mit, one per line")
+    return kept
 
 
 def describe_derivation(card: ModelCard, source: Mapping[str, Any], fmt: str, quant: str,

@@ -92,7 +92,8 @@ def _parse_quants(values: tuple[str, ...]) -> tuple[str | None, tuple[tuple[str,
               envvar="EDGEPACK_ALLOW_LICENSE", show_envvar=True,
               help="Licences the model may have, by model-card id (apache-2.0,mit; for "
               "'license: other' its license_name); checked before any weight byte, exit 3 "
-              "when refused. Comma-separated or repeated.")
+              "when refused. Comma-separated or repeated; @FILE reads a policy file (one id a "
+              "line).")
 def build(model, devices, fmt, quants, ctx, version, out, name, token, golden, no_golden,
           min_agreement, max_kl, min_cosine, archive, overwrite, threads, as_json,
           allow_licenses) -> None:

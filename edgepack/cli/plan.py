@@ -89,7 +89,8 @@ import click
 @click.option("--allow-license", "allow_licenses", multiple=True, metavar="LIST",
               envvar="EDGEPACK_ALLOW_LICENSE", show_envvar=True,
               help="Licences the model may have, by model-card id (apache-2.0,mit); exit 3 "
-              "when refused. Comma-separated or repeated.")
+              "when refused. Comma-separated or repeated; @FILE reads a policy file (one id a "
+              "line).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the plan as one JSON object (schema: docs/json.md#plan).")
 def plan(
