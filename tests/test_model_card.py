@@ -171,3 +171,16 @@ def test_a_policy_file_lists_allowed_licences(tmp_path):
         LicensePolicy.parse([f"@{tmp_path / 'empty.txt'}"])
     with pytest.raises(ConfigError, match="cannot read licence policy file"):
         LicensePolicy.parse([f"@{tmp_path / 'missing.txt'}"])
+
+
+def test_an_oversized_licence_file_is_refused_from_the_listing_without_download(
+    local_hub, tiny_llama_dir, tmp_path
+):
+    from edgepack.build.model_card import MAX_LICENSE_BYTES
+
+    folder = carded_model(tiny_llama_dir, tmp_path / "m")
+    (folder / "LICENSE").write_bytes(b"x" * (MAX_LICENSE_BYTES + 1))
+    local_hub.add_repo("edgepack-test/huge-licence", folder)
+    code, text = run("plan", "edgepack-test/huge-licence", "--device", "laptop-x86-16gb")
+    assert code == 3 and "LICENSE is 1048577 bytes" in text, text
+    assert local_hub.file_requests("/LICENSE") == []

@@ -26,6 +26,7 @@ from edgepack.build.model_card import (
     ModelCard,
     card_from_files,
     card_from_folder,
+    check_card_file_size,
     is_license_file,
 )
 from edgepack.build.model_files import (
@@ -271,11 +272,16 @@ def _repo_info(ref: ModelRef, token: str | None,
     return str(info.sha), files, (str(gated) if gated else None)
 
 
-def _remote_card(ref: ModelRef, sha: str, names: list[str], gated: str | None,
+def _remote_card(ref: ModelRef, sha: str, files: list[RepoFile], gated: str | None,
                  token: str | None, ep: str, cache: Path) -> ModelCard:
-    """README.md and the licence texts at ``sha`` (small files: a few kB each)."""
-    readme = _download(ref, sha, README, token, ep, cache) if README in names else None
-    licenses = {n: _download(ref, sha, n, token, ep, cache) for n in names if is_license_file(n)}
+    """README.md and the licence texts at ``sha`` (small files: a few kB each). Their sizes
+    are checked from the listing first, so an oversized "card" is never downloaded."""
+    sizes = {f.path: f.size for f in files}
+    wanted = [n for n in sizes if n == README or is_license_file(n)]
+    for name in wanted:
+        check_card_file_size(name, sizes[name])
+    readme = _download(ref, sha, README, token, ep, cache) if README in sizes else None
+    licenses = {n: _download(ref, sha, n, token, ep, cache) for n in wanted if n != README}
     return card_from_files(readme, licenses, gated)
 
 
@@ -389,7 +395,7 @@ def read_model_metadata(ref: ModelRef | str, token: str | None = None,
         return _checked_local(ref, folder, ref.repo_id, folder.name, policy)
     sha, files, gated = _repo_info(ref, token, ep)
     names = [f.path for f in files]
-    card = _remote_card(ref, sha, names, gated, token, ep, cache)
+    card = _remote_card(ref, sha, files, gated, token, ep, cache)
     if policy is not None:
         policy.check(card, f"{ref.repo_id}@{sha[:12]}")
     selected = select_files(names, ref=ref.text)

@@ -171,11 +171,17 @@ def card_from_folder(folder: Path, gated: str | None = None) -> ModelCard:
 
 
 def _check_size(path: Path, limit: int) -> None:
-    size = path.stat().st_size
-    if size > limit:
-        raise ConfigError(f"{path.name} is {size} bytes, above edgepack's {limit}-byte bound "
+    check_card_file_size(path.name, path.stat().st_size, limit)
+
+
+def check_card_file_size(name: str, size: int | None, limit: int | None = None) -> None:
+    """Raise ConfigError when a card or licence file is beyond its bound (checked from the
+    hub's listing before a download, and on disk)."""
+    limit = limit or (MAX_README_BYTES if name == README else MAX_LICENSE_BYTES)
+    if size is not None and size > limit:
+        raise ConfigError(f"{name} is {size} bytes, above edgepack's {limit}-byte bound "
                           "for a model card or licence text",
-                          hint="this is not a model card; check the repo")
+                          hint="this is not a model card or licence; check the repo")
 
 
 # -- the policy -------------------------------------------------------------------------------
