@@ -194,6 +194,13 @@ def sign_verify_tamper(bundle: Path, tmp_path: Path) -> None:
         code, text = run("verify", str(copy), "--key", str(pub))
         assert code == 6, (what, text)
         assert expected in text, (what, text)
+    # A signed archive for USB: verified with the key, tampering inside it is caught.
+    code, text = run("sign", str(bundle), "--key", str(key), "--archive")
+    tar = bundle.with_name(bundle.name + ".tar")
+    assert code == 0 and str(tar) in text, text
+    code, text = run("verify", str(tar), "--key", str(pub))
+    assert code == 0 and "ok: signature by key" in text, text
+    assert run("verify", str(tar))[0] == 0
     # The right bundle, the wrong key.
     run("keygen", str(tmp_path / "keys" / "other"))
     code, text = run("verify", str(bundle), "--key", str(tmp_path / "keys" / "other.pub"))

@@ -16,7 +16,10 @@ import click
 @click.option("--key", "key", required=True, type=click.Path(path_type=Path),
               help="ed25519 private key (PEM, mode 600): from `edgepack keygen` or "
               "`edgepack repo init` (e.g. REPO/keys/targets.key).")
-def sign(bundle: Path, key: Path) -> None:
+@click.option("--archive", is_flag=True,
+              help="Also write BUNDLE.tar (as `build --archive` does), signature included, "
+              "for USB or sneakernet transport; an older BUNDLE.tar is replaced.")
+def sign(bundle: Path, key: Path, archive: bool) -> None:
     """Sign BUNDLE: write provenance.intoto.jsonl, a DSSE envelope holding an in-toto
     statement (SLSA provenance v1) over manifest.json and every file it lists.
 
@@ -26,8 +29,14 @@ def sign(bundle: Path, key: Path) -> None:
     from edgepack.signature import sign_bundle, signing_keyid
 
     path = sign_bundle(bundle, key)
-    click.echo(f"signed: {path}\nkey id: {signing_keyid(key)}\n"
-               f"verify on the device with: edgepack verify {bundle} --key PUBLIC.pub")
+    click.echo(f"signed: {path}\nkey id: {signing_keyid(key)}")
+    target = bundle
+    if archive:
+        from edgepack.bundle import archive_bundle
+
+        target = archive_bundle(bundle, bundle.with_name(bundle.name + ".tar"))
+        click.echo(f"archive: {target}")
+    click.echo(f"verify on the device with: edgepack verify {target} --key PUBLIC.pub")
 
 
 @click.command("keygen")
