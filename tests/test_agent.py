@@ -197,7 +197,7 @@ def test_rollout_zero_hundred_and_cohorts(world):
     world.publish(1, rollout=0)
     agent = world.agent("solo")
     r = agent.run_once()
-    assert r.result == "up-to-date" and agent.state.installed_version() is None
+    assert r.result == "held-back" and agent.state.installed_version() is None
     assert "rollout 0%" in r.details["skipped"]["1"]
     world.repo.set_rollout("stable", 1, 100)
     assert agent.run_once().result == "installed"
@@ -237,7 +237,9 @@ def test_failed_health_gate_rolls_back_and_blocks_the_version(world, standin, re
     assert "2" in agent.state.blocked()
     st = agent.state.status()
     assert st["last_result"] == "rolled-back" and reason in st["reason"]
-    assert agent.run_once().result == "up-to-date", "a failed version is not retried"
+    again = agent.run_once()
+    assert again.result == "blocked", "a failed version is not retried"
+    assert again.version == 1 and "version 2: blocked:" in again.reason
     world.publish(3, edit=b"fixed")
     assert agent.run_once().result == "installed" and served_version(agent) == 3
 

@@ -99,4 +99,4 @@ def test_kill_9_during_rollback_finishes_the_rollback(tmp_path, nginx):
     again = run_agent_process(state.root, server.url)
     assert again.returncode == 0 and again.stdout.strip() == "rolled-back"
     assert "2" in state.blocked() and not state.slot(2).exists()
-    assert run_agent_process(state.root, server.url).stdout.strip() == "up-to-date"
+    assert run_agent_process(state.root, server.url).stdout.strip() == "blocked"

@@ -52,8 +52,9 @@ class Device:
         assert f"published stable version {version}" in out
         return bundle
 
-    def run(self, *extra, code: int = 0) -> tuple[str, int]:
-        """One agent cycle; returns its output line and the bytes it downloaded."""
+    def run(self, *extra, code: int = 10) -> tuple[str, int]:
+        """One agent cycle (by default expected to install: exit 10); returns its output
+        line and the bytes it downloaded."""
         out = invoke(["agent", "run", "--repo-url", self.server.url, "--state-dir", self.state,
                       "--channel", "stable", "--once", "--health-window", "60", *extra],
                      code=code)
@@ -111,9 +112,9 @@ def test_real_server_gates_install_update_and_rollbacks(tmp_path, nginx):
     assert "3" in st["blocked"] and st["pending"] is None
     assert dev.serving() == 2 and not (dev.state / "slots" / "3").exists()
 
-    # v3 is not retried: the next cycle is up to date and fetches metadata only.
-    out, got = dev.run()
-    assert out.startswith("up-to-date") and got < 8192
+    # v3 is not retried: the next cycle says it is blocked (exit 12), fetches metadata only.
+    out, got = dev.run(code=12)
+    assert out.startswith("blocked (running version 2): version 3: blocked:") and got < 8192, out
     assert dev.serving() == 2
 
     # v4: loads fine, but its golden prompt expects what the model does not answer.

@@ -76,6 +76,43 @@ def rollout_covers(percent: int | float, device_id: str) -> bool:
     return rollout_bucket(device_id) < percent
 
 
+GROUP_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
+
+
+def check_group(name: str) -> str:
+    """Validate a device group name or device id used in a rollout's ``groups`` list."""
+    if not GROUP_RE.match(name or ""):
+        raise UsageError(
+            f"group {name!r} is not a valid group name or device id",
+            hint="use letters, digits, '.', '_', ':', '@' or '-' (at most 128 characters)",
+        )
+    return name
+
+
+def offered_to(meta: dict[str, Any], device_id: str, groups: tuple[str, ...] = ()
+               ) -> tuple[bool, str]:
+    """Whether a release (its signed ``custom.edgepack`` fields) is offered to this device,
+    and why not.
+
+    A release reaches a device named in its ``groups`` list (by device id or by one of the
+    groups the agent runs with, ``agent run --group``) **or** whose cohort falls inside its
+    rollout percentage: ``--percent 0 --group canary`` reaches the canaries only,
+    ``--percent 10 --group lab`` the lab plus 10 % of everyone.
+    """
+    named = [str(g) for g in meta.get("groups") or []]
+    if device_id in named or any(g in named for g in groups):
+        return True, "named in the rollout's groups"
+    percent = float(meta.get("rollout", 0))
+    if rollout_covers(percent, device_id):
+        return True, f"cohort {rollout_bucket(device_id):.2f} < rollout {percent:g}%"
+    why = (f"rollout {percent:g}% does not include this device (cohort "
+           f"{rollout_bucket(device_id):.2f})")
+    if named:
+        why += f" and its groups {named} name neither this device nor its groups " \
+               f"{list(groups) or '[]'}"
+    return False, why
+
+
 def check_rollout(percent: object) -> int:
     """Validate a rollout percentage: an integer 0..100 (TUF's canonical JSON has no
     floats). Raises UsageError otherwise."""
@@ -270,22 +307,56 @@ def parse_chunk_index(data: bytes, where: str) -> ChunkIndex:
     return index
 
 
-def parse_channel(data: bytes, where: str) -> list[int | str]:
-    """Parse a channel document; return its versions (any order)."""
+@dataclass(frozen=True)
+class Channel:
+    """A channel document: its versions, and the signed permission to go back.
+
+    ``rollback_to`` is set by ``repo rollback``: the one lower version a device running a
+    newer one may install. Without it an agent never installs a lower version. ``withdrawn``
+    lists versions taken off the channel by a rollback; they stay burnt (a later publish must
+    be newer than them too, so no device sees the same version number with other bytes).
+    """
+
+    versions: tuple[int | str, ...]
+    rollback_to: int | str | None = None
+    withdrawn: tuple[int | str, ...] = ()
+
+
+def parse_channel_doc(data: bytes, where: str) -> Channel:
+    """Parse a channel document; raises IntegrityError if it is malformed."""
     doc = _doc(data, "edgepack-channel", where)
     try:
-        versions = list(doc["versions"])
-        for v in versions:
+        versions = tuple(doc["versions"])
+        withdrawn = tuple(doc.get("withdrawn") or ())
+        for v in (*versions, *withdrawn):
             version_key(v)
-    except (KeyError, TypeError, IntegrityError) as e:
+        rollback_to = doc.get("rollback_to")
+        if rollback_to is not None:
+            version_key(rollback_to)
+            if not any(version_key(v) == version_key(rollback_to) for v in versions):
+                raise ValueError(f"rollback_to {rollback_to!r} is not one of its versions")
+    except (KeyError, TypeError, ValueError, IntegrityError) as e:
         raise IntegrityError(f"{where}: malformed channel document ({e})") from e
-    return versions
+    return Channel(versions, rollback_to, withdrawn)
 
 
-def channel_doc(channel: str, versions: list[int | str]) -> dict[str, Any]:
-    return {
+def parse_channel(data: bytes, where: str) -> list[int | str]:
+    """Parse a channel document; return its versions (any order)."""
+    return list(parse_channel_doc(data, where).versions)
+
+
+def channel_doc(channel: str, versions: list[int | str], *,
+                rollback_to: int | str | None = None,
+                withdrawn: list[int | str] | tuple[int | str, ...] = ()) -> dict[str, Any]:
+    doc: dict[str, Any] = {
         "schema": DOC_SCHEMA,
         "type": "edgepack-channel",
         "channel": channel,
         "versions": sorted(versions, key=version_key),
     }
+    # Only written when set, so a channel without a rollback is byte-identical to before.
+    if rollback_to is not None:
+        doc["rollback_to"] = rollback_to
+    if withdrawn:
+        doc["withdrawn"] = sorted(withdrawn, key=version_key)
+    return doc

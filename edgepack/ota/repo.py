@@ -6,28 +6,18 @@ needs fastcdc). The layout is described in ``edgepack.ota.release``. Signing fol
 consistent snapshots, and the timestamp written last with ``os.replace`` so a reader sees
 either the old repository or the new one, never a mix.
 
-Keeping the repository fresh: the timestamp expires after ``TIMESTAMP_DAYS``; run
-``edgepack repo refresh DIR`` more often than that, e.g. from a systemd timer::
-
-    # /etc/systemd/system/edgepack-repo-refresh.service
-    [Service]
-    Type=oneshot
-    ExecStart=/usr/local/bin/edgepack repo refresh /srv/edgepack-repo
-
-    # /etc/systemd/system/edgepack-repo-refresh.timer
-    [Timer]
-    OnCalendar=*-*-* 00/6:00:00
-    Persistent=true
-    [Install]
-    WantedBy=timers.target
-
-(or cron: ``0 */6 * * * edgepack repo refresh /srv/edgepack-repo``).
+Keeping the repository fresh: the timestamp expires after ``Expiry.timestamp`` (2 days by
+default; ``repo init --timestamp-days``, stored in ``DIR/expiry.json`` and used by every later
+publish, rollout and refresh). ``repo init`` writes a systemd service + timer for ``repo
+refresh`` into ``DIR/systemd/`` and prints them with a cron line (``edgepack.ota.refresh``);
+``repo show`` warns when metadata expires within a day or a quarter of its period.
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -46,16 +36,18 @@ from edgepack.manifest import (
     verify_bundle,
 )
 from edgepack.ota.release import (
+    Channel,
     Release,
     ReleaseFile,
     blob_target,
     channel_doc,
     channel_target,
     check_channel,
+    check_group,
     check_rollout,
     chunk_path,
     index_target,
-    parse_channel,
+    parse_channel_doc,
     provenance_target,
     release_target,
     sbom_target,
@@ -76,6 +68,9 @@ def _now() -> datetime:
     return datetime.now(timezone.utc).replace(microsecond=0)
 
 
+EXPIRY_FILE = "expiry.json"
+
+
 @dataclass(frozen=True)
 class Expiry:
     """How long freshly signed metadata stays valid (tests pass negative values)."""
@@ -83,6 +78,32 @@ class Expiry:
     targets: timedelta = timedelta(days=TARGETS_DAYS)
     snapshot: timedelta = timedelta(days=SNAPSHOT_DAYS)
     timestamp: timedelta = timedelta(days=TIMESTAMP_DAYS)
+
+    def to_dict(self) -> dict[str, float]:
+        return {"targets_days": self.targets / timedelta(days=1),
+                "snapshot_days": self.snapshot / timedelta(days=1),
+                "timestamp_days": self.timestamp / timedelta(days=1)}
+
+    @classmethod
+    def from_days(cls, *, targets: float | None = None, snapshot: float | None = None,
+                  timestamp: float | None = None) -> Expiry:
+        """Periods in days (None: the default); raises UsageError for a period that is not
+        positive or a timestamp that outlives the snapshot or the snapshot the targets."""
+        d = cls()
+        e = cls(timedelta(days=targets) if targets is not None else d.targets,
+                timedelta(days=snapshot) if snapshot is not None else d.snapshot,
+                timedelta(days=timestamp) if timestamp is not None else d.timestamp)
+        for name, value in (("targets", e.targets), ("snapshot", e.snapshot),
+                            ("timestamp", e.timestamp)):
+            if value <= timedelta(0):
+                raise UsageError(f"--{name}-days {value / timedelta(days=1):g} must be "
+                                 "positive", hint="give a number of days, e.g. 2 or 0.5")
+        if not e.timestamp <= e.snapshot <= e.targets:
+            raise UsageError(
+                f"expiry periods timestamp {e.timestamp} <= snapshot {e.snapshot} <= targets "
+                f"{e.targets} do not hold",
+                hint="the timestamp is re-signed most often, so it expires first")
+        return e
 
 
 @dataclass(frozen=True)
@@ -182,6 +203,19 @@ class Repository:
     def root_json(self) -> Path:
         return self.metadata / "root.json"
 
+    def expiry(self) -> Expiry:
+        """The expiry periods chosen at ``repo init`` (DIR/expiry.json), else the defaults."""
+        try:
+            data = json.loads((self.root / EXPIRY_FILE).read_text())
+        except FileNotFoundError:
+            return Expiry()
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot read {self.root / EXPIRY_FILE}: {e}",
+                              hint="fix or delete it (the defaults then apply)") from e
+        return Expiry.from_days(targets=data.get("targets_days"),
+                                snapshot=data.get("snapshot_days"),
+                                timestamp=data.get("timestamp_days"))
+
     @contextmanager
     def _locked(self) -> Iterator[None]:
         self._check()
@@ -242,11 +276,19 @@ class Repository:
             return None
         return (self.targets / stored_target_path(path, info.hashes["sha256"])).read_bytes()
 
+    def _channel(self, targets_md, channel: str) -> Channel:
+        data = self._read_target(targets_md, channel_target(channel))
+        return Channel(()) if data is None else parse_channel_doc(data, channel_target(channel))
+
+    def channels(self) -> list[str]:
+        _, _, targets = self._current()
+        return sorted(p[len("channels/"):-len(".json")] for p in targets.signed.targets
+                      if p.startswith("channels/") and p.endswith(".json"))
+
     def channel_versions(self, channel: str) -> list[int | str]:
         """Versions published to ``channel`` (oldest first)."""
         _, _, targets = self._current()
-        data = self._read_target(targets, channel_target(channel))
-        return [] if data is None else parse_channel(data, channel_target(channel))
+        return sorted(self._channel(targets, channel).versions, key=version_key)
 
     def publish(self, bundle_dir: Path, channel: str, *, rollout: int = 100,
                 min_agent_version: str | None = None, expiry: Expiry | None = None
@@ -272,8 +314,11 @@ class Repository:
         key = version_key(version)
         with self._locked():
             timestamp, snapshot, targets = self._current()
-            existing = self.channel_versions(channel)
-            newest = max(existing, key=version_key) if existing else None
+            doc = self._channel(targets, channel)
+            existing = list(doc.versions)
+            # Versions withdrawn by a rollback stay burnt: a device may still hold them.
+            ever = [*existing, *doc.withdrawn]
+            newest = max(ever, key=version_key) if ever else None
             if newest is not None and key <= version_key(newest):
                 raise UsageError(
                     f"bundle version {version!r} is not newer than {newest!r}, the newest on "
@@ -319,27 +364,85 @@ class Repository:
                 if (bundle_dir / name).is_file():
                     self._add_target(targets, path_of(channel, version),
                                      (bundle_dir / name).read_bytes())
+            # A new version ends a rollback: devices move forward to it again.
             self._add_target(targets, channel_target(channel),
-                             canonical_json(channel_doc(channel, [*existing, version])))
-            self._sign_and_write(timestamp, snapshot, targets, expiry or Expiry())
+                             canonical_json(channel_doc(channel, [*existing, version],
+                                                        withdrawn=doc.withdrawn)))
+            self._sign_and_write(timestamp, snapshot, targets, expiry or self.expiry())
         return PublishResult(channel, version, target, len(files), chunks_total, chunks_new,
                              bytes_new)
 
-    def set_rollout(self, channel: str, version: int | str, rollout: int,
-                    expiry: Expiry | None = None) -> None:
-        """Change the rollout percentage of a published version (re-signs targets)."""
-        rollout = check_rollout(rollout)
+    def set_rollout(self, channel: str, version: int | str, rollout: int | None = None,
+                    expiry: Expiry | None = None, *, groups: list[str] | None = None
+                    ) -> dict[str, Any]:
+        """Change who is offered a published version: its rollout percentage and/or the
+        device groups (device ids or group names) it reaches whatever the percentage
+        (``groups=[]`` clears them). Re-signs targets; returns the new custom fields."""
+        if rollout is None and groups is None:
+            raise UsageError("nothing to change", hint="give --percent and/or --group")
+        if rollout is not None:
+            rollout = check_rollout(rollout)
+        if groups is not None:
+            groups = sorted({check_group(g) for g in groups})
         with self._locked():
             timestamp, snapshot, targets = self._current()
             info = targets.signed.targets.get(release_target(channel, version))
-            if info is None:
-                raise UsageError(f"version {version!r} is not published on channel {channel!r}")
-            info.unrecognized_fields["custom"]["edgepack"]["rollout"] = rollout
-            self._sign_and_write(timestamp, snapshot, targets, expiry or Expiry())
+            if info is None or version not in self._channel(targets, channel).versions:
+                raise UsageError(
+                    f"version {version!r} is not published on channel {channel!r}",
+                    hint="`edgepack repo show DIR` lists the channels and their versions")
+            meta = info.unrecognized_fields["custom"]["edgepack"]
+            if rollout is not None:
+                meta["rollout"] = rollout
+            if groups is not None:
+                if groups:
+                    meta["groups"] = groups
+                else:
+                    meta.pop("groups", None)
+            self._sign_and_write(timestamp, snapshot, targets, expiry or self.expiry())
+            return dict(meta)
+
+    def rollback(self, channel: str, to: int | str | None = None,
+                 expiry: Expiry | None = None) -> dict[str, Any]:
+        """Re-point ``channel`` at an earlier version (default: the one before the newest).
+
+        The versions above it are withdrawn from the channel and the channel document says
+        ``rollback_to``: the only signed permission an agent accepts to install a version
+        lower than the one it runs. Raises UsageError when there is nothing to go back to.
+        """
+        check_channel(channel)
+        with self._locked():
+            timestamp, snapshot, targets = self._current()
+            doc = self._channel(targets, channel)
+            versions = sorted(doc.versions, key=version_key)
+            if not versions:
+                raise UsageError(f"channel {channel!r} has no versions",
+                                 hint=f"channels: {', '.join(self.channels()) or 'none'}")
+            if to is None:
+                if len(versions) < 2:
+                    raise UsageError(
+                        f"channel {channel!r} has only version {versions[0]!r}; nothing "
+                        "earlier to roll back to")
+                to = versions[-2]
+            match = [v for v in versions if version_key(v) == version_key(to)]
+            if not match:
+                raise UsageError(
+                    f"version {to!r} is not on channel {channel!r} (versions: "
+                    f"{', '.join(str(v) for v in versions)})",
+                    hint="roll back to a version still on the channel (`repo gc` keeps it)")
+            to = match[0]
+            withdrawn = [v for v in versions if version_key(v) > version_key(to)]
+            if not withdrawn:
+                raise UsageError(f"version {to!r} is already the newest on {channel!r}")
+            kept = [v for v in versions if version_key(v) <= version_key(to)]
+            self._add_target(targets, channel_target(channel), canonical_json(channel_doc(
+                channel, kept, rollback_to=to, withdrawn=[*doc.withdrawn, *withdrawn])))
+            self._sign_and_write(timestamp, snapshot, targets, expiry or self.expiry())
+        return {"channel": channel, "rollback_to": to, "withdrawn": withdrawn}
 
     def refresh(self, expiry: Expiry | None = None) -> dict[str, Any]:
         """Re-sign the timestamp (and snapshot/targets when they expire within a week)."""
-        expiry = expiry or Expiry()
+        expiry = expiry or self.expiry()
         with self._locked():
             timestamp, snapshot, targets = self._current()
             soon = _now() + RESIGN_WINDOW
@@ -376,6 +479,9 @@ def init_repo(root: Path, *, threshold: int = 1, root_key: Path | None = None,
         raise ConfigError(f"{repo.root} exists and is not empty",
                           hint="choose a new folder for the repository")
     expiry = expiry or Expiry()
+    repo.root.mkdir(parents=True, exist_ok=True)
+    _write_atomic(repo.root / EXPIRY_FILE,
+                  json.dumps(expiry.to_dict(), indent=2, sort_keys=True).encode() + b"\n")
     now = _now()
     signed_root = Root(expires=now + timedelta(days=ROOT_DAYS), consistent_snapshot=True)
     signers: dict[str, Any] = {}
@@ -417,14 +523,37 @@ def init_repo(root: Path, *, threshold: int = 1, root_key: Path | None = None,
 
 
 def describe(repo: Repository) -> dict[str, Any]:
-    """A JSON-able summary: channels, versions and rollouts."""
+    """A JSON-able summary: channels, versions, rollouts and groups."""
     _, _, targets = repo._current()
     out: dict[str, Any] = {}
     for path, info in sorted(targets.signed.targets.items()):
         if path.startswith("releases/"):
             meta = (info.unrecognized_fields.get("custom") or {}).get("edgepack", {})
-            out.setdefault(meta.get("channel", "?"), []).append(
-                {"version": meta.get("version"), "rollout": meta.get("rollout")}
-            )
+            channel = meta.get("channel", "?")
+            if meta.get("version") not in repo._channel(targets, channel).versions:
+                continue  # withdrawn by a rollback
+            entry = {"version": meta.get("version"), "rollout": meta.get("rollout")}
+            if meta.get("groups"):
+                entry["groups"] = meta["groups"]
+            out.setdefault(channel, []).append(entry)
     return out
 
+
+def expiry_report(repo: Repository, now: datetime | None = None) -> list[dict[str, Any]]:
+    """When each signed role expires, and whether that is near: within a day, or within a
+    quarter of the role's configured period (a missed refresh timer shows up in time)."""
+    timestamp, snapshot, targets = repo._current()
+    root = repo._load("root")
+    periods = repo.expiry()
+    now = now or _now()
+    out = []
+    for role, md, period in (("timestamp", timestamp, periods.timestamp),
+                             ("snapshot", snapshot, periods.snapshot),
+                             ("targets", targets, periods.targets),
+                             ("root", root, timedelta(days=ROOT_DAYS))):
+        left = md.signed.expires - now
+        out.append({"role": role, "expires": md.signed.expires.isoformat(),
+                    "seconds_left": int(left.total_seconds()),
+                    "near": left <= max(timedelta(days=1), period / 4),
+                    "expired": left <= timedelta(0)})
+    return out

@@ -25,11 +25,12 @@ from typing import Any
 from edgepack.errors import UsageError
 from edgepack.manifest import canonical_json
 from edgepack.ota.release import (
+    Channel,
     blob_target,
     channel_doc,
     channel_target,
     index_target,
-    parse_channel,
+    parse_channel_doc,
     parse_chunk_index,
     parse_release,
     provenance_target,
@@ -64,19 +65,27 @@ def _rollout(info) -> int | None:
     return value if isinstance(value, int) else None
 
 
-def _kept(repo: Repository, targets, channel: str, keep: int) -> tuple[list, list]:
-    """(kept, dropped) versions of ``channel``, each oldest first."""
+def _kept(repo: Repository, targets, channel: str, keep: int) -> tuple[list, list, Channel]:
+    """(kept, dropped) versions of ``channel``, each oldest first, and its document.
+
+    A channel's rollback target always stays (devices are being sent back to it), and the
+    versions a rollback withdrew are dropped (no device is offered them any more)."""
     data = repo._read_target(targets, channel_target(channel))
-    versions = parse_channel(data or b"", channel_target(channel)) if data else []
+    doc = parse_channel_doc(data, channel_target(channel)) if data else Channel(())
+    versions = list(doc.versions)
     newest_first = sorted(versions, key=version_key, reverse=True)
     keep_text = {version_text(v) for v in newest_first[:keep]}
+    if doc.rollback_to is not None:
+        keep_text.add(version_text(doc.rollback_to))
     for v in newest_first:
         if _rollout(targets.signed.targets.get(release_target(channel, v))) == 100:
             keep_text.add(version_text(v))
             break
     kept = [v for v in versions if version_text(v) in keep_text]
     dropped = [v for v in versions if version_text(v) not in keep_text]
-    return kept, dropped
+    dropped += [v for v in doc.withdrawn
+                if release_target(channel, v) in targets.signed.targets]
+    return kept, dropped, doc
 
 
 def _size(path: Path) -> int:
@@ -105,11 +114,12 @@ def collect_garbage(repo: Repository, keep: int, *, dry_run: bool = False,
                           if p.startswith("channels/") and p.endswith(".json"))
         new_channel_docs: dict[str, bytes] = {}
         for ch in channels:
-            kept, dropped = _kept(repo, targets, ch, keep)
+            kept, dropped, chan = _kept(repo, targets, ch, keep)
             result.kept_versions[ch] = kept
             if dropped:
                 result.dropped_versions[ch] = dropped
-                new_channel_docs[ch] = canonical_json(channel_doc(ch, kept))
+                new_channel_docs[ch] = canonical_json(channel_doc(
+                    ch, kept, rollback_to=chan.rollback_to, withdrawn=chan.withdrawn))
         dropped_paths = {target(ch, v) for ch, vs in result.dropped_versions.items()
                          for v in vs for target in (release_target, sbom_target,
                                                     provenance_target)}
@@ -135,7 +145,7 @@ def collect_garbage(repo: Repository, keep: int, *, dry_run: bool = False,
                 table.pop(path, None)
             for ch, doc in new_channel_docs.items():
                 repo._add_target(targets, channel_target(ch), doc)
-            repo._sign_and_write(timestamp, snapshot, targets, expiry or Expiry())
+            repo._sign_and_write(timestamp, snapshot, targets, expiry or repo.expiry())
         return _count_deletions(repo, snapshot, targets, set(), live_chunks, result,
                                 delete=True)
 

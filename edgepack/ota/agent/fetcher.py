@@ -10,6 +10,7 @@ Device side: urllib3, tuf.ngclient and the standard library only.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -50,6 +51,52 @@ class Deadline:
         return left
 
 
+class Progress:
+    """Download progress in the log every ``every`` seconds: bytes, rate and, when the
+    expected total is known, percent and ETA (an OTA download of 100+ MB must not be silent
+    for minutes)."""
+
+    def __init__(self, what: str, *, every: float = 5.0,
+                 logger: logging.Logger | None = None) -> None:
+        self.what = what
+        self.every = every
+        self.log = logger or logging.getLogger("edgepack.agent")
+        self.total: int | None = None
+        self.got = 0
+        self.started = time.monotonic()
+        self._last = self.started
+
+    def expect(self, total: int) -> None:
+        self.total = total
+
+    def add(self, n: int) -> None:
+        self.got += n
+        now = time.monotonic()
+        if now - self._last >= self.every:
+            self._last = now
+            self.log.info("downloading %s: %s", self.what, self.line(now))
+
+    def line(self, now: float | None = None) -> str:
+        elapsed = max((now or time.monotonic()) - self.started, 1e-6)
+        rate = self.got / elapsed
+        text = f"{_mib(self.got)}"
+        if self.total:
+            text += f" of {_mib(self.total)} ({min(100.0, 100 * self.got / self.total):.0f}%)"
+        text += f", {_mib(rate)}/s"
+        if self.total and rate > 0 and self.total > self.got:
+            text += f", ETA {(self.total - self.got) / rate:.0f} s"
+        return text
+
+    def done(self) -> None:
+        if self.got:
+            self.log.info("downloaded %s: %s in %.1f s", self.what,
+                          _mib(self.got), time.monotonic() - self.started)
+
+
+def _mib(n: float) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
 @dataclass
 class Traffic:
     """Bytes received, for status and benchmarks."""
@@ -66,6 +113,7 @@ class HttpFetcher:
         self.deadline = deadline
         self.gap_timeout = gap_timeout
         self.traffic = Traffic()
+        self.progress: Progress | None = None
         self._pool = urllib3.PoolManager(
             headers={"User-Agent": user_agent}, retries=False, maxsize=2
         )
@@ -114,6 +162,8 @@ class HttpFetcher:
                 return
             got += len(block)
             self.traffic.bytes += len(block)
+            if self.progress is not None:
+                self.progress.add(len(block))
             if got > max_length:
                 raise IntegrityError(
                     f"{url} sent more than the {max_length} bytes its signed metadata allows",

@@ -151,6 +151,9 @@ class Stager:
                     pass
         local_chunks = self._local_chunks(local_files)
         self._check_space(release, work, local_files, local_chunks, indexes)
+        if self.http.progress is not None:
+            self.http.progress.expect(self._download_estimate(release, work, local_files,
+                                                              local_chunks, indexes))
         try:
             # manifest.json last, as in a build: a bundle without it is visibly unfinished.
             for f in sorted(release.files, key=lambda f: (f.path == MANIFEST_NAME, f.path)):
@@ -200,6 +203,22 @@ class Stager:
                 f"{self.state.root}",
                 hint="free disk space on the device; the current bundle keeps serving",
             )
+
+    def _download_estimate(self, release: Release, work: Path, local_files: dict[str, Path],
+                           local_chunks: dict, indexes: dict[str, ChunkIndex]) -> int:
+        """Bytes still to come from the network (for progress and ETA in the log)."""
+        total = 0
+        for f in release.files:
+            dest = work / f.path
+            if f.sha256 in local_files or (dest.exists() and dest.stat().st_size == f.size):
+                continue
+            if not f.chunked:
+                total += f.size
+                continue
+            total += sum(c.size for c in indexes[f.sha256].chunks
+                         if c.sha256 not in local_chunks
+                         and not (self.state.chunks / c.sha256).exists())
+        return total
 
     def _stage_file(self, f: ReleaseFile, work: Path, local_files: dict[str, Path],
                     local_chunks: dict, indexes: dict[str, ChunkIndex]) -> None:

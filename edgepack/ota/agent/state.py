@@ -222,3 +222,27 @@ class StateDir:
         data = self.blocked()
         data[version_text(version)] = reason
         write_json_atomic(self.blocked_path, data)
+
+    def unblock(self, version: str) -> str:
+        """Forget that ``version`` failed here; return why it was blocked. Raises
+        UsageError naming the blocked versions when it is not one of them."""
+        from edgepack.errors import UsageError
+
+        data = self.blocked()
+        key = next((k for k in data if k == version or
+                    _same_version(k, version)), None)
+        if key is None:
+            raise UsageError(
+                f"version {version!r} is not blocked on this device "
+                f"(blocked: {', '.join(sorted(data)) or 'none'})",
+                hint="`edgepack agent status` lists blocked versions and why")
+        reason = data.pop(key)
+        write_json_atomic(self.blocked_path, data)
+        return reason
+
+
+def _same_version(a: str, b: str) -> bool:
+    try:
+        return version_key(a) == version_key(b)
+    except EdgepackError:
+        return False

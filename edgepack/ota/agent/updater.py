@@ -18,6 +18,7 @@ Device side: tuf.ngclient, urllib3, standard library and edgepack's device modul
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -37,7 +38,7 @@ from edgepack.errors import (
     RuntimeHealthError,
 )
 from edgepack.manifest import load_manifest
-from edgepack.ota.agent.fetcher import Deadline, HttpFetcher, TufFetcher
+from edgepack.ota.agent.fetcher import Deadline, HttpFetcher, Progress, TufFetcher
 from edgepack.ota.agent.health import (
     Launcher,
     ProcessHandle,
@@ -54,20 +55,33 @@ from edgepack.ota.agent.memory import (
     bundle_memory_bytes,
     plan_switch,
 )
-from edgepack.ota.agent.state import StateDir
+from edgepack.ota.agent.outcome import (
+    BLOCKED,
+    CHANNEL_NOT_FOUND,
+    FAILED,
+    HELD_BACK,
+    INSTALLED,
+    ROLLED_BACK,
+    UP_TO_DATE,
+    ChannelNotFoundError,
+)
+from edgepack.ota.agent.report import NO_REPORTS, Reporter
+from edgepack.ota.agent.state import StateDir, now_iso
 from edgepack.ota.release import (
     channel_target,
     is_newer,
-    parse_channel,
+    offered_to,
+    parse_channel_doc,
     parse_release,
     release_target,
-    rollout_covers,
+    rollout_bucket,
     stored_target_path,
     version_key,
     version_text,
 )
 
 MAX_HEALTH_ATTEMPTS = 2
+log = logging.getLogger("edgepack.agent")
 
 
 @dataclass(frozen=True)
@@ -82,11 +96,13 @@ class AgentConfig:
     serve_url: str | None = None  # the main server, checked after a restart
     # Memory the old and new servers may use together; None: what the machine has available.
     memory_budget_bytes: int | None = None
+    groups: tuple[str, ...] = ()  # device groups named by `repo rollout --group`
+    progress_every: float = 5.0  # seconds between download progress lines in the log
 
 
 @dataclass
 class CycleResult:
-    result: str  # installed | up-to-date | rolled-back | failed
+    result: str  # an outcome of edgepack.ota.agent.outcome
     version: int | str | None = None
     reason: str | None = None
     bytes_downloaded: int = 0
@@ -118,9 +134,11 @@ def _tuf_call(fn, *args):
 class Agent:
     def __init__(self, state: StateDir, config: AgentConfig, *,
                  launcher: Launcher | None = None,
-                 environ: Mapping[str, str] | None = None) -> None:
+                 environ: Mapping[str, str] | None = None,
+                 reporter: Reporter | None = None) -> None:
         self.state = state
         self.config = config
+        self.reporter = reporter or NO_REPORTS
         self.environ = dict(os.environ if environ is None else environ)
         self.launcher = launcher or SubprocessLauncher(log_dir=state.root / "logs",
                                                        environ=self.environ)
@@ -152,78 +170,139 @@ class Agent:
             ) from e
         return data
 
-    def _choose(self, updater, http: HttpFetcher) -> tuple[Any, dict[str, Any]] | None:
-        """The newest release on the channel that this device should install, or None."""
-        if _tuf_call(updater.get_targetinfo, channel_target(self.config.channel)) is None:
-            return None
-        versions = parse_channel(
-            self._fetch_target(updater, http, channel_target(self.config.channel)),
-            channel_target(self.config.channel))
+    def _device_id(self) -> str:
+        return self.config.device_id or self.state.device_id()
+
+    def _channels(self) -> list[str]:
+        """The channels of the repository, from the targets metadata ngclient verified and
+        stored during this refresh."""
+        from tuf.api.metadata import Metadata, Targets
+
+        try:
+            md = Metadata[Targets].from_file(str(self.state.metadata / "targets.json"))
+        except Exception:  # noqa: BLE001 - only used to word an error message
+            return []
+        return sorted(p[len("channels/"):-len(".json")] for p in md.signed.targets
+                      if p.startswith("channels/") and p.endswith(".json"))
+
+    def _choose(self, updater, http: HttpFetcher) -> tuple[int | str | None, str,
+                                                           dict[str, Any]]:
+        """(version to install or None, outcome if None, details).
+
+        Newest first, a version newer than the installed one is taken when it is not
+        blocked here and its signed rollout offers it to this device. A lower version is
+        taken only when the signed channel names it as its ``rollback_to``.
+        """
+        target = channel_target(self.config.channel)
+        if _tuf_call(updater.get_targetinfo, target) is None:
+            raise ChannelNotFoundError(self.config.channel, self._channels())
+        channel = parse_channel_doc(self._fetch_target(updater, http, target), target)
         installed = self.state.installed_version()
         blocked = self.state.blocked()
-        device_id = self.config.device_id or self.state.device_id()
+        device_id = self._device_id()
         skipped: dict[str, str] = {}
-        for v in sorted(versions, key=version_key, reverse=True):
+        kinds: list[str] = []
+        details: dict[str, Any] = {"skipped": skipped, "cohort": rollout_bucket(device_id)}
+        for v in sorted(channel.versions, key=version_key, reverse=True):
+            downgrade = False
             if not is_newer(v, installed):
-                break
+                if installed is None or version_key(v) == version_key(installed):
+                    break
+                if channel.rollback_to is None or \
+                        version_key(channel.rollback_to) != version_key(v):
+                    details["refused_downgrade"] = (
+                        f"version {v} is lower than the installed {installed} and channel "
+                        f"{self.config.channel!r} does not name it as its rollback_to")
+                    break
+                downgrade = True
             if version_text(v) in blocked:
                 skipped[version_text(v)] = f"blocked: {blocked[version_text(v)]}"
+                kinds.append(BLOCKED)
                 continue
             info = _tuf_call(updater.get_targetinfo, release_target(self.config.channel, v))
             meta = ((info.custom or {}).get("edgepack") or {}) if info else {}
             if not meta:
                 skipped[version_text(v)] = "no signed release entry"
+                kinds.append(HELD_BACK)
                 continue
-            if not rollout_covers(float(meta.get("rollout", 0)), device_id):
-                skipped[version_text(v)] = f"rollout {meta.get('rollout')}% excludes this device"
+            offered, why = offered_to(meta, device_id, self.config.groups)
+            # A signed rollback reaches every device above it, whatever the rollout said:
+            # those are the devices that must leave the withdrawn version.
+            if not offered and not downgrade:
+                skipped[version_text(v)] = why
+                details.setdefault("rollout", meta.get("rollout"))
+                details.setdefault("groups", meta.get("groups", []))
+                kinds.append(HELD_BACK)
                 continue
             need = meta.get("min_agent_version")
             if need and version_key(need) > version_key(__version__):
                 skipped[version_text(v)] = f"needs agent >= {need}, this is {__version__}"
+                kinds.append(HELD_BACK)
                 continue
-            return v, {"skipped": skipped, "rollout": meta.get("rollout")}
-        return None if not skipped else (None, {"skipped": skipped})
+            details.update(rollout=meta.get("rollout"), offered=why if offered else
+                           "signed channel rollback", downgrade=downgrade)
+            return v, INSTALLED, details
+        # The newest version this device did not take decides what to call the outcome.
+        return None, (kinds[0] if kinds else UP_TO_DATE), details
 
     # -- one cycle -------------------------------------------------------------------------
+
+    def _event(self, name: str, **fields: Any) -> None:
+        self.reporter.event(name, {"channel": self.config.channel, **fields})
 
     def run_once(self) -> CycleResult:
         """Recover from an interrupted update, then check for and install one update.
 
-        Raises FetchError / IntegrityError / NoSpaceError when no update could be fetched
-        (recorded in status.json first); a bundle failing the health gate is not an error of
-        the cycle: it is rolled back and reported as ``rolled-back``.
+        Raises ChannelNotFoundError (exit 3) when the channel does not exist, FetchError /
+        IntegrityError / NoSpaceError when no update could be fetched (each recorded in
+        status.json first); a bundle failing the health gate is not an error of the cycle:
+        it is rolled back and reported as ``rolled-back``.
         """
         self.state.check()
         with self.state.locked():
             http: HttpFetcher | None = None
+            self.state.record(last_check=now_iso(), channel=self.config.channel,
+                              repo_url=self.config.repo_url, groups=list(self.config.groups),
+                              cohort=rollout_bucket(self._device_id()))
             try:
                 recovered = self.recover()
                 if recovered is not None:
-                    return recovered
+                    return self._finish(recovered)
                 http = HttpFetcher(Deadline(self.config.deadline),
                                    gap_timeout=self.config.gap_timeout,
                                    user_agent=f"edgepack-agent/{__version__}")
-                return self._cycle(http)
+                return self._finish(self._cycle(http))
             except EdgepackError as e:
-                self.state.record(last_result="failed", reason=e.message,
+                outcome = CHANNEL_NOT_FOUND if isinstance(e, ChannelNotFoundError) else FAILED
+                self.state.record(last_result=outcome, reason=e.message,
                                   pending=None, error=type(e).__name__)
+                self._event(outcome, reason=e.message, error=type(e).__name__)
+                self.reporter.state_changed()
                 raise
             finally:
                 if http is not None:
                     http.close()
 
+    def _finish(self, result: CycleResult) -> CycleResult:
+        self._event(result.result, version=result.version, reason=result.reason,
+                    bytes=result.bytes_downloaded)
+        self.reporter.state_changed()
+        return result
+
     def _cycle(self, http: HttpFetcher) -> CycleResult:
         updater = self._updater(http)
         _tuf_call(updater.refresh)
         crash_point("after-refresh", self.environ)
-        chosen = self._choose(updater, http)
-        if chosen is None or chosen[0] is None:
-            details = chosen[1] if chosen else {}
-            self.state.record(last_result="up-to-date", reason=None, pending=None,
-                              installed=self.state.installed_version(), **details)
-            return CycleResult("up-to-date", self.state.installed_version(),
+        version, outcome, details = self._choose(updater, http)
+        if version is None:
+            installed = self.state.installed_version()
+            skipped = details.get("skipped") or {}
+            reason = "; ".join(f"version {v}: {why}" for v, why in skipped.items()) or \
+                details.get("refused_downgrade")
+            self.state.record(last_result=outcome, reason=reason, pending=None,
+                              installed=installed, **details)
+            return CycleResult(outcome, installed, reason=reason,
                                bytes_downloaded=http.traffic.bytes, details=details)
-        version, details = chosen
         release = parse_release(
             self._fetch_target(updater, http, release_target(self.config.channel, version)),
             release_target(self.config.channel, version))
@@ -231,6 +310,11 @@ class Agent:
                 release.channel != self.config.channel:
             raise IntegrityError(f"release document for {version!r} describes "
                                  f"{release.channel}/{release.version!r}")
+        log.info("update to version %s%s (%s)", version,
+                 " (a signed channel rollback)" if details.get("downgrade") else "",
+                 details.get("offered"))
+        self._event("started", version=version, installed=self.state.installed_version(),
+                    downgrade=bool(details.get("downgrade")))
         old = self.state.current_slot()
         old_prev = self.state.previous_slot()
         entry = JournalEntry(version, "fetching", old_slot=str(old) if old else None,
@@ -238,6 +322,7 @@ class Agent:
         self.journal.write(entry)
         self.state.record(pending=version)
         crash_point("fetching", self.environ)
+        http.progress = Progress(f"version {version}", every=self.config.progress_every)
         stager = Stager(self.state, http, self.config.repo_url,
                         lambda p: self._fetch_target(updater, http, p), self.environ)
         try:
@@ -245,6 +330,12 @@ class Agent:
         except EdgepackError:
             self.journal.clear()  # partial files stay in staging/ and the chunk cache
             raise
+        finally:
+            http.progress.done()
+            http.progress = None
+        self._event("fetched", version=version, bytes=http.traffic.bytes,
+                    chunks_downloaded=stager.stats.chunks_downloaded,
+                    chunks_local=stager.stats.chunks_local)
         entry.step = "staged"
         self.journal.write(entry)
         crash_point("staged", self.environ)
@@ -365,15 +456,18 @@ class Agent:
         return self._commit(entry)
 
     def _commit(self, entry: JournalEntry) -> CycleResult:
+        self._event("health", version=entry.version, passed=True,
+                    mode=(entry.extra.get("switch") or {}).get("mode"))
         removed = self.state.gc()
         crash_point("gc", self.environ)
         self.journal.clear()
         prev = self.state.previous_slot()
         switch = entry.extra.get("switch")
-        self.state.record(last_result="installed", reason=None, pending=None,
+        log.info("version %s installed and committed", entry.version)
+        self.state.record(last_result=INSTALLED, reason=None, pending=None,
                           installed=entry.version, previous=prev.name if prev else None,
                           switch=switch)
-        return CycleResult("installed", entry.version,
+        return CycleResult(INSTALLED, entry.version,
                            details={"removed_slots": removed, "switch": switch})
 
     def _rollback(self, entry: JournalEntry, slot: Path, reason: str) -> CycleResult:
@@ -382,6 +476,7 @@ class Agent:
         self.journal.write(entry)
         # Blocked first: whatever happens next, this version is never retried on its own.
         self.state.block(entry.version, reason)
+        self._event("health", version=entry.version, passed=False, reason=reason)
         crash_point("rollback", self.environ)
         old = Path(entry.old_slot) if entry.old_slot else None
         cur = self.state.current_slot()
@@ -404,10 +499,13 @@ class Agent:
             shutil.rmtree(slot, ignore_errors=True)
         self.journal.clear()
         switch = entry.extra.get("switch")
-        self.state.record(last_result="rolled-back", reason=reason, pending=None,
+        log.warning("version %s rolled back: %s", entry.version, reason)
+        self.state.record(last_result=ROLLED_BACK, reason=reason, pending=None,
                           failed_version=entry.version,
+                          last_rollback={"version": entry.version, "reason": reason,
+                                         "at": now_iso()},
                           installed=self.state.installed_version(), switch=switch)
-        return CycleResult("rolled-back", entry.version, reason=reason,
+        return CycleResult(ROLLED_BACK, entry.version, reason=reason,
                            details={"switch": switch})
 
     # -- recovery --------------------------------------------------------------------------

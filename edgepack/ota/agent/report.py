@@ -1,0 +1,263 @@
+"""What the agent tells the outside world: ``agent status`` and the MQTT device reports.
+
+``device_status`` is the one description of a device (used by ``agent status`` and in the
+MQTT state message). ``MqttReporter`` publishes it retained on
+``edgepack/<fleet>/<device-id>/state`` with a last will that marks the device offline, and the
+update's events on ``.../events``. Reporting is best effort by design: it runs on paho's own
+network thread, never raises into the agent, and never waits for the broker, so a broker that
+is down or slow cannot delay or fail an update; the state is republished on every
+(re)connect and events wait in a bounded queue until the broker is back.
+
+Device side: standard library, paho-mqtt (through ``broker``), edgepack's agent modules.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+import urllib.request
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from edgepack import __version__
+from edgepack.ota.agent.journal import Journal
+from edgepack.ota.agent.state import StateDir, now_iso
+from edgepack.ota.release import rollout_bucket
+
+log = logging.getLogger("edgepack.agent")
+
+MAX_PENDING_EVENTS = 256
+
+
+class Reporter(Protocol):
+    """Where the agent sends its events; implementations must never raise."""
+
+    def event(self, name: str, fields: dict[str, Any]) -> None: ...
+
+    def state_changed(self) -> None: ...
+
+
+class _NoReports:
+    def event(self, name: str, fields: dict[str, Any]) -> None:
+        pass
+
+    def state_changed(self) -> None:
+        pass
+
+
+NO_REPORTS: Reporter = _NoReports()
+
+
+def device_status(state: StateDir, device_id: str | None = None) -> dict[str, Any]:
+    """The device's update status from its state directory (no network)."""
+    cur, prev = state.current_slot(), state.previous_slot()
+    entry = Journal(state.journal_path).read()
+    st = state.status()
+    dev = device_id or state.device_id()
+    return {
+        "device_id": dev,
+        "repo_url": st.get("repo_url"),
+        "channel": st.get("channel"),
+        "groups": st.get("groups", []),
+        "cohort": st.get("cohort", rollout_bucket(dev)),
+        "installed": state.installed_version(),
+        "current_slot": str(cur) if cur else None,
+        "previous": prev.name if prev else None,
+        "pending": entry.version if entry else st.get("pending"),
+        "pending_step": entry.step if entry else None,
+        "last_check": st.get("last_check"),
+        "last_result": st.get("last_result"),
+        "reason": st.get("reason"),
+        "at": st.get("at"),
+        "last_rollback": st.get("last_rollback"),
+        "blocked": state.blocked(),
+        "switch": st.get("switch"),
+        "agent_version": __version__,
+    }
+
+
+def health_figures(state_root: os.PathLike | str) -> dict[str, Any]:
+    """A few cheap figures an operator wants beside the version (Linux /proc; None where
+    unreadable)."""
+    out: dict[str, Any] = {"disk_free_bytes": None, "mem_available_bytes": None,
+                           "load1": None, "uptime_s": None}
+    try:
+        out["disk_free_bytes"] = shutil.disk_usage(state_root).free
+    except OSError:
+        pass
+    try:
+        for line in open("/proc/meminfo", encoding="ascii"):
+            if line.startswith("MemAvailable:"):
+                out["mem_available_bytes"] = int(line.split()[1]) * 1024
+                break
+    except (OSError, ValueError):
+        pass
+    try:
+        out["load1"] = os.getloadavg()[0]
+    except OSError:
+        pass
+    try:
+        out["uptime_s"] = int(float(open("/proc/uptime").read().split()[0]))
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+def serving_readiness(serve_url: str | None, timeout: float = 2.0) -> dict[str, Any]:
+    """The serving bundle's ``/readyz`` (ready, and the model it reports), if known."""
+    if not serve_url:
+        return {"url": None, "ready": None}
+    try:
+        with urllib.request.urlopen(f"{serve_url.rstrip('/')}/readyz", timeout=timeout) as r:
+            body = json.loads(r.read() or b"{}")
+            return {"url": serve_url, "ready": r.status == 200,
+                    "model": body.get("model"), "version": body.get("version")}
+    except urllib.error.HTTPError as e:
+        return {"url": serve_url, "ready": False, "status": e.code}
+    except (OSError, ValueError) as e:
+        return {"url": serve_url, "ready": False, "error": str(e)[:200]}
+
+
+class MqttReporter:
+    """Publishes the device's state and events to an MQTT broker (see module docstring)."""
+
+    def __init__(self, config: Any, device_id: str, state_fn: Callable[[], dict[str, Any]],
+                 *, max_pending: int = MAX_PENDING_EVENTS) -> None:
+        from edgepack.ota.agent.broker import (
+            check_level,
+            events_topic,
+            make_client,
+            state_topic,
+        )
+
+        self.config = config
+        self.device_id = check_level(device_id, "device id")
+        self.state_topic = state_topic(config.fleet, device_id)
+        self.events_topic = events_topic(config.fleet, device_id)
+        self._state_fn = state_fn
+        self._pending: deque[bytes] = deque(maxlen=max_pending)
+        self._lock = threading.Lock()
+        self._connected = False
+        self._will_key: tuple | None = None
+        self.published = 0  # messages handed to the broker connection (for benchmarks)
+        self.started_at = now_iso()
+        self._client = make_client(config, f"edgepack-{config.fleet}-{device_id}"[:200])
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._arm_will(self._state())
+
+    # -- state ------------------------------------------------------------------------------
+
+    def _state(self) -> dict[str, Any]:
+        try:
+            data = dict(self._state_fn())
+        except Exception as e:  # noqa: BLE001 - a report must never break the agent
+            data = {"device_id": self.device_id, "error": f"state unavailable: {e}"}
+        data.update(fleet=self.config.fleet, online=True, state="online",
+                    agent_started=self.started_at, reported_at=now_iso())
+        return data
+
+    def _offline(self, data: dict[str, Any], why: str) -> bytes:
+        data = dict(data, online=False, state="offline", offline_reason=why)
+        data.pop("reported_at", None)
+        return json.dumps(data, sort_keys=True, default=str).encode()
+
+    def _arm_will(self, data: dict[str, Any]) -> None:
+        # The will carries the last known version and result, so a device that vanishes
+        # still shows what it ran. It is set per connection, hence the re-arm below.
+        self._will_key = (data.get("installed"), data.get("last_result"),
+                          json.dumps(data.get("last_rollback"), default=str))
+        self._client.will_set(self.state_topic, self._offline(data, "connection lost"),
+                              qos=1, retain=True)
+
+    # -- connection -------------------------------------------------------------------------
+
+    def start(self) -> MqttReporter:
+        """Connect in the background (never blocks; retries while the broker is down)."""
+        self._client.connect_async(self.config.host, self.config.port, self.config.keepalive)
+        self._client.loop_start()
+        return self
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.warning("MQTT broker %s refused the connection: %s", self.config.describe(),
+                        reason_code)
+            return
+        with self._lock:
+            self._connected = True
+            pending = list(self._pending)
+            self._pending.clear()
+        self._publish(self.state_topic, json.dumps(self._state(), sort_keys=True,
+                                                   default=str).encode(), retain=True)
+        for payload in pending:
+            self._publish(self.events_topic, payload)
+        log.info("reporting to MQTT broker %s as %s", self.config.describe(), self.state_topic)
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        with self._lock:
+            self._connected = False
+
+    def _publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        try:
+            info = self._client.publish(topic, payload, qos=1, retain=retain)
+            if info.rc == 0:
+                self.published += 1
+        except Exception as e:  # noqa: BLE001 - never into the agent
+            log.debug("MQTT publish failed: %s", e)
+
+    # -- the Reporter protocol ----------------------------------------------------------------
+
+    def event(self, name: str, fields: dict[str, Any]) -> None:
+        payload = json.dumps({"event": name, "device_id": self.device_id, "at": now_iso(),
+                              **fields}, sort_keys=True, default=str).encode()
+        with self._lock:
+            connected = self._connected
+            if not connected:
+                self._pending.append(payload)
+        if connected:
+            self._publish(self.events_topic, payload)
+
+    def state_changed(self) -> None:
+        try:
+            data = self._state()
+            key = (data.get("installed"), data.get("last_result"),
+                   json.dumps(data.get("last_rollback"), default=str))
+            if key != self._will_key:
+                self._arm_will(data)
+                self._rearm()
+            elif self._connected:
+                self._publish(self.state_topic, json.dumps(data, sort_keys=True,
+                                                           default=str).encode(), retain=True)
+        except Exception as e:  # noqa: BLE001 - never into the agent
+            log.debug("MQTT state report failed: %s", e)
+
+    def _rearm(self) -> None:
+        """Reconnect so the broker holds the new will (on_connect republishes the state);
+        while disconnected, the next connect uses it anyway."""
+        if not self._connected:
+            return
+        self._client.disconnect()  # a clean disconnect: the old will is discarded
+        self._client.loop_stop()
+        with self._lock:
+            self._connected = False
+        self.start()
+
+    def close(self, why: str = "agent stopped", timeout: float = 2.0) -> None:
+        """Mark the device offline (retained) and disconnect; bounded by ``timeout``."""
+        try:
+            if self._connected:
+                info = self._client.publish(self.state_topic,
+                                            self._offline(self._state(), why), qos=1,
+                                            retain=True)
+                deadline = time.monotonic() + timeout
+                while not info.is_published() and time.monotonic() < deadline:
+                    time.sleep(0.02)
+            self._client.disconnect()
+            self._client.loop_stop()
+        except Exception as e:  # noqa: BLE001
+            log.debug("MQTT close failed: %s", e)
