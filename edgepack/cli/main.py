@@ -123,6 +123,10 @@ def _register() -> None:
 
     for command in ota_commands:
         cli.add_command(command)
+    from edgepack.cli.fleet import COMMANDS as fleet_commands
+
+    for command in fleet_commands:
+        cli.add_command(command)
 
 
 _register()

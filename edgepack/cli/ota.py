@@ -314,13 +314,28 @@ def agent_run(repo_url: str, state_dir: Path, channel: str, device_id: str | Non
     """
     import os
 
-    from edgepack.ota.agent.loop import AgentStopped, StopSignal, run_forever, setup_logging
+    from edgepack.ota.agent.loop import remove_logging, setup_logging
+
+    handler = setup_logging(os.environ, verbose=verbose)
+    try:
+        _agent_run(repo_url, state_dir, channel, device_id, groups, once, as_json, interval,
+                   retry_min, deadline, gap_timeout, health_window, restart_command,
+                   serve_url, memory_budget_bytes, broker, fleet, broker_username,
+                   broker_password, broker_ca, broker_cert, broker_key, progress_every)
+    finally:
+        remove_logging(handler)
+
+
+def _agent_run(repo_url, state_dir, channel, device_id, groups, once, as_json, interval,
+               retry_min, deadline, gap_timeout, health_window, restart_command, serve_url,
+               memory_budget_bytes, broker, fleet, broker_username, broker_password,
+               broker_ca, broker_cert, broker_key, progress_every) -> None:
+    from edgepack.ota.agent.loop import AgentStopped, StopSignal, run_forever
     from edgepack.ota.agent.outcome import exit_code
     from edgepack.ota.agent.state import StateDir
     from edgepack.ota.agent.updater import Agent, AgentConfig
     from edgepack.ota.release import check_channel, check_group
 
-    setup_logging(os.environ, verbose=verbose)
     flat_groups = tuple(check_group(g) for item in groups for g in item.split())
     config = AgentConfig(
         repo_url=repo_url, channel=check_channel(channel), device_id=device_id,
@@ -376,6 +391,7 @@ def agent_run(repo_url: str, state_dir: Path, channel: str, device_id: str | Non
 
         run_forever(loop_cycle, on_error, interval=interval, retry_min=retry_min, stop=stop)
     finally:
+        stop.restore()
         if reporter is not None:
             reporter.close()
 

@@ -50,10 +50,13 @@ def setup_logging(environ: Mapping[str, str], *, verbose: bool = False,
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s",
                                                "%Y-%m-%dT%H:%M:%S%z"))
     root = logging.getLogger("edgepack")
-    root.handlers[:] = [handler]
+    root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    root.propagate = False
     return handler
+
+
+def remove_logging(handler: logging.Handler) -> None:
+    logging.getLogger("edgepack").removeHandler(handler)
 
 
 def backoff_delay(failures: int, interval: float, retry_min: float,
@@ -73,10 +76,16 @@ class StopSignal:
         self.event = threading.Event()
         self.in_cycle = False
         self.signum: int | None = None
+        self._old: dict[int, Any] = {}
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+            self._old[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
 
     def _handle(self, signum, frame) -> None:
         self.signum = signum

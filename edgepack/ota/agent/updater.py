@@ -231,7 +231,7 @@ class Agent:
             if not offered and not downgrade:
                 skipped[version_text(v)] = why
                 details.setdefault("rollout", meta.get("rollout"))
-                details.setdefault("groups", meta.get("groups", []))
+                details.setdefault("release_groups", meta.get("groups", []))
                 kinds.append(HELD_BACK)
                 continue
             need = meta.get("min_agent_version")
