@@ -96,7 +96,7 @@ def test_channel_not_found_lists_channels_and_exits_3(fleet):
 def test_held_back_by_percentage_and_up_to_date_exit_codes(fleet):
     fleet.publish(1, rollout=0)
     r = fleet.cli_once("d1", "--json", code=11)
-    out = json.loads(r.output)
+    out = json.loads(r.stdout)
     assert out["outcome"] == "held-back" and out["exit_code"] == 11 and out["version"] is None
     assert "rollout 0% does not include this device" in out["reason"]
     assert f"cohort {rollout_bucket('d1'):.2f}" in out["reason"]
@@ -108,7 +108,7 @@ def test_held_back_by_percentage_and_up_to_date_exit_codes(fleet):
            "--percent", "100")
     assert fleet.agent("d1").run_once().result == "installed"
     r = fleet.cli_once("d1", code=0)
-    assert r.output.startswith("up-to-date (running version 1)")
+    assert r.stdout.startswith("up-to-date (running version 1)")
 
 
 def test_group_rollout_reaches_named_devices_and_groups_only(fleet):
@@ -148,7 +148,7 @@ def test_blocked_version_exit_12_status_and_unblock(fleet):
     agent.config = AgentConfig(fleet.url, "stable", health_window=3)
     assert agent.run_once().result == "rolled-back"
     r = fleet.cli_once("d1", code=12)
-    assert r.output.startswith("blocked (running version 1): version 2: blocked: health gate")
+    assert r.stdout.startswith("blocked (running version 1): version 2: blocked: health gate")
     text = invoke("agent", "status", "--state-dir", agent.state.root).output
     assert "blocked      2: health gate" in text and "`edgepack agent unblock 2`" in text
     assert re.search(r"rollback\s+version 2 at .*exited before it was ready", text)

@@ -30,9 +30,10 @@ MIB = 1 << 20
 
 
 def invoke(args: list[str], code: int = 0) -> str:
+    """Run a command; return its stdout (the agent's log lines go to stderr)."""
     result = CliRunner().invoke(cli, [str(a) for a in args])
     assert result.exit_code == code, (result.exit_code, result.output, result.exception)
-    return result.output
+    return result.stdout
 
 
 class Device:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgepack.errors import FetchError
-from edgepack.ota.agent.broker import BrokerConfig, device_of, make_client
+from edgepack.ota.agent.broker import BrokerConfig, close_client, device_of, make_client
 
 
 def _connect(config: BrokerConfig, client_id: str, timeout: float):
@@ -36,11 +36,12 @@ def _connect(config: BrokerConfig, client_id: str, timeout: float):
     try:
         client.connect(config.host, config.port, config.keepalive)
     except (OSError, ValueError) as e:
+        close_client(client)
         raise FetchError(f"cannot connect to MQTT broker {config.describe()}: {e}",
                          hint="check --broker and that the broker runs and is reachable") from e
     client.loop_start()
     if not connected.wait(timeout) or refused:
-        client.loop_stop()
+        close_client(client)
         raise FetchError(
             f"MQTT broker {config.describe()} "
             + (f"refused the connection: {refused[0]}" if refused else
@@ -87,8 +88,7 @@ def collect_states(config: BrokerConfig, *, wait: float = 10.0, quiet: float = 1
             if subscribed.is_set() and idle >= quiet:
                 break
     finally:
-        client.disconnect()
-        client.loop_stop()
+        close_client(client)
     return states
 
 
@@ -155,5 +155,4 @@ def watch(config: BrokerConfig, on_message: Callable[[dict[str, Any]], None],
                           (f"edgepack/{config.fleet}/+/events", 1)])
         stop.wait()
     finally:
-        client.disconnect()
-        client.loop_stop()
+        close_client(client)

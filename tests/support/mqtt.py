@@ -8,6 +8,7 @@ installed (listed in ``scripts/programs.txt``, so ``scripts/ensure-programs`` --
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import time
@@ -45,6 +46,10 @@ class Broker:
         lines = [f"listener {self.port} 127.0.0.1", "persistence false",
                  f"log_dest file {self.folder / 'mosquitto.log'}", "log_type all",
                  f"allow_anonymous {'false' if self.users else 'true'}"]
+        if os.geteuid() == 0:
+            # As root, mosquitto would drop to the 'mosquitto' user and could not read the
+            # test's 0700 tmp folders (mosquitto.conf(5), "user").
+            lines.append("user root")
         if self.users:
             pw = self.folder / "passwd"
             pw.write_text("")

@@ -122,3 +122,23 @@ def make_client(config: BrokerConfig, client_id: str) -> Any:
     # Reconnects back off up to 30 s, so a broker that returns is found again quickly.
     client.reconnect_delay_set(min_delay=1, max_delay=30)
     return client
+
+
+def close_client(client: Any) -> None:
+    """Disconnect, stop the network thread and close every socket of a paho client.
+
+    paho-mqtt 2.x leaves the socket pair it uses to wake its loop open when the loop ends
+    without a clean disconnect (a refused login, a broker that went away), so its private
+    ``_reset_sockets`` is called after the thread is gone; guarded, should it change.
+    """
+    try:
+        client.disconnect()
+    except Exception:  # noqa: BLE001 - closing is best effort
+        pass
+    client.loop_stop()
+    reset = getattr(client, "_reset_sockets", None)
+    if callable(reset):
+        try:
+            reset()
+        except Exception:  # noqa: BLE001
+            pass

@@ -91,10 +91,11 @@ def health_figures(state_root: os.PathLike | str) -> dict[str, Any]:
     except OSError:
         pass
     try:
-        for line in open("/proc/meminfo", encoding="ascii"):
-            if line.startswith("MemAvailable:"):
-                out["mem_available_bytes"] = int(line.split()[1]) * 1024
-                break
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    out["mem_available_bytes"] = int(line.split()[1]) * 1024
+                    break
     except (OSError, ValueError):
         pass
     try:
@@ -102,7 +103,8 @@ def health_figures(state_root: os.PathLike | str) -> dict[str, Any]:
     except OSError:
         pass
     try:
-        out["uptime_s"] = int(float(open("/proc/uptime").read().split()[0]))
+        with open("/proc/uptime", encoding="ascii") as f:
+            out["uptime_s"] = int(float(f.read().split()[0]))
     except (OSError, ValueError):
         pass
     return out
@@ -241,8 +243,9 @@ class MqttReporter:
         while disconnected, the next connect uses it anyway."""
         if not self._connected:
             return
-        self._client.disconnect()  # a clean disconnect: the old will is discarded
-        self._client.loop_stop()
+        from edgepack.ota.agent.broker import close_client
+
+        close_client(self._client)  # a clean disconnect: the broker discards the old will
         with self._lock:
             self._connected = False
         self.start()
@@ -257,7 +260,8 @@ class MqttReporter:
                 deadline = time.monotonic() + timeout
                 while not info.is_published() and time.monotonic() < deadline:
                     time.sleep(0.02)
-            self._client.disconnect()
-            self._client.loop_stop()
         except Exception as e:  # noqa: BLE001
             log.debug("MQTT close failed: %s", e)
+        from edgepack.ota.agent.broker import close_client
+
+        close_client(self._client)
