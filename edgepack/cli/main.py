@@ -119,6 +119,10 @@ def _register() -> None:
     from edgepack.cli.chat import chat
 
     cli.add_command(chat)
+    from edgepack.cli.cache import COMMANDS as inventory_commands
+
+    for command in inventory_commands:
+        cli.add_command(command)
     from edgepack.cli.ota import COMMANDS as ota_commands
 
     for command in ota_commands:
