@@ -39,8 +39,8 @@ class _ReportedError(click.ClickException):
 def _add_verbosity(command: click.Command) -> None:
     """Give ``command`` (and, for a group, its subcommands) the -q/-v options."""
     names = {opt for p in command.params for opt in getattr(p, "opts", ())}
-    if "-q" not in names and "-v" not in names:
-        command.params.extend(verbosity_options())
+    # A command that defines its own -v (agent run: debug lines in its log) keeps it.
+    command.params.extend(o for o in verbosity_options() if not set(o.opts) & names)
     if isinstance(command, click.Group):
         for sub in command.commands.values():
             _add_verbosity(sub)
