@@ -266,3 +266,21 @@ def test_serve_require_signature_starts_signed_bundles_only(chat_bundle, tmp_pat
     toml.write_text(text + "\n# changed\n")
     code, err = _serve_exit(bundle, "--require-signature", str(pub))
     assert code == 6 and "server.toml" in err, err
+
+
+def test_keygen_public_of_a_repo_key_verifies_what_that_key_signed(tmp_path):
+    from edgepack.ota.repo import init_repo
+
+    init_repo(tmp_path / "repo")
+    key = tmp_path / "repo" / "keys" / "targets.key"
+    bundle = written_bundle(tmp_path)
+    code, text = run("sign", str(bundle), "--key", str(key))
+    assert code == 0, text
+    code, text = run("keygen", "--public-of", str(key))
+    assert code == 0 and "targets.pub" in text, text
+    code, text = run("verify", str(bundle), "--key", str(key.with_suffix(".pub")))
+    assert code == 0, text
+    code, text = run("keygen", "--public-of", str(key))  # never overwrites
+    assert code == 3 and "already exists" in text, text
+    code, text = run("verify", str(bundle), "--key", str(key))  # a private key on a device
+    assert code == 3 and "is a private key" in text, text
