@@ -58,6 +58,7 @@ class BuildRequest:
     overwrite: bool = False
     threads: int | None = None
     allow_licenses: tuple[str, ...] = ()  # empty: no licence policy
+    min_tokens_per_second: float | None = None  # None: the device class's interactive floor
 
 
 @dataclass(frozen=True)
@@ -223,6 +224,13 @@ def run_build(req: BuildRequest, log: Callable[[str], None] = lambda _m: None) -
     log(f"reading model facts of {ref.text}")
     # The licence policy is checked on the model card before any weight byte is requested.
     policy = LicensePolicy.parse(req.allow_licenses)
+    from edgepack.build.gguf_repo import probe_gguf_repo
+
+    gguf_repo = probe_gguf_repo(ref, token=req.token, policy=policy)
+    if gguf_repo is not None:  # .gguf files and no checkpoint: pick one, nothing to convert
+        from edgepack.build.gguf_repo_build import run_gguf_repo_build
+
+        return run_gguf_repo_build(req, gguf_repo, profiles, log)
     meta = read_model_metadata(ref, token=req.token, policy=policy)
     log(f"licence: {meta.card.license_label}" + (f", gated ({meta.card.gated})"
                                                  if meta.card.gated else ""))
@@ -231,7 +239,8 @@ def run_build(req: BuildRequest, log: Callable[[str], None] = lambda _m: None) -
     plans: list[Plan] = []
     for ref_text, profile in zip(req.devices, profiles, strict=True):
         quant = per_device.get(ref_text) or per_device.get(profile.id) or req.quant
-        options = PlanOptions(format=req.fmt, ctx=req.ctx, quant=quant)
+        options = PlanOptions(format=req.fmt, ctx=req.ctx, quant=quant,
+                              min_tokens_per_second=req.min_tokens_per_second)
         plan = plan_build(facts, profile, options, alternatives=list_profiles())
         plans.append(plan)
         log(f"plan for {profile.id}: {plan.format} {plan.quant} ctx {plan.ctx}")

@@ -65,6 +65,9 @@ def _parse_quants(values: tuple[str, ...]) -> tuple[str | None, tuple[tuple[str,
               help="Force a quantization for every device (Q4_0) or for one "
               "(raspberry-pi-5-8gb=Q4_0); default: the plan's choice.")
 @click.option("--ctx", type=click.IntRange(min=1), default=None, help="Context length in tokens.")
+@click.option("--min-tokens-per-second", "min_tps", type=click.FloatRange(min=0.0), default=None,
+              help="Decode speed floor for the plan (default: the device class's interactive "
+              "floor, 5 tok/s; 0 turns it off).")
 @click.option("--bundle-version", "version", default="1", show_default=True,
               help="Bundle version (integer or MAJOR.MINOR.PATCH); orders updates.")
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path),
@@ -94,7 +97,7 @@ def _parse_quants(values: tuple[str, ...]) -> tuple[str | None, tuple[tuple[str,
               "'license: other' its license_name); checked before any weight byte, exit 3 "
               "when refused. Comma-separated or repeated; @FILE reads a policy file (one id a "
               "line).")
-def build(model, devices, fmt, quants, ctx, version, out, name, token, golden, no_golden,
+def build(model, devices, fmt, quants, ctx, min_tps, version, out, name, token, golden, no_golden,
           min_agreement, max_kl, min_cosine, archive, overwrite, threads, as_json,
           allow_licenses) -> None:
     """Pull MODEL (org/name[@rev] or a folder), plan, convert, validate and bundle it."""
@@ -107,7 +110,7 @@ def build(model, devices, fmt, quants, ctx, version, out, name, token, golden, n
         bundle_version=parse_version_option(version), name=name, token=token,
         golden=_parse_golden(golden, no_golden), min_agreement=min_agreement, max_kl=max_kl,
         min_cosine=min_cosine, archive=archive, overwrite=overwrite, threads=threads,
-        allow_licenses=tuple(allow_licenses),
+        allow_licenses=tuple(allow_licenses), min_tokens_per_second=min_tps,
     )
     from edgepack.cli.progress import StageReporter, hub_progress_bars
 

@@ -116,16 +116,33 @@ def plan(
     if quant is not None:
         fmt = _check_quant(quant, fmt)
     options = PlanOptions(format=fmt, ctx=ctx, quant=quant, min_tokens_per_second=min_tps)
-    meta = read_model_metadata(model, policy=LicensePolicy.parse(allow_licenses))
-    facts = model_facts(meta.config, meta.safetensors)
-    result = plan_build(facts, profile, options, alternatives=list_profiles())
+    from edgepack.build.gguf_repo import probe_gguf_repo
+    from edgepack.build.hub import parse_model_ref
+
+    policy = LicensePolicy.parse(allow_licenses)
+    ref = parse_model_ref(model)
+    # A repo of .gguf files (no checkpoint): plan over its files, from their headers.
+    repo = probe_gguf_repo(ref, policy=policy)
+    if repo is not None:
+        from edgepack.build.gguf_repo_build import plan_gguf_repo
+
+        result = plan_gguf_repo(repo, profile, fmt=fmt, ctx=ctx, quant=quant,
+                                min_tokens_per_second=min_tps, alternatives=list_profiles())
+        src = {"ref": ref.text, "repo_id": repo.repo_id, "sha": repo.sha}
+        card = repo.card
+    else:
+        meta = read_model_metadata(ref, policy=policy)
+        facts = model_facts(meta.config, meta.safetensors)
+        result = plan_build(facts, profile, options, alternatives=list_profiles())
+        src = {"ref": meta.ref.text, "repo_id": meta.repo_id, "sha": meta.sha}
+        card = meta.card
     if as_json:
         data = result.to_dict()
         data = {
             "schema": data.pop("schema"),
-            "source": {"ref": meta.ref.text, "repo_id": meta.repo_id, "sha": meta.sha},
+            "source": src,
             **data,
-            "card": meta.card.to_dict(),
+            "card": card.to_dict(),
         }
         click.echo(json.dumps(data, indent=2))
         return
@@ -134,7 +151,6 @@ def plan(
 
     out = console()
     render_plan(result, out)
-    card = meta.card
     texts = ", ".join(f.path for f in card.license_files) or "none in the repo"
     out.print(f"licence: {card.license_label}"
               + (f", {card.license_link}" if card.license_link else "")

@@ -1,0 +1,327 @@
+"""``edgepack build`` of a GGUF repo: plan over the repo's files, pull only the chosen one(s),
+validate, bundle (build side).
+
+There is nothing to convert or quantize: the planner (:func:`edgepack.plan.planner.plan_build`
+with ``files``) picks, per device, the best file that fits by the same rules as for a
+checkpoint, each file estimated from its own header. Validation loads the chosen file with
+llama.cpp and
+
+- compares it with a **higher-precision file of the same repo** (top-token agreement and KL
+  divergence, :func:`edgepack.build.gguf_validate.validate_gguf`) when the repo has one that
+  fits on this build machine (its file size at most half of the memory available now: two
+  models are never loaded at once, and the rest is for the process and the page cache);
+- answers the golden prompts through the chat template stored in the file (a chat model).
+
+The manifest's ``model.gguf_repo`` records the chosen file, why (the plan's
+rationale), every candidate with its size and quality figure, and the reference used.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgepack.errors import BuildError
+
+if TYPE_CHECKING:
+    from edgepack.build.gguf_repo import GgufRepo
+    from edgepack.build.pipeline import BuildRequest, BuildResult
+    from edgepack.device.profile import DeviceProfile
+    from edgepack.plan.planner import FileChoice, Plan
+
+# A reference file may take at most this share of the memory available at build time.
+REFERENCE_MEMORY_SHARE = 0.5
+
+
+def plan_gguf_repo(repo: GgufRepo, profile: DeviceProfile, *, fmt: str = "auto",
+                   ctx: int | None = None, quant: str | None = None,
+                   min_tokens_per_second: float | None = None,
+                   alternatives: Sequence[DeviceProfile] = ()) -> Plan:
+    """The plan for ``profile`` over the repo's files. Raises BuildError when it has none."""
+    from edgepack.plan.planner import PlanOptions, plan_build
+
+    if not repo.choices:
+        raise BuildError(f"{repo.ref.text} holds no usable .gguf file",
+                         hint="pick a repo with GGUF files or a safetensors checkpoint")
+    best = min(repo.choices, key=lambda c: (c.kld, c.path))
+    options = PlanOptions(format=fmt, ctx=ctx, quant=quant,
+                          min_tokens_per_second=min_tokens_per_second)
+    return plan_build(best.facts, profile, options, alternatives=alternatives,
+                      files=repo.choices)
+
+
+def _available_memory() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def file_size(repo: GgufRepo, choice: FileChoice) -> int:
+    sizes = {f.path: f.size or 0 for f in repo.files}
+    return sum(sizes.get(p, 0) for p in choice.files)
+
+
+def pick_reference(repo: GgufRepo, chosen: FileChoice,
+                   available: int | None = None) -> tuple[FileChoice | None, str]:
+    """The highest-precision other file of the repo that fits on this machine, and why
+    (or None and why not)."""
+    better = sorted((c for c in repo.choices if c.kld < chosen.kld), key=lambda c: c.kld)
+    if not better:
+        return None, f"the repo has no file of higher precision than {chosen.quant}"
+    room = int((available if available is not None else _available_memory())
+               * REFERENCE_MEMORY_SHARE)
+    for c in better:
+        if file_size(repo, c) <= room:
+            return c, (f"{c.quant} ({c.path}), the highest-precision file of the repo that "
+                       f"fits in half of this machine's available memory")
+    return None, (f"no higher-precision file fits in half of this machine's available memory "
+                  f"({room / 2**20:,.0f} MiB); validated with golden prompts only")
+
+
+def _choice_of(repo: GgufRepo, plan: Plan) -> FileChoice:
+    assert plan.gguf_file is not None
+    return next(c for c in repo.choices if c.path == plan.gguf_file["path"])
+
+
+def run_gguf_repo_build(req: BuildRequest, repo: GgufRepo, profiles: Sequence[DeviceProfile],
+                        log: Callable[[str], None]) -> BuildResult:
+    """Build one bundle per device from a GGUF repo. Raises BuildError (nothing fits,
+    validation), FetchError (pull)."""
+    from edgepack.build.gguf_repo import pull_gguf_files
+    from edgepack.build.model_files import check_disk_space
+    from edgepack.build.pipeline import BuildResult, _stage
+    from edgepack.build.preflight import model_name
+    from edgepack.device.catalog import list_profiles
+
+    log(f"{repo.ref.text} is a GGUF repo: {len(repo.choices)} candidate file(s), "
+        f"{repo.header_bytes_read / 2**20:.1f} MiB of headers read")
+    per_device = dict(req.device_quants)
+    plans: list[Plan] = []
+    for ref_text, profile in zip(req.devices, profiles, strict=True):
+        quant = per_device.get(ref_text) or per_device.get(profile.id) or req.quant
+        plan = plan_gguf_repo(repo, profile, fmt=req.fmt, ctx=req.ctx, quant=quant,
+                              min_tokens_per_second=req.min_tokens_per_second,
+                              alternatives=list_profiles())
+        plans.append(plan)
+        log(f"plan for {profile.id}: {plan.quant} from {_choice_of(repo, plan).path} "
+            f"ctx {plan.ctx}")
+
+    chosen = {c.path: c for c in (_choice_of(repo, p) for p in plans)}
+    references = {path: pick_reference(repo, c) for path, c in chosen.items()}
+    wanted = [p for c in chosen.values() for p in c.files]
+    wanted += [p for ref, _why in references.values() if ref is not None for p in ref.files]
+    sizes = {f.path: f.size or 0 for f in repo.files}
+    if repo.folder is None:
+        from edgepack.build.hub import hub_cache_dir
+
+        cache = hub_cache_dir()
+        cache.mkdir(parents=True, exist_ok=True)
+        check_disk_space(cache, sum(sizes.get(p, 0) for p in set(wanted)))
+    with _stage(log, "pull", f"pulling {len(set(wanted))} GGUF file(s)"):
+        pulled = pull_gguf_files(repo, wanted, token=req.token)
+
+    name = model_name(req.name, repo.ref)
+    outputs: dict[str, dict[str, Any]] = {}
+    result = BuildResult()
+    for profile, plan in zip(profiles, plans, strict=True):
+        c = _choice_of(repo, plan)
+        if c.path not in outputs:
+            ref, why_ref = references[c.path]
+            outputs[c.path] = _validate(req, repo, pulled.folder, c, ref, why_ref, log)
+        _write(req, repo, pulled, plan, c, outputs[c.path], name, profile, result, log)
+    return result
+
+
+def _kind(repo: GgufRepo, c: FileChoice) -> str:
+    if c.facts.family == "encoder":
+        return "embedding"
+    return "chat" if "tokenizer.chat_template" in repo.headers[c.path].metadata else "completion"
+
+
+def _threshold_quant(c: FileChoice) -> str:
+    """A quant name validate_gguf has thresholds for: the file's own, else the known type of
+    nearest quality."""
+    from edgepack.build.gguf_validate import THRESHOLDS
+    from edgepack.plan.quants import FILE_TYPES
+
+    if c.quant in THRESHOLDS:
+        return c.quant
+    return min(FILE_TYPES, key=lambda ft: abs(ft.kld - c.kld)).name
+
+
+def _validate(req: BuildRequest, repo: GgufRepo, folder: Path, c: FileChoice,
+              ref: FileChoice | None, why_ref: str,
+              log: Callable[[str], None]) -> dict[str, Any]:
+    from edgepack.build.gguf_validate import (
+        DEFAULT_GOLDEN,
+        GoldenPrompt,
+        validate_gguf,
+    )
+    from edgepack.build.pipeline import _stage
+
+    kind = _kind(repo, c)
+    threads = req.threads or os.cpu_count() or 1
+    if req.golden is None:
+        golden = DEFAULT_GOLDEN if kind == "chat" else ()
+    else:
+        golden = tuple(GoldenPrompt(g.prompt, g.expect) for g in req.golden)
+    model = folder / c.path
+    if ref is not None:
+        with _stage(log, "validate", f"validating {c.quant} against {ref.quant} of the repo"):
+            val = validate_gguf(model, folder / ref.path, _threshold_quant(c), golden=golden,
+                                min_agreement=req.min_agreement, max_kl=req.max_kl,
+                                min_cosine=req.min_cosine, threads=threads)
+        validation = {"metric": val.metric, "value": val.value, "threshold": val.threshold,
+                      "passed": val.passed, "reference": ref.path,
+                      "details": {**val.details, "reference_why": why_ref}}
+    else:
+        with _stage(log, "validate", f"answering golden prompts with {c.quant}"):
+            validation = golden_only(model, golden, threads, why_ref, kind)
+    return {"kind": kind, "validation": validation,
+            "golden": tuple({"prompt": g.prompt, "expect": g.expect} for g in golden)}
+
+
+def golden_only(model: Path, golden: Sequence[Any], threads: int, why: str,
+                kind: str) -> dict[str, Any]:
+    """Validation without a reference file: the golden prompts must all pass (BuildError
+    otherwise); with no golden prompts, loading the file and one greedy token is the check."""
+    import gc
+
+    from edgepack.build.gguf_validate import _answer, _load
+
+    llm = _load(model, threads, 512)
+    try:
+        if kind == "embedding":
+            llm.close()
+            llm = _load(model, threads, 512, embedding=True)
+            llm.embed("edgepack")
+            answers: list[dict[str, Any]] = []
+        else:
+            answers = [_answer(llm, g) for g in golden]
+            llm.reset()
+            llm.eval(llm.tokenize(b"Hello", add_bos=True))
+    finally:
+        llm.close()
+        del llm
+        gc.collect()
+    failed = [a for a in answers if not a["passed"]]
+    if failed:
+        a = failed[0]
+        raise BuildError(
+            f"{model.name} failed its golden prompt {a['prompt']!r}: answered {a['answer']!r} "
+            f"without {a['expect']!r}",
+            hint="pick a higher-precision file with --quant, or change the prompts with "
+                 "--golden / skip them with --no-golden")
+    return {"metric": "golden_prompts" if answers else "loads",
+            "value": float(len(answers) - len(failed)) if answers else 1.0,
+            "threshold": float(len(answers)) if answers else 1.0, "passed": True,
+            "reference": None, "details": {"golden": answers, "reference_why": why}}
+
+
+def _write(req: BuildRequest, repo: GgufRepo, pulled: Any, plan: Plan, c: FileChoice,
+           out: dict[str, Any], name: str, profile: DeviceProfile, result: BuildResult,
+           log: Callable[[str], None]) -> None:
+    from edgepack.build.gguf_convert import installed_llama_cpp_python
+    from edgepack.build.pipeline import (
+        LLAMA_ENGINE_RANGE,
+        BundleSummary,
+        _server_tables,
+        _stage,
+        _systemd_units,
+    )
+    from edgepack.bundle import BundleSpec, archive_bundle, write_bundle
+    from edgepack.device.profile import profile_digest
+
+    folder = pulled.folder
+    source = {
+        "ref": repo.ref.text,
+        "repo_id": repo.repo_id,
+        "revision": repo.sha,
+        "requested_revision": None if repo.ref.is_local else repo.ref.revision,
+        "content_digest": None,
+        "files": dict(sorted((p, pulled.files[p]) for p in c.files)),
+    }
+    validation = out["validation"]
+    ref_path = validation.get("reference")
+    if ref_path:
+        ref_choice = next(x for x in repo.choices if x.path == ref_path)
+        source["validation_reference"] = {p: pulled.files[p] for p in ref_choice.files}
+    engine_version = installed_llama_cpp_python()
+    engine = {"name": "llama.cpp", "package": "llama-cpp-python",
+              "version_range": LLAMA_ENGINE_RANGE, "built_with": engine_version}
+    details = {"gguf_repo": {
+        "chosen": c.path, "files": list(c.files), "quant": c.quant,
+        "why": list(plan.rationale), "quality_basis": c.kld_basis,
+        "reference": ref_path, "reference_why": validation["details"].get("reference_why"),
+        "header_bytes_read": repo.header_bytes_read,
+        "candidates": [{"path": x.path, "quant": x.quant, "parts": len(x.files),
+                        "size_bytes": file_size(repo, x),
+                        "weights_bytes": sum(_nbytes(t) for t in x.facts.tensors),
+                        "kld": x.kld} for x in repo.choices],
+    }, "tensor_types": plan.estimate.tensor_types}
+    card = repo.card
+    bundle_name = f"{name}-{profile.id}"
+    staged = [_staged(folder / p, pulled.files[p]) for p in c.files]
+    model_file = staged[0]
+    kind = out["kind"]
+    spec = BundleSpec(
+        name=bundle_name, version=req.bundle_version, model_file=model_file,
+        model_name=name, model_format="gguf", model_kind=kind, quant=c.quant,
+        plan=plan.to_dict(),
+        server=_server_tables(plan, f"model/{model_file.name}", kind, name, profile),
+        source=source,
+        device={"profile_id": profile.id, "profile_digest": profile_digest(profile)},
+        engine=engine, validation=validation,
+        extra_model_files=tuple(staged[1:]),
+        golden_prompts=out["golden"], model_details=details,
+        converter={"name": "none: the repo's GGUF file, unchanged", "version": None},
+        systemd_units=_systemd_units(plan), card=card.to_dict(),
+        derivation={
+            "derived_from": f"{repo.repo_id or repo.ref.text}@{repo.sha}",
+            "license": card.license, "license_name": card.license_name,
+            "license_note": "the bundle ships the source repo's file unchanged, under its "
+                            "licence; the licence texts are in license/",
+            "changes": [f"none: {c.path} is shipped as published"],
+        },
+        license_files=tuple((f.path, f.local.resolve()) for f in card.license_files),
+    )
+    path = write_bundle(spec, Path(req.out) / bundle_name, overwrite=req.overwrite)
+    log(f"wrote {path}")
+    result.bundles.append(path)
+    archive = None
+    if req.archive:
+        with _stage(log, "archive", f"packing {path.name}.tar"):
+            archive = archive_bundle(path, path.with_name(path.name + ".tar"))
+        result.archives.append(archive)
+    result.summaries.append(BundleSummary(
+        device=profile.id, path=path, format="gguf", quant=c.quant,
+        size_bytes=sum(f.stat().st_size for f in path.rglob("*") if f.is_file()),
+        validation=validation, archive=archive))
+
+
+def _staged(path: Path, sha256: str) -> Path:
+    """``path`` (a hub-cache symlink to its blob) as a file of the same name that the bundle
+    writer can hard-link: Linux link(2) would link the symlink itself, not the blob."""
+    from edgepack.build.pipeline import cache_root
+
+    dst = cache_root() / "gguf-repo" / sha256[:16] / path.name
+    if not dst.is_file():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(path.resolve(), tmp)
+        except OSError:
+            import shutil
+
+            shutil.copyfile(path, tmp)
+        os.replace(tmp, dst)
+    return dst
+
+
+def _nbytes(t: Any) -> int:
+    from edgepack.plan.gguf_header import GgufTensorInfo
+
+    return GgufTensorInfo(t.gguf_name or t.name, t.gguf_shape, t.dtype).nbytes

@@ -1,0 +1,146 @@
+"""GGUF repos as input (issue 12, item 2): plan over a repo's .gguf files from their headers
+read with HTTP Range through the real huggingface_hub client and the local hub, pull only the
+chosen file (and the higher-precision reference it is validated against), bundle, serve.
+
+The repo is SmolLM2-135M-Instruct as F16, Q8_0 and Q4_0 (support.gguf_repo), the same
+shape as the ``...-GGUF`` repos on the hub.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from support.gguf_repo import FILES, smollm2_gguf_repo
+
+from edgepack.cli.main import cli
+from edgepack.manifest import verify_bundle
+
+REPO = "edgepack-test/SmolLM2-135M-Instruct-GGUF"
+pytestmark = pytest.mark.slow
+
+
+def run(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, list(args))
+    return result.exit_code, result.output
+
+
+def _file_traffic(local_hub, name: str) -> tuple[list, int]:
+    reqs = local_hub.file_requests(name)
+    return reqs, sum(r.bytes_sent for r in reqs)
+
+
+def test_plan_reads_only_headers_over_range(local_hub):
+    folder = smollm2_gguf_repo()
+    sha = local_hub.add_repo(REPO, folder)
+    code, out = run("plan", REPO, "--device", "raspberry-pi-5-8gb", "--json")
+    assert code == 0, out
+    plan = json.loads(out)
+    assert plan["source"] == {"ref": REPO, "repo_id": REPO, "sha": sha}
+    assert plan["format"] == "gguf" and plan["quant"] == "Q8_0"
+    assert plan["gguf_file"]["path"] == FILES["Q8_0"]
+    assert plan["card"]["license"] == "apache-2.0"
+    # F16 passed over for Q8_0 (same quality class, half the bytes), Q4_0 for quality
+    why = {r["file"]: r["reason"] for r in plan["rejected"]}
+    assert "--quant F16" in why[FILES["F16"]] and why[FILES["Q4_0"]] == "lower quality than Q8_0"
+    # exact weights from the header: the file minus its header (vocabulary, merges, template)
+    size = (folder / FILES["Q8_0"]).stat().st_size
+    assert 0.97 * size < plan["memory"]["weights_bytes"] < size
+    assert plan["model"]["n_layer"] == 30 and plan["model"]["max_context"] == 8192
+    for name in FILES.values():
+        reqs, sent = _file_traffic(local_hub, name)
+        assert reqs and all(r.method == "GET" and r.range for r in reqs), reqs
+        assert sent < 4 * 1024 * 1024 < (folder / name).stat().st_size, (name, sent)
+
+
+def test_build_pulls_only_the_chosen_file_and_its_reference(local_hub, tmp_path):
+    folder = smollm2_gguf_repo()
+    sha = local_hub.add_repo(REPO, folder)
+    out_dir = tmp_path / "out"
+    code, out = run("build", REPO, "--device", "raspberry-pi-5-8gb", "--out", str(out_dir))
+    assert code == 0, out
+    bundle = out_dir / "smollm2-135m-instruct-gguf-raspberry-pi-5-8gb"
+    m = verify_bundle(bundle)
+    assert m["model"]["quant"] == "Q8_0" and m["model"]["kind"] == "chat"
+    assert m["model"]["path"] == f"model/{FILES['Q8_0']}"
+    assert (bundle / m["model"]["path"]).read_bytes() == (folder / FILES["Q8_0"]).read_bytes()
+    details = m["model"]["gguf_repo"]
+    assert details["chosen"] == FILES["Q8_0"] and details["reference"] == FILES["F16"]
+    assert {c["path"] for c in details["candidates"]} == set(FILES.values())
+    assert any("highest-quality option" in line for line in details["why"])
+    assert m["source"]["revision"] == sha and list(m["source"]["files"]) == [FILES["Q8_0"]]
+    # validated against the repo's F16: agreement/KL and the golden prompt through the file's
+    # own chat template
+    v = m["validation"]
+    assert v["passed"] and v["metric"] == "top1_agreement" and v["reference"] == FILES["F16"]
+    assert v["details"]["mean_kl"] < 0.015
+    assert [g["passed"] for g in v["details"]["golden"]] == [True]
+    # the hub log: Q4_0 was only ever read through Range requests of its header
+    reqs, sent = _file_traffic(local_hub, FILES["Q4_0"])
+    assert reqs and all(r.range for r in reqs) and sent < 4 * 1024 * 1024
+    for name in (FILES["Q8_0"], FILES["F16"]):
+        _, sent = _file_traffic(local_hub, name)
+        assert sent >= (folder / name).stat().st_size  # downloaded whole
+    # served with the tokenizer and chat template from the GGUF metadata (no tokenizer/)
+    from openai import OpenAI
+    from support.bundles import serve_bundle
+
+    assert not (bundle / "tokenizer").exists()
+    server = serve_bundle(bundle)
+    try:
+        client = OpenAI(base_url=server.base_url + "/v1", api_key="unused")
+        reply = client.chat.completions.create(
+            model="smollm2-135m-instruct-gguf", temperature=0, max_tokens=24,
+            messages=[{"role": "user", "content": "What is the capital of France?"}])
+        assert "Paris" in (reply.choices[0].message.content or "")
+    finally:
+        assert server.stop() == 0
+
+
+def test_split_file_chosen_with_quant_ships_every_part(local_hub, tmp_path):
+    folder = smollm2_gguf_repo(split=True)
+    local_hub.add_repo(REPO, folder)
+    parts = sorted(p.name for p in folder.glob("*-of-00002.gguf"))
+    out_dir = tmp_path / "out"
+    code, out = run("build", REPO, "--device", "raspberry-pi-4-4gb", "--quant", "Q4_0",
+                    "--out", str(out_dir))
+    assert code == 0, out
+    bundle = out_dir / "smollm2-135m-instruct-gguf-raspberry-pi-4-4gb"
+    m = verify_bundle(bundle)
+    assert m["model"]["path"] == f"model/{parts[0]}"
+    assert {f["path"] for f in m["files"]} >= {f"model/{p}" for p in parts}
+    assert sorted(m["model"]["gguf_repo"]["files"]) == parts
+    assert m["validation"]["passed"] and m["validation"]["reference"] == FILES["F16"]
+    # Q8_0 (not chosen, not the reference) stayed a header read
+    reqs, sent = _file_traffic(local_hub, FILES["Q8_0"])
+    assert reqs and all(r.range for r in reqs) and sent < 4 * 1024 * 1024
+    from llama_cpp import Llama
+
+    llm = Llama(str(bundle / m["model"]["path"]), n_ctx=256, verbose=False)
+    try:
+        answer = llm.create_chat_completion(
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            temperature=0, max_tokens=24)["choices"][0]["message"]["content"]
+    finally:
+        llm.close()
+    assert "Paris" in answer
+
+
+def test_quant_the_repo_lacks_is_a_usage_error_listing_its_files(local_hub, tmp_path):
+    local_hub.add_repo(REPO, smollm2_gguf_repo())
+    code, out = run("plan", REPO, "--device", "raspberry-pi-5-8gb", "--quant", "Q5_K_M")
+    assert code == 2, out
+    assert "no such GGUF file" in out and FILES["Q4_0"] in out
+    assert not any(r.range is None and r.origin == "cdn" for r in local_hub.requests)
+
+
+def test_a_damaged_gguf_in_the_repo_is_named(local_hub, tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "README.md").write_text("---\nlicense: mit\n---\n")
+    (repo / "model-Q4_0.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 64)
+    local_hub.add_repo("edgepack-test/broken-GGUF", repo)
+    code, out = run("plan", "edgepack-test/broken-GGUF", "--device", "raspberry-pi-5-8gb")
+    assert code == 5, out
+    assert "model-Q4_0.gguf" in out
