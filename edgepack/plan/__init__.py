@@ -5,3 +5,8 @@ and onnxruntime's quantization types and their sizes; ``estimate`` models memory
 ``planner`` chooses format, quant, context, threads and offload and says why. Nothing here
 touches the network or the file system beyond what callers hand in.
 """
+
+from edgepack._callable import make_callable
+
+# `edgepack.NAME(...)` is the library API (edgepack.api); the package stays a package.
+make_callable(__name__)
