@@ -234,3 +234,15 @@ def test_the_update_repository_publishes_sbom_and_provenance_beside_each_version
     assert sbom_target("stable", 1) not in targets.signed.targets
     assert provenance_target("stable", 1) not in targets.signed.targets
     assert sbom_target("stable", 2) in targets.signed.targets
+
+
+def test_a_missing_sbom_library_fails_the_build_before_any_request(local_hub, tiny_llama_dir,
+                                                                   tmp_path, monkeypatch):
+    import sys
+
+    local_hub.add_repo("edgepack-test/tiny-llama", tiny_llama_dir)
+    monkeypatch.setitem(sys.modules, "cyclonedx.output.json", None)  # import raises
+    code, text = run("build", "edgepack-test/tiny-llama", "--device", "laptop-x86-16gb",
+                     "--no-golden", "--out", str(tmp_path / "out"))
+    assert code == 5 and "ML-BOM" in text and "edgepack[build]" in text, text
+    assert local_hub.requests == []

@@ -203,13 +203,14 @@ def run_build(req: BuildRequest, log: Callable[[str], None] = lambda _m: None) -
     from edgepack.build.model_card import LicensePolicy, describe_derivation
     from edgepack.build.model_files import check_disk_space
     from edgepack.build.preflight import check_request, model_name
-    from edgepack.build.sbom import write_sbom
+    from edgepack.build.sbom import require_sbom_writer, write_sbom
     from edgepack.device.catalog import list_profiles
     from edgepack.device.profile import profile_digest
     from edgepack.device.resolve import load_profile
     from edgepack.plan.facts import model_facts
     from edgepack.plan.planner import PlanOptions, plan_build
 
+    require_sbom_writer()  # every bundle gets an ML-BOM: fail now, not after a conversion
     if not req.devices:
         raise UsageError("no --device given", hint="name at least one: edgepack profiles list")
     parse_bundle_version(req.bundle_version)

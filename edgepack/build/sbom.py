@@ -39,12 +39,26 @@ from edgepack import __version__
 from edgepack.errors import BuildError
 from edgepack.manifest import SBOM_NAME
 
-__all__ = ["SBOM_NAME", "sbom_dict", "write_sbom"]
+__all__ = ["SBOM_NAME", "require_sbom_writer", "sbom_dict", "write_sbom"]
 
 _WHEEL = re.compile(r"^(?P<name>[^-]+)-(?P<version>[^-]+)(?:-\d[^-]*)?-[^-]+-[^-]+-[^-]+\.whl$")
 # The device extras edgepack installs for each engine (pyproject.toml).
 _DEVICE_EXTRAS = {"gguf": ("serve", "llama", "agent"), "onnx": ("serve", "onnx", "agent")}
 _NS = uuid.UUID("6f1d3f5e-3c1b-5d55-9a0e-6564676570ab")  # edgepack's UUIDv5 namespace
+
+
+def require_sbom_writer() -> None:
+    """Raise BuildError unless cyclonedx-python-lib can be imported: called before a build
+    starts, so a missing library is reported before minutes of conversion, not after."""
+    try:
+        import cyclonedx.output.json  # noqa: F401
+        import packageurl  # noqa: F401
+    except ImportError as e:
+        raise BuildError(
+            f"cannot write the bundle's ML-BOM: {e.name or 'cyclonedx-python-lib'} is not "
+            "installed",
+            hint="install the build extra again: pip install 'edgepack[build]' (it brings "
+                 "cyclonedx-python-lib>=11,<12); scripts/setup does it for a checkout") from e
 
 
 def _purl(kind: str, name: str, version: str | None, namespace: str | None = None) -> Any:
