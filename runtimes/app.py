@@ -27,7 +27,7 @@ from edgepack.runtimes.access_log import (
     access_record,
     request_id,
 )
-from edgepack.runtimes.config import ServerConfig
+from edgepack.runtimes.config import ServerConfig, effective_config
 from edgepack.runtimes.engine import CancelToken, Engine
 from edgepack.runtimes.lifecycle import BROKEN, READY, Lifecycle
 from edgepack.runtimes.metrics import ServerMetrics
@@ -92,6 +92,10 @@ async def readyz(request: Request) -> Response:
             "bundle_version": cfg.bundle_version,
             "n_ctx": lc.model.n_ctx if lc.model else cfg.n_ctx,
             "load_seconds": round(lc.loaded_at, 3),
+            # sha256 is the digest of the bytes the engine loaded (hashed through the
+            # descriptor it loads from, runtimes/serve.py), not a copy of the manifest's.
+            "compute": cfg.compute,
+            "config": effective_config(cfg),
         })
     body: dict[str, Any] = {"status": lc.phase}
     if lc.phase == BROKEN:

@@ -62,10 +62,43 @@ class ServerConfig:
     bundle_name: str = ""
     bundle_version: str = ""
     load_delay_seconds: float = 0.0  # test hook, see TEST_HOOK_LOAD_DELAY
+    # What serve decided about this device (engine_check.py): where it computes, and every
+    # setting it changed from what the bundle asked (shown at start and in /readyz).
+    compute: str = "cpu"
+    adjustments: tuple[str, ...] = ()
+    config_file: str = ""  # the device-local override file, when one was read
+    model_source: str = ""  # what the engine loads: the verified descriptor or the path
 
     def with_overrides(self, **changes: Any) -> ServerConfig:
         """A copy with the non-None ``changes`` applied (command-line flags)."""
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def effective_config(cfg: ServerConfig) -> dict[str, Any]:
+    """The settings the server runs with, for the start line and /readyz (no secrets)."""
+    return {
+        "bundle_dir": str(cfg.bundle_dir), "model_file": _rel(cfg),
+        "model_source": cfg.model_source, "format": cfg.model_format, "kind": cfg.model_kind,
+        "n_ctx": cfg.n_ctx, "n_threads": cfg.n_threads, "n_batch": cfg.n_batch,
+        "n_gpu_layers": cfg.n_gpu_layers, "providers": list(cfg.providers),
+        "compute": cfg.compute, "queue_size": cfg.queue_size,
+        "max_body_bytes": cfg.max_body_bytes, "drain_seconds": cfg.drain_seconds,
+        "request_timeout_seconds": cfg.request_timeout_seconds,
+        "max_connections": cfg.max_connections,
+        "header_timeout_seconds": cfg.header_timeout_seconds,
+        "body_timeout_seconds": cfg.body_timeout_seconds,
+        "keep_alive_seconds": cfg.keep_alive_seconds,
+        "host": cfg.host, "port": cfg.port, "api_key": "set" if cfg.api_key else "unset",
+        "cors_origins": list(cfg.cors_origins), "config_file": cfg.config_file,
+        "adjustments": list(cfg.adjustments),
+    }
+
+
+def _rel(cfg: ServerConfig) -> str:
+    try:
+        return cfg.model_path.relative_to(cfg.bundle_dir).as_posix()
+    except ValueError:
+        return str(cfg.model_path)
 
 
 def _table(data: Mapping[str, Any], name: str, path: Path) -> Mapping[str, Any]:
@@ -95,16 +128,19 @@ def load_server_config(
     bundle_dir: str | os.PathLike[str],
     manifest: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
+    text: str | None = None,
 ) -> ServerConfig:
     """Read ``server.toml`` of a bundle (plus facts from its manifest) into a ServerConfig.
 
-    Raises ConfigError naming the file, the key and the expected type when it is invalid.
+    ``text`` is the file's content when the caller already read it (from the descriptor it
+    verified). Raises ConfigError naming the file, the key and the expected type when it is
+    invalid.
     """
     root = Path(bundle_dir)
     path = root / SERVER_TOML
     environ = os.environ if environ is None else environ
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(path.read_text(encoding="utf-8") if text is None else text)
     except FileNotFoundError as e:
         raise ConfigError(f"bundle {str(root)!r} has no {SERVER_TOML}",
                           hint="rebuild the bundle with `edgepack build`") from e

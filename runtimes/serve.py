@@ -8,37 +8,56 @@ is ready, 3 for a bad server.toml or flag.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
+import json
 import logging
 import os
+import shutil
 import socket
 import sys
+import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import uvicorn
-from edgepack.runtimes.config import ServerConfig, load_server_config, validate_config
+from edgepack.runtimes.access_log import configure_logging
+from edgepack.runtimes.config import (
+    SERVER_TOML,
+    ServerConfig,
+    effective_config,
+    load_server_config,
+    validate_config,
+)
 from edgepack.runtimes.connections import ConnectionLimits, fd_budget, uvicorn_options
 from edgepack.runtimes.engine import Engine, EngineError
+from edgepack.runtimes.engine_check import reconcile
+from edgepack.runtimes.local_config import local_config_path, read_local_config
 
-from edgepack.errors import ConfigError, RuntimeHealthError
-from edgepack.manifest import verify_bundle
+from edgepack.errors import ConfigError, IntegrityError, RuntimeHealthError
+from edgepack.manifest import HeldFile, load_manifest, verify_and_hold
 
 log = logging.getLogger("edgepack.serve")
 
 
 @dataclass(frozen=True)
 class ServeOptions:
-    """Command-line overrides; None keeps the bundle's server.toml value."""
+    """Command-line (and ``EDGEPACK_*``) overrides; None keeps the configured value."""
 
-    host: str = "127.0.0.1"
-    port: int = 8080
+    host: str | None = None
+    port: int | None = None
     api_key: str | None = None
     threads: int | None = None
     queue_size: int | None = None
     ctx: int | None = None
+    max_connections: int | None = None
     log_level: str = "info"
+    log_format: str = "plain"
+    config: str | None = None
+    cpu: bool = False
+    providers: tuple[str, ...] | None = None
 
 
 def make_engine(cfg: ServerConfig) -> Engine:
@@ -67,14 +86,63 @@ def make_engine(cfg: ServerConfig) -> Engine:
 
 def prepare(bundle_dir: str | os.PathLike[str], opts: ServeOptions,
             environ: Mapping[str, str]) -> ServerConfig:
-    """Verify the bundle (IntegrityError → exit 6) and build the effective config."""
-    manifest = verify_bundle(bundle_dir)
-    cfg = load_server_config(bundle_dir, manifest, environ)
-    api_key = opts.api_key or environ.get("EDGEPACK_API_KEY") or None
-    cfg = cfg.with_overrides(host=opts.host, port=opts.port, api_key=api_key,
-                             n_threads=opts.threads, queue_size=opts.queue_size, n_ctx=opts.ctx)
+    """Verify the bundle (IntegrityError → exit 6) and build the effective config.
+
+    The model file(s) and server.toml stay open on the descriptors they were hashed through,
+    and the engine loads from those (``/proc/self/fd/N``): a file swapped after the check is
+    never what runs (issue #13). Layers, lowest first: the bundle's server.toml, the
+    device-local config file, ``EDGEPACK_*`` variables and flags; then the engine check.
+    """
+    root = Path(bundle_dir)
+    manifest = load_manifest(root)
+    listed = [f["path"] for f in manifest["files"]]
+    hold = [SERVER_TOML] + [p for p in listed if p.startswith("model/")]
+    manifest, held = verify_and_hold(root, hold)
+    if SERVER_TOML not in held:
+        raise IntegrityError(f"bundle {str(root)!r}: {SERVER_TOML} is not in the manifest",
+                             hint="rebuild the bundle")
+    try:
+        toml_text = held[SERVER_TOML].read_text()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{root / SERVER_TOML} is not UTF-8 text") from e
+    finally:
+        os.close(held.pop(SERVER_TOML).fd)
+    cfg = load_server_config(root, manifest, environ, text=toml_text)
+    cfg = _load_from_held(cfg, held)
+    local = local_config_path(opts.config, environ)
+    if local is not None:
+        cfg = cfg.with_overrides(config_file=str(local), **read_local_config(local))
+    cfg = cfg.with_overrides(host=opts.host, port=opts.port, api_key=opts.api_key,
+                             n_threads=opts.threads, queue_size=opts.queue_size, n_ctx=opts.ctx,
+                             max_connections=opts.max_connections)
     validate_config(cfg)
-    return cfg
+    return reconcile(cfg, cpu=opts.cpu, providers=opts.providers)
+
+
+def _load_from_held(cfg: ServerConfig, held: dict[str, HeldFile]) -> ServerConfig:
+    """Point the engine at the verified descriptors; /readyz reports their digest."""
+    rel = cfg.model_path.relative_to(cfg.bundle_dir).as_posix()
+    model = held.get(rel)
+    if model is None:
+        raise IntegrityError(
+            f"server.toml names model file {rel!r}, which the manifest does not list under "
+            "model/", hint="rebuild the bundle")
+    if not Path(model.open_path).exists():  # no /proc (not Linux): load by name
+        return cfg.with_overrides(model_sha256=model.sha256, model_source="path (no /proc)")
+    if cfg.model_format == "gguf":
+        return cfg.with_overrides(model_path=Path(model.open_path),
+                                  model_sha256=model.sha256,
+                                  model_source=f"verified descriptor of {rel}")
+    # ONNX graphs name their external data files relative to the graph: a private folder of
+    # links to the verified descriptors keeps those names and still reads the held inodes.
+    farm = Path(tempfile.mkdtemp(prefix="edgepack-model-"))
+    atexit.register(shutil.rmtree, farm, True)
+    for path, h in held.items():
+        (farm / Path(path).relative_to("model")).parent.mkdir(parents=True, exist_ok=True)
+        (farm / Path(path).relative_to("model")).symlink_to(h.open_path)
+    return cfg.with_overrides(model_path=farm / Path(rel).relative_to("model"),
+                              model_sha256=model.sha256,
+                              model_source=f"verified descriptors of model/ ({len(held)} files)")
 
 
 def connection_limits(cfg: ServerConfig) -> ConnectionLimits:
@@ -123,6 +191,9 @@ def run_server(
     from edgepack.runtimes.app import create_app
 
     env = dict(os.environ if environ is None else environ)
+    configure_logging(opts.log_level, opts.log_format)
+    if opts.api_key is None and env.get("EDGEPACK_API_KEY"):
+        opts = replace(opts, api_key=env["EDGEPACK_API_KEY"])
     cfg = prepare(bundle_dir, opts, env)
     engine = make_engine(cfg)
     app = create_app(cfg, engine, env)
@@ -133,6 +204,7 @@ def run_server(
         app,
         lifespan="on",
         log_level=opts.log_level,
+        log_config=None,  # configure_logging() set up uvicorn's loggers (plain or JSON)
         access_log=False,  # our own access log (runtimes/access_log.py) has route and tokens
         timeout_graceful_shutdown=int(cfg.drain_seconds) or None,
         **uvicorn_options(limits),
@@ -140,8 +212,10 @@ def run_server(
     (announce or _print)(
         f"edgepack serve: {cfg.model_name} ({cfg.model_kind}, {cfg.model_format}) on "
         f"http://{cfg.host}:{port}  api-key: {'on' if cfg.api_key else 'off'}  "
-        f"threads: {cfg.n_threads}  ctx: {cfg.n_ctx}  queue: {cfg.queue_size}"
+        f"threads: {cfg.n_threads}  ctx: {cfg.n_ctx}  queue: {cfg.queue_size}  "
+        f"compute: {cfg.compute}{' (--cpu)' if opts.cpu else ''}"
     )
+    log.info("effective config: %s", json.dumps(effective_config(cfg), sort_keys=True))
     try:
         asyncio.run(server.serve(sockets=[sock]))
     finally:

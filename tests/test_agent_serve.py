@@ -192,3 +192,19 @@ def test_stop_swap_start_needs_a_restart_command(tmp_path, nginx):
     assert st["last_result"] == "failed" and "needs stop-swap-start" in st["reason"]
     assert dev.serving() == 1 and st["pending"] is None and not st["blocked"]
     assert (dev.state / "slots" / "2").is_dir(), "the verified slot waits for a better config"
+
+
+@pytest.mark.slow
+def test_gate_sends_the_api_key_from_the_device_config(tmp_path, nginx, monkeypatch):
+    """Issue #13: with an API key in the device-local config, the side-by-side server demands
+    it on /v1, so the golden prompt must carry it (before: 401 and a needless rollback)."""
+    dev = Device(tmp_path, nginx)
+    local = tmp_path / "etc-server.toml"
+    local.write_text('[server]\napi_key = "device-secret"\n')
+    monkeypatch.setenv("EDGEPACK_CONFIG", str(local))
+    monkeypatch.delenv("EDGEPACK_API_KEY", raising=False)
+    dev.publish(1)
+    out, _ = dev.run()
+    assert out.startswith("installed version 1"), out
+    log = (dev.state / "logs" / "health-1.log").read_text()
+    assert "api-key: on" in log

@@ -4,6 +4,7 @@ client."""
 
 from __future__ import annotations
 
+import httpx
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -83,6 +84,15 @@ def test_jetson_bundle_names_the_missing_cuda_provider_here(local_hub, minilm_di
     )
     assert p.returncode == 7, p.stderr
     assert "CUDAExecutionProvider" in p.stderr and "onnxruntime-gpu" in p.stderr
+    assert "--providers" in p.stderr
+    # The fix it names works without editing the verified server.toml.
+    server = serve_bundle(out / "all-minilm-l6-v2-jetson-orin-nano-8gb", "--providers", "cpu")
+    try:
+        ready = httpx.get(server.base_url + "/readyz").json()
+    finally:
+        server.stop()
+    assert ready["config"]["providers"] == ["cpu"] and ready["compute"] == "cpu"
+    assert any("--providers" in a for a in ready["config"]["adjustments"])
 
 
 def test_tiny_llama_onnx_int8_matches_pytorch_greedy_and_int4_builds(

@@ -1,7 +1,8 @@
 """``edgepack serve BUNDLE``: run the on-device OpenAI-compatible server (parse, call, render).
 
 Device side: imports only click here; the server (starlette, uvicorn, llama-cpp-python) is
-imported when the command runs.
+imported when the command runs. Every option also reads an ``EDGEPACK_*`` variable (shown in
+``--help``), so a systemd unit's ``Environment=``/``EnvironmentFile=`` can set any of them.
 """
 
 from __future__ import annotations
@@ -9,39 +10,81 @@ from __future__ import annotations
 import click
 
 
+def _providers(ctx: click.Context, param: click.Parameter, value: str | None
+               ) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    names = tuple(p.strip() for p in value.split(",") if p.strip())
+    if not names:
+        raise click.BadParameter(f"{value!r} names no provider; e.g. --providers cuda,cpu")
+    return names
+
+
 @click.command("serve")
 @click.argument("bundle", type=click.Path(file_okay=False, path_type=str))
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to listen on; 127.0.0.1 keeps the server local to the device.")
-@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535),
-              help="TCP port (0 picks a free one and prints it).")
+@click.option("--host", default=None, envvar="EDGEPACK_HOST", show_envvar=True,
+              help="Address to listen on (default: the config's, else 127.0.0.1, which keeps "
+              "the server local to the device).")
+@click.option("--port", default=None, type=click.IntRange(0, 65535), envvar="EDGEPACK_PORT",
+              show_envvar=True,
+              help="TCP port (default: the config's, else 8080; 0 picks a free one and prints "
+              "it).")
 @click.option("--api-key", envvar="EDGEPACK_API_KEY", default=None, show_envvar=True,
               help="Require 'Authorization: Bearer KEY' on /v1/*. /healthz, /readyz and "
               "/metrics stay open for probes and Prometheus.")
-@click.option("--threads", type=click.IntRange(1), default=None,
-              help="CPU threads for the engine (default: server.toml's n_threads).")
+@click.option("--config", "config_file", default=None, envvar="EDGEPACK_CONFIG",
+              show_envvar=True, type=click.Path(dir_okay=False, path_type=str),
+              help="Device-local settings layered over the bundle's server.toml ([engine] and "
+              "[server] tables; default /etc/edgepack/server.toml when it exists).")
+@click.option("--threads", type=click.IntRange(1), default=None, envvar="EDGEPACK_THREADS",
+              show_envvar=True,
+              help="CPU threads for the engine (default: server.toml's n_threads; capped at "
+              "the machine's cores).")
 @click.option("--queue-size", type=click.IntRange(0), default=None,
+              envvar="EDGEPACK_QUEUE_SIZE", show_envvar=True,
               help="Requests that may wait while one runs; more get 429 with Retry-After "
               "(default: server.toml's queue_size).")
-@click.option("--ctx", type=click.IntRange(16), default=None,
+@click.option("--ctx", type=click.IntRange(16), default=None, envvar="EDGEPACK_CTX",
+              show_envvar=True,
               help="Context window in tokens (default: server.toml's n_ctx, from the plan).")
 @click.option("--require-signature", "trusted_key", default=None, metavar="PUB",
               envvar="EDGEPACK_TRUSTED_KEY", show_envvar=True,
               type=click.Path(dir_okay=False, path_type=str),
               help="Refuse to start (exit 6) unless BUNDLE carries a signature "
               "(provenance.intoto.jsonl, `edgepack sign`) by this ed25519 public key.")
-@click.option("--log-level", default="info", show_default=True,
+@click.option("--max-connections", type=click.IntRange(8), default=None,
+              envvar="EDGEPACK_MAX_CONNECTIONS", show_envvar=True,
+              help="Open client connections at most (default 256, kept under the "
+              "file-descriptor limit); idle ones are closed first to make room.")
+@click.option("--cpu", is_flag=True, default=False, envvar="EDGEPACK_CPU", show_envvar=True,
+              help="Serve on the CPU although the bundle asks for a GPU the engine lacks "
+              "(otherwise that is exit 7). /readyz and the log say so.")
+@click.option("--providers", default=None, callback=_providers, envvar="EDGEPACK_PROVIDERS",
+              show_envvar=True,
+              help="ONNX bundles: onnxruntime execution providers in priority order, e.g. "
+              "'cuda,cpu' or 'cpu' (default: server.toml's).")
+@click.option("--log-level", default="info", show_default=True, envvar="EDGEPACK_LOG_LEVEL",
+              show_envvar=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]),
-              help="Server log verbosity.")
-def serve(bundle: str, host: str, port: int, api_key: str | None, threads: int | None,
-          queue_size: int | None, ctx: int | None, trusted_key: str | None,
-          log_level: str) -> None:
+              help="Server log verbosity; the access log (one line per request) is on at "
+              "info and debug.")
+@click.option("--log-format", default="plain", show_default=True,
+              envvar="EDGEPACK_LOG_FORMAT", show_envvar=True,
+              type=click.Choice(["plain", "json"]),
+              help="Log lines as plain text or one JSON object per line.")
+def serve(bundle: str, host: str | None, port: int | None, api_key: str | None,
+          config_file: str | None, threads: int | None, queue_size: int | None,
+          ctx: int | None, trusted_key: str | None, max_connections: int | None, cpu: bool,
+          providers: tuple[str, ...] | None, log_level: str, log_format: str) -> None:
     """Serve BUNDLE with an OpenAI-compatible API.
 
-    The bundle is verified against its manifest first (exit 6 if any file differs). The model
-    loads in the background: /healthz answers at once, /readyz turns 200 once the model has
-    loaded and answered a warm-up request. SIGTERM stops accepting, finishes requests in
-    flight (server.toml's drain_seconds) and exits 0. Exit 7 when the engine cannot load.
+    The bundle is verified against its manifest first (exit 6 if any file differs or is a
+    link), and the engine loads the very bytes that were verified. The model loads in the
+    background: /healthz answers at once, /readyz turns 200 once the model has loaded and
+    answered a warm-up request, and reports the loaded model's sha256 and the effective
+    configuration. SIGTERM stops new work (/readyz 503), finishes requests in flight
+    (server.toml's drain_seconds) and exits 0. Exit 7 when the engine cannot load or lacks
+    what the bundle asks for (e.g. GPU offload; see --cpu).
 
     Routes: GET /v1/models, POST /v1/chat/completions, /v1/completions (stream: true gives
     SSE), /v1/embeddings, GET /healthz, /readyz, /metrics (Prometheus).
@@ -54,5 +97,7 @@ def serve(bundle: str, host: str, port: int, api_key: str | None, threads: int |
         verify_signature(bundle, [trusted_key])
     from edgepack.runtimes.serve import ServeOptions, run_server
 
-    run_server(bundle, ServeOptions(host=host, port=port, api_key=api_key, threads=threads,
-                                    queue_size=queue_size, ctx=ctx, log_level=log_level))
+    run_server(bundle, ServeOptions(
+        host=host, port=port, api_key=api_key, threads=threads, queue_size=queue_size, ctx=ctx,
+        max_connections=max_connections, log_level=log_level, log_format=log_format,
+        config=config_file, cpu=cpu, providers=providers))

@@ -408,8 +408,17 @@ class Agent:
         return self._switch(entry, slot)
 
     def _api_key(self) -> str | None:
-        # The servers read EDGEPACK_API_KEY (systemd: server.env); the gate must send it.
-        return self.environ.get("EDGEPACK_API_KEY") or None
+        # The servers read EDGEPACK_API_KEY (systemd: server.env) or the device-local config
+        # (/etc/edgepack/server.toml, $EDGEPACK_CONFIG); the gate must send the same key.
+        from edgepack.runtimes.local_config import local_api_key
+
+        try:
+            return local_api_key(self.environ)
+        except EdgepackError as e:
+            # The server will refuse the same file (exit 3) and the gate reports that.
+            logging.getLogger("edgepack.agent").warning(
+                "cannot read the API key from the device config: %s", e.message)
+            return None
 
     def _restart_service(self) -> str | None:
         """Run --restart-command; return why it failed, or None.

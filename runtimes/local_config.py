@@ -1,0 +1,123 @@
+"""Device-local server settings layered over the bundle's ``server.toml``.
+
+The bundle's ``server.toml`` is covered by the manifest, so editing it breaks verification
+(exit 6). Settings that belong to one device (its port, API key, CORS origins, connection
+limits, threads) live in a file outside the bundle instead: ``--config FILE`` /
+``EDGEPACK_CONFIG``, default ``/etc/edgepack/server.toml`` when it exists. It has the same
+``[engine]`` and ``[server]`` tables; ``[model]`` is refused (the model is what the manifest
+verified). Precedence, lowest first: bundle → this file → ``EDGEPACK_*`` variables and flags.
+
+Device side, standard library only. The update agent reads the same file for the API key its
+health checks must send.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from edgepack.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEFAULT_LOCAL_CONFIG = Path("/etc/edgepack/server.toml")
+CONFIG_ENV = "EDGEPACK_CONFIG"
+MAX_CONFIG_BYTES = 64 * 1024
+
+# toml table, key → (ServerConfig field, accepted types)
+_KEYS: dict[tuple[str, str], tuple[str, tuple[type, ...]]] = {
+    ("engine", "n_ctx"): ("n_ctx", (int,)),
+    ("engine", "n_threads"): ("n_threads", (int,)),
+    ("engine", "n_batch"): ("n_batch", (int,)),
+    ("engine", "n_gpu_layers"): ("n_gpu_layers", (int,)),
+    ("engine", "providers"): ("providers", (list,)),
+    ("server", "host"): ("host", (str,)),
+    ("server", "port"): ("port", (int,)),
+    ("server", "api_key"): ("api_key", (str,)),
+    ("server", "queue_size"): ("queue_size", (int,)),
+    ("server", "max_body_bytes"): ("max_body_bytes", (int,)),
+    ("server", "drain_seconds"): ("drain_seconds", (int, float)),
+    ("server", "request_timeout_seconds"): ("request_timeout_seconds", (int, float)),
+    ("server", "cors_origins"): ("cors_origins", (list,)),
+    ("server", "max_connections"): ("max_connections", (int,)),
+    ("server", "header_timeout_seconds"): ("header_timeout_seconds", (int, float)),
+    ("server", "body_timeout_seconds"): ("body_timeout_seconds", (int, float)),
+    ("server", "keep_alive_seconds"): ("keep_alive_seconds", (int, float)),
+}
+
+
+def local_config_path(explicit: str | os.PathLike[str] | None,
+                      environ: Mapping[str, str]) -> Path | None:
+    """The file to read: ``explicit``, else $EDGEPACK_CONFIG, else the default if it exists.
+
+    An explicitly named file must exist (ConfigError otherwise); the default is optional.
+    """
+    named = explicit or environ.get(CONFIG_ENV) or None
+    if named:
+        path = Path(named)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist or is not a file",
+                              hint="pass an existing file to --config (or unset "
+                              f"{CONFIG_ENV})")
+        return path
+    return DEFAULT_LOCAL_CONFIG if DEFAULT_LOCAL_CONFIG.is_file() else None
+
+
+def read_local_config(path: Path) -> dict[str, Any]:
+    """The ServerConfig fields ``path`` sets; ConfigError naming any bad table, key or type."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {e.strerror or e}") from e
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {str(path)!r} is {len(raw)} bytes; the limit is "
+                          f"{MAX_CONFIG_BYTES}")
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from e
+    out: dict[str, Any] = {}
+    for table, items in data.items():
+        if table == "model":
+            raise ConfigError(f"{path}: [model] cannot be overridden on the device",
+                              hint="the model is what the bundle's manifest verified; build "
+                              "another bundle to serve another model")
+        if table not in ("engine", "server") or not isinstance(items, dict):
+            raise ConfigError(f"{path}: unknown table [{table}], expected [engine] or [server]")
+        for key, value in items.items():
+            spec = _KEYS.get((table, key))
+            if spec is None:
+                known = ", ".join(k for t, k in _KEYS if t == table)
+                raise ConfigError(f"{path}: [{table}] {key} is not a setting; known: {known}")
+            field, kinds = spec
+            if isinstance(value, bool) or not isinstance(value, kinds):
+                want = " or ".join(k.__name__ for k in kinds)
+                raise ConfigError(f"{path}: [{table}] {key} = {value!r} is a "
+                                  f"{type(value).__name__}, expected {want}")
+            if isinstance(value, list):
+                if not all(isinstance(x, str) for x in value):
+                    raise ConfigError(f"{path}: [{table}] {key} must be a list of strings")
+                value = tuple(value)
+            elif field.endswith("_seconds"):
+                value = float(value)  # type: ignore[arg-type]  # int or float, checked above
+            out[field] = value
+    return out
+
+
+def local_api_key(environ: Mapping[str, str]) -> str | None:
+    """The API key a local client (the update agent) must send: $EDGEPACK_API_KEY, else the
+    device-local config's ``[server] api_key``; None when neither sets one."""
+    key = environ.get("EDGEPACK_API_KEY")
+    if key:
+        return key
+    path = local_config_path(None, environ)
+    if path is None:
+        return None
+    value = read_local_config(path).get("api_key")
+    return str(value) if value else None
