@@ -152,9 +152,11 @@ def load_public_key(path: str | os.PathLike[str]) -> PublicKey:
 
 # -- the statement ----------------------------------------------------------------------------
 def _purl(repo_id: str, sha: str) -> str:
-    # purl's huggingface type: pkg:huggingface/<org>/<name>@<commit>
-    # (https://github.com/package-url/purl-spec, PURL-TYPES.rst)
-    return f"pkg:huggingface/{repo_id.lower()}@{sha}"
+    # purl's huggingface type: pkg:huggingface/<org>/<name>@<commit>, the namespace lower-
+    # cased, the name as is (https://github.com/package-url/purl-spec, PURL-TYPES.rst); hub
+    # ids use only [A-Za-z0-9_.-], which need no percent-encoding.
+    org, _, name = repo_id.rpartition("/")
+    return f"pkg:huggingface/{org.lower()}/{name}@{sha}" if org else f"pkg:huggingface/{name}@{sha}"
 
 
 def statement_for(manifest_bytes: bytes, manifest: Mapping[str, Any]) -> dict[str, Any]:

@@ -36,7 +36,7 @@ def written_bundle(tmp_path: Path) -> Path:
         name="demo-laptop", version=2, model_file=model, model_name="demo", model_format="gguf",
         model_kind="chat", quant="Q8_0", plan={"ctx": 512, "format": "gguf", "quant": "Q8_0"},
         server={"model": {"path": "m"}},
-        source={"ref": "org/demo", "repo_id": "org/demo", "revision": "a" * 40,
+        source={"ref": "Org/Demo", "repo_id": "Org/Demo", "revision": "a" * 40,
                 "files": {"config.json": "b" * 64}},
         device={"profile_id": "laptop-x86-16gb", "profile_digest": "sha256:" + "c" * 64},
         engine={"name": "llama.cpp", "package": "llama-cpp-python", "built_with": "0.3.36"},
@@ -72,10 +72,10 @@ def test_statement_is_in_toto_v1_slsa_provenance_and_signing_is_deterministic(tm
     names = [s["name"] for s in st["subject"]]
     assert names == ["manifest.json", *(f["path"] for f in m["files"])]
     bd, rd = st["predicate"]["buildDefinition"], st["predicate"]["runDetails"]
-    assert bd["externalParameters"]["model"] == "org/demo"
+    assert bd["externalParameters"]["model"] == "Org/Demo"
     deps = {d["name"]: d for d in bd["resolvedDependencies"]}
-    assert deps["org/demo"]["uri"] == "pkg:huggingface/org/demo@" + "a" * 40
-    assert deps["org/demo"]["digest"] == {"gitCommit": "a" * 40}
+    assert deps["Org/Demo"]["uri"] == "pkg:huggingface/org/Demo@" + "a" * 40
+    assert deps["Org/Demo"]["digest"] == {"gitCommit": "a" * 40}
     assert deps["config.json"]["digest"] == {"sha256": "b" * 64}
     assert rd["builder"]["version"]["edgepack"] == m["edgepack_version"]
     assert rd["builder"]["version"]["llama-cpp-python"] == "0.3.36"
