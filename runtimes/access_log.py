@@ -10,6 +10,7 @@ Device side: standard library only.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import re
@@ -21,7 +22,6 @@ from typing import Any
 
 ACCESS_LOGGER = "edgepack.access"
 REQUEST_ID_HEADER = b"x-request-id"
-USAGE_KEY = "edgepack.usage"  # scope key the generation routes fill with token counts
 _CLIENT_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
 _MAX_PATH = 200
 
@@ -34,16 +34,33 @@ def request_id(headers: list[tuple[bytes, bytes]]) -> str:
     return uuid.uuid4().hex
 
 
-def note_usage(scope: MutableMapping[str, Any], prompt_tokens: int,
-               completion_tokens: int) -> None:
-    """Record a request's token counts for its access-log line."""
-    scope[USAGE_KEY] = (prompt_tokens, completion_tokens)
+# One mutable slot per request, set by the middleware: a route (or the streaming task it
+# spawns, which inherits the context) fills it without the middleware passing it along.
+_USAGE: contextvars.ContextVar[dict[str, int] | None] = contextvars.ContextVar(
+    "edgepack_usage", default=None)
+
+
+def begin_usage() -> dict[str, int]:
+    """A fresh token-count slot for the request running in this context."""
+    slot: dict[str, int] = {}
+    _USAGE.set(slot)
+    return slot
+
+
+def note_usage(prompt_tokens: int, completion_tokens: int | None = None) -> None:
+    """Record the current request's token counts for its access-log line (no-op outside one)."""
+    slot = _USAGE.get()
+    if slot is not None:
+        slot["prompt_tokens"] = prompt_tokens
+        if completion_tokens is not None:
+            slot["completion_tokens"] = completion_tokens
 
 
 def access_record(scope: MutableMapping[str, Any], route: str, status: int, started: float,
-                  rid: str) -> dict[str, Any]:
+                  rid: str, usage: dict[str, int] | None = None) -> dict[str, Any]:
     """The fields of one access-log line."""
-    tokens_in, tokens_out = scope.get(USAGE_KEY, (None, None))
+    usage = usage or {}
+    tokens_in, tokens_out = usage.get("prompt_tokens"), usage.get("completion_tokens")
     path = scope.get("path", "")
     client = scope.get("client") or ("", 0)
     return {

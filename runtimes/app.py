@@ -25,6 +25,7 @@ from edgepack.runtimes.access_log import (
     ACCESS_LOGGER,
     REQUEST_ID_HEADER,
     access_record,
+    begin_usage,
     request_id,
 )
 from edgepack.runtimes.config import ServerConfig, effective_config
@@ -165,6 +166,7 @@ class GuardMiddleware:
         path: str = scope["path"]
         route = route_template(scope["app"], scope)
         rid = request_id(scope["headers"])
+        usage = begin_usage()
         status = {"code": 500}
         t0 = time.perf_counter()
 
@@ -195,7 +197,7 @@ class GuardMiddleware:
                 state.metrics.latency.labels(route).observe(time.perf_counter() - t0)
             if access_log.isEnabledFor(logging.INFO):
                 access_log.info("request", extra={
-                    "access": access_record(scope, route, status["code"], t0, rid)})
+                    "access": access_record(scope, route, status["code"], t0, rid, usage)})
 
     def _authorized(self, scope: Scope) -> bool:
         for name, value in scope["headers"]:

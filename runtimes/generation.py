@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import anyio
+from edgepack.runtimes.access_log import note_usage
 from edgepack.runtimes.answers import (
     Answer,
     Constrained,
@@ -79,8 +80,10 @@ async def read_json(request: Request, limit: int) -> Any:
         raise ApiError("client disconnected while sending the body", status=400) from e
     try:
         return json.loads(b"".join(chunks))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ApiError(f"the request body is not valid JSON: {e}",
+    except (ValueError, RecursionError) as e:
+        # ValueError: not JSON, not UTF-8, or an integer past Python's 4,300-digit limit;
+        # RecursionError: nesting deeper than the parser's stack. All are the client's: 400.
+        raise ApiError(f"the request body is not valid JSON: {str(e)[:200]}",
                        code="invalid_json") from e
 
 
@@ -241,6 +244,7 @@ async def _complete(
                     answer.feed(ev.text, ev.logprobs)
                 else:
                     finish = ev
+                    note_usage(ev.prompt_tokens, ev.completion_tokens)
     finally:
         watcher.cancel()
         s_active.discard(cancel)
@@ -325,6 +329,17 @@ async def _sse(
                         yield _sse_data(chunk({"content": out} if chat else out, None))
                     continue
                 finished = True
+                note_usage(ev.prompt_tokens, ev.completion_tokens)
+                if ev.reason == FINISH_CANCELLED and cancel.reason == "shutdown":
+                    # Cut at the drain deadline: an error event, as llama-server and OpenAI
+                    # send mid-stream (the openai client raises APIError on a data event with
+                    # an "error" key, openai/_streaming.py), and no [DONE]: finish_reason
+                    # "stop" + [DONE] would read as a complete answer (issue #13).
+                    yield _sse_data(ApiError(
+                        "the server is shutting down and stopped this generation at its drain "
+                        "deadline; the answer is incomplete, retry the request",
+                        status=503, type="server_error", code="shutting_down").body())
+                    return
                 tail = answer.finish()
                 if tail:
                     yield _sse_data(chunk({"content": tail} if chat else tail, None))
@@ -396,6 +411,7 @@ async def embeddings(request: Request) -> Response:
     except ValueError as e:
         raise ApiError(str(e), param="input", code="invalid_value") from e
     s.metrics.tokens_in.inc(n_tokens)
+    note_usage(n_tokens)
     data = []
     for i, v in enumerate(vectors):
         emb: Any = (base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode()

@@ -255,6 +255,21 @@ class _Server(uvicorn.Server):
         # DESIGN.md wants a drained server to exit 0.
         self._captured_signals.clear()
 
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # uvicorn closes the listener first, so during the drain a probe got "connection
+        # refused" instead of /readyz 503 (issue #13). Keep listening while requests in
+        # flight finish (new generations get 503 "draining"), then let uvicorn close.
+        state = _app_state(self.config)
+        if state is not None and not self.force_exit:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + float(state.config.drain_seconds)
+            while (state.admission.in_system > 0 and loop.time() < deadline
+                   and not self.force_exit):
+                await asyncio.sleep(0.05)
+            left = deadline - loop.time()
+            self.config.timeout_graceful_shutdown = max(1, int(left) + 1)
+        await super().shutdown(sockets)
+
     async def on_tick(self, counter: int) -> bool:
         state = _app_state(self.config)
         if state is not None and state.lifecycle.failed.is_set() and state.lifecycle.model is None:

@@ -116,6 +116,12 @@ def test_local_config_and_env_layer_over_the_bundle(tmp_path):
                        headers={"authorization": "Bearer from-file",
                                 "x-request-id": "req-42"})
         assert ok.status_code == 200
+        done = httpx.post(server.base_url + "/v1/completions",
+                          json={"model": MODEL, "prompt": "One, two,", "max_tokens": 3,
+                                "temperature": 0},
+                          headers={"authorization": "Bearer from-file",
+                                   "x-request-id": "req-43"}, timeout=60)
+        assert done.status_code == 200 and done.headers["x-request-id"] == "req-43"
         time.sleep(0.2)
     finally:
         server.stop()
@@ -123,6 +129,9 @@ def test_local_config_and_env_layer_over_the_bundle(tmp_path):
     access = [x for x in lines if x.get("request_id") == "req-42"]
     assert access and access[0]["route"] == "/v1/models" and access[0]["status"] == 200
     assert {"method", "duration_ms", "path"} <= access[0].keys()
+    gen = [x for x in lines if x.get("request_id") == "req-43"]
+    assert gen and gen[0]["route"] == "/v1/completions" and gen[0]["method"] == "POST"
+    assert gen[0]["completion_tokens"] == 3 and gen[0]["prompt_tokens"] > 0
     assert any(x["message"].startswith("effective config:") for x in lines)
 
 

@@ -8,6 +8,7 @@ tests stay quick (the defaults are 10 s / 30 s).
 
 from __future__ import annotations
 
+import json
 import resource
 import socket
 import time
@@ -159,3 +160,59 @@ def test_idle_sockets_cannot_exhaust_descriptors_health_keeps_answering(tmp_path
         for s in socks:
             s.close()
         server.stop()
+
+
+def test_deep_nesting_and_huge_integers_are_400_not_500(strict_server):
+    auth = {"authorization": "Bearer k3y", "content-type": "application/json"}
+    url = strict_server.base_url + "/v1/chat/completions"
+    deep = httpx.post(url, content=b"[" * 100_000 + b"]" * 100_000, headers=auth)
+    assert deep.status_code == 400, deep.text
+    assert deep.json()["error"]["code"] == "invalid_json"
+    huge = ('{"model": "smollm2-135m-instruct", "messages": [], "max_tokens": '
+            + "9" * 5000 + "}")
+    r = httpx.post(url, content=huge.encode(), headers=auth)
+    assert r.status_code == 400, r.text
+    assert httpx.get(strict_server.base_url + "/healthz").status_code == 200
+
+
+def test_stream_cut_at_the_drain_deadline_says_so(tmp_path):
+    # The attack (an operator's bad day): SIGTERM while a long answer streams. Before, the
+    # stream ended with finish_reason "stop" and [DONE], like a complete answer; and /readyz
+    # refused connections during the drain instead of answering 503.
+    import signal
+    import threading
+
+    bundle = make_test_bundle(tmp_path / "b", server={"drain_seconds": 3})
+    server = serve_bundle(bundle)
+    events: list[str] = []
+    started = threading.Event()
+
+    def stream() -> None:
+        body = {"model": "smollm2-135m-instruct", "stream": True, "temperature": 0,
+                "prompt": "List the numbers from one to one thousand:", "max_tokens": 3000}
+        with httpx.stream("POST", server.base_url + "/v1/completions", json=body,
+                          timeout=120) as r:
+            for line in r.iter_lines():
+                if line:
+                    events.append(line)
+                    started.set()
+
+    t = threading.Thread(target=stream)
+    try:
+        t.start()
+        assert started.wait(60)
+        time.sleep(0.5)
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        during = httpx.get(server.base_url + "/readyz", timeout=5)
+        assert during.status_code == 503 and during.json()["status"] == "draining"
+        assert httpx.get(server.base_url + "/healthz", timeout=5).status_code == 200
+        t.join(120)
+        assert server.proc.wait(60) == 0
+    finally:
+        server.stop()
+    assert events[-1] != "data: [DONE]", events[-3:]
+    last = json.loads(events[-1].removeprefix("data: "))
+    assert last["error"]["code"] == "shutting_down", last
+    reasons = [json.loads(e[6:])["choices"][0]["finish_reason"] for e in events[:-1]]
+    assert set(reasons) == {None}, reasons[-3:]
