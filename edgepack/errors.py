@@ -1,13 +1,13 @@
 """One error tree for edgepack.
 
-Every error carries the process exit code the CLI uses (see DESIGN.md) and a hint that tells
+Every error carries the process exit code the CLI uses (README, "Exit codes") and a hint that tells
 the user what to do next. Foreign errors are wrapped with ``raise ... from e`` so the cause is
 kept for ``EDGEPACK_DEBUG=1``.
 """
 
 from __future__ import annotations
 
-# Exit codes, per DESIGN.md.
+# Exit codes, as documented in the README ("Exit codes") and `edgepack --help`.
 EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_USAGE = 2

@@ -160,7 +160,10 @@ def _render_summary(result) -> None:
               help="Trusted ed25519 public key (PEM, from `edgepack keygen`); with it the "
               "bundle must also carry a valid signature (provenance.intoto.jsonl) over its "
               "manifest. Repeat to trust several keys.")
-def verify(bundle: Path, keys: tuple[Path, ...]) -> None:
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the result as JSON (schema: docs/schemas/verify.json); a failed "
+              "check is still an error (exit 6) on stderr.")
+def verify(bundle: Path, keys: tuple[Path, ...], as_json: bool) -> None:
     """Check every file of BUNDLE (a folder or its .tar) against its manifest (exit 6 naming
     each bad file); with --key, check its signature too, offline (exit 6 naming what failed)."""
     from edgepack.archive import extract_archive, is_archive, scan_archive, verify_archive
@@ -174,6 +177,10 @@ def verify(bundle: Path, keys: tuple[Path, ...]) -> None:
             folder = (extract_archive(scan_archive(bundle), Path(tmp) / "bundle")
                       if is_archive(bundle) else bundle)
             signed = verify_signed_bundle(folder, keys)
+        if as_json:
+            _verified(bundle, len(signed.manifest["files"]),
+                      {"keyid": signed.keyid, "key_source": signed.key_source})
+            return
         click.echo(f"ok: signature by key {signed.keyid[:16]}… ({signed.key_source}) covers "
                    f"manifest.json and its {len(signed.manifest['files'])} files, which match")
         return
@@ -181,10 +188,23 @@ def verify(bundle: Path, keys: tuple[Path, ...]) -> None:
 
     if is_archive(bundle):
         manifest = verify_archive(scan_archive(bundle))
+        if as_json:
+            _verified(bundle, len(manifest["files"]), None)
+            return
         click.echo(f"ok: {len(manifest['files'])} files in {bundle} match its manifest")
         return
     manifest = verify_bundle(bundle)
+    if as_json:
+        _verified(bundle, len(manifest["files"]), None)
+        return
     click.echo(f"ok: {len(manifest['files'])} files match {bundle / 'manifest.json'}")
+
+
+def _verified(bundle: Path, files: int, signature: dict | None) -> None:
+    from edgepack.cli.output import echo_json
+
+    echo_json({"schema": 1, "bundle": str(bundle), "ok": True, "files": files,
+               "signature": signature})
 
 
 @click.command("inspect")

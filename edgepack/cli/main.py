@@ -23,7 +23,7 @@ def _debug() -> bool:
 
 
 class _ReportedError(click.ClickException):
-    """An error turned into a one-paragraph message and an exit code from DESIGN.md."""
+    """An error turned into a one-paragraph message and an exit code (README, "Exit codes")."""
 
     def __init__(self, text: str, exit_code: int, cause: BaseException) -> None:
         super().__init__(text)

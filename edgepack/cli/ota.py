@@ -45,9 +45,11 @@ def _version_arg(version: str) -> int | str:
 @click.option("--root-key", type=click.Path(path_type=Path), default=None,
               help="Write the root private key here (keep it offline) instead of DIR/keys.")
 @_expiry_options
+@click.option("--json", "as_json", is_flag=True,
+              help="Print where things went as JSON (schema: docs/schemas/repo-init.json).")
 def repo_init(directory: Path, threshold: int, root_key: Path | None,
               timestamp_days: float | None, snapshot_days: float | None,
-              targets_days: float | None) -> None:
+              targets_days: float | None, as_json: bool) -> None:
     """Create an empty repository in DIRECTORY with fresh ed25519 keys.
 
     Serve DIRECTORY/public (nginx, S3, a CDN); never serve DIRECTORY/keys. Also writes a
@@ -61,6 +63,15 @@ def repo_init(directory: Path, threshold: int, root_key: Path | None,
                               timestamp=timestamp_days)
     r = init_repo(directory, threshold=threshold, root_key=root_key, expiry=expiry)
     units = write_refresh_units(r.root, expiry.timestamp)
+    if as_json:
+        _echo_json({"schema": 1, "root": str(r.root), "public": str(r.public),
+                    "trusted_root": str(r.root_json()), "keys": str(r.keys),
+                    "root_key": None if root_key is None else str(root_key),
+                    "expiry": {"timestamp": str(expiry.timestamp),
+                               "snapshot": str(expiry.snapshot),
+                               "targets": str(expiry.targets)},
+                    "refresh_units": {k: str(v) for k, v in units.items()}})
+        return
     click.echo(f"repository created in {r.root}")
     click.echo(f"  serve:        {r.public}")
     click.echo(f"  trusted root: {r.root_json()}  (give it to `edgepack agent init --root`)")
@@ -204,13 +215,20 @@ def _duration(seconds: int) -> str:
               help="Percentage of devices (by stable hash of device id) offered this version.")
 @click.option("--min-agent-version", default=None,
               help="Oldest agent that may install it (default: this edgepack's version).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the result as JSON (schema: docs/schemas/publish.json).")
 def publish(bundle: Path, repo_dir: Path, channel: str, rollout: int,
-            min_agent_version: str | None) -> None:
+            min_agent_version: str | None, as_json: bool) -> None:
     """Add BUNDLE as the newest version of a channel (chunked, signed)."""
+    from dataclasses import asdict
+
     from edgepack.ota.repo import Repository
 
     r = Repository(repo_dir).publish(bundle, channel, rollout=rollout,
                                      min_agent_version=min_agent_version)
+    if as_json:
+        _echo_json({"schema": 1, **asdict(r)})
+        return
     click.echo(f"published {channel} version {r.version} ({r.files} files, {r.chunks_new} new "
                f"of {r.chunks_total} chunks, {r.bytes_new} new chunk bytes)")
 
@@ -223,8 +241,10 @@ def agent() -> None:
 @agent.command("init")
 @click.option("--root", "root_json", required=True, type=click.Path(path_type=Path,
               exists=True, dir_okay=False), help="The repository's trusted root.json.")
-@click.option("--state-dir", required=True, type=click.Path(path_type=Path),
-              help="Where the agent keeps slots, journal and caches.")
+@click.option("--state-dir", default=Path("/var/lib/edgepack"), show_default=True,
+              envvar="EDGEPACK_STATE_DIR", show_envvar=True, type=click.Path(path_type=Path),
+              help="The agent's state folder (slots, current, journal), as in the systemd "
+              "units.")
 @click.option("--device-id", default=None, help="This device's id (default: a random UUID).")
 def agent_init(root_json: Path, state_dir: Path, device_id: str | None) -> None:
     """Provision a device with the repository's trusted root."""
@@ -244,7 +264,10 @@ def _outcome_help() -> str:
 
 @agent.command("run")
 @click.option("--repo-url", required=True, help="Base URL serving the repository's public/.")
-@click.option("--state-dir", required=True, type=click.Path(path_type=Path))
+@click.option("--state-dir", default=Path("/var/lib/edgepack"), show_default=True,
+              envvar="EDGEPACK_STATE_DIR", show_envvar=True, type=click.Path(path_type=Path),
+              help="The agent's state folder (slots, current, journal), as in the systemd "
+              "units.")
 @click.option("--channel", required=True, help="Channel to follow.")
 @click.option("--device-id", default=None, help="Override the provisioned device id.")
 @click.option("--group", "groups", multiple=True, envvar="EDGEPACK_GROUPS", show_envvar=True,
@@ -420,7 +443,10 @@ def _start_reporter(state, config, broker: str, fleet: str, username, password, 
 
 
 @agent.command("status")
-@click.option("--state-dir", required=True, type=click.Path(path_type=Path))
+@click.option("--state-dir", default=Path("/var/lib/edgepack"), show_default=True,
+              envvar="EDGEPACK_STATE_DIR", show_envvar=True, type=click.Path(path_type=Path),
+              help="The agent's state folder (slots, current, journal), as in the systemd "
+              "units.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def agent_status(state_dir: Path, as_json: bool) -> None:
     """Repo URL, channel, device id, cohort, installed/previous/pending, last check, last
@@ -450,7 +476,10 @@ def agent_status(state_dir: Path, as_json: bool) -> None:
 
 @agent.command("unblock")
 @click.argument("version")
-@click.option("--state-dir", required=True, type=click.Path(path_type=Path))
+@click.option("--state-dir", default=Path("/var/lib/edgepack"), show_default=True,
+              envvar="EDGEPACK_STATE_DIR", show_envvar=True, type=click.Path(path_type=Path),
+              help="The agent's state folder (slots, current, journal), as in the systemd "
+              "units.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def agent_unblock(version: str, state_dir: Path, as_json: bool) -> None:
     """Allow a version that failed its health gate here to be tried again at the next cycle."""
