@@ -54,6 +54,10 @@ class BundleSpec:
     model_details: Mapping[str, Any] = field(default_factory=dict)
     converter: Mapping[str, Any] = field(default_factory=dict)
     systemd_units: Mapping[str, str] = field(default_factory=dict)
+    # The runtime pack (edgepack.build.runtime_pack): bundle-relative path -> source file,
+    # and its facts for the manifest's "runtime" table (absent without a pack).
+    runtime_files: Mapping[str, Path] = field(default_factory=dict)
+    runtime: Mapping[str, Any] | None = None
     # The model card's facts and the licence texts (shipped under license/, as licences such
     # as Apache-2.0 §4(a) ask of redistribution), and what this bundle changed.
     card: Mapping[str, Any] = field(default_factory=dict)
@@ -139,6 +143,7 @@ def manifest_for(spec: BundleSpec, files: list[dict[str, Any]], model_rel: str) 
         **({"card": dict(spec.card)} if spec.card else {}),
         **({"derivation": dict(spec.derivation)} if spec.derivation else {}),
         "files": files,
+        **({"runtime": dict(spec.runtime)} if spec.runtime is not None else {}),
     }
 
 
@@ -170,6 +175,8 @@ def write_bundle(spec: BundleSpec, out_dir: Path, *, overwrite: bool = False,
         for tok in spec.tokenizer_files:
             _place(tok, tmp / "tokenizer" / tok.name)
         (tmp / "server.toml").write_text(toml_dumps(spec.server), encoding="utf-8")
+        for rel, src in sorted(spec.runtime_files.items()):
+            _place(src, tmp / rel)
         for unit, text in sorted(spec.systemd_units.items()):
             (tmp / "systemd").mkdir(exist_ok=True)
             (tmp / "systemd" / unit).write_text(text, encoding="utf-8")

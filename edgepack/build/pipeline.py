@@ -57,6 +57,7 @@ class BuildRequest:
     archive: bool = False
     overwrite: bool = False
     threads: int | None = None
+    runtime: bool = False  # add runtime/ (offline wheels + install.sh) to each bundle
     allow_licenses: tuple[str, ...] = ()  # empty: no licence policy
     min_tokens_per_second: float | None = None  # None: the device class's interactive floor
 
@@ -218,6 +219,11 @@ def run_build(req: BuildRequest, log: Callable[[str], None] = lambda _m: None) -
     ids = [p.id for p in profiles]
     if len(set(ids)) != len(ids):
         raise UsageError(f"--device names a profile twice: {', '.join(ids)}")
+    if req.runtime:
+        from edgepack.build.runtime_pack import check_pack_profile
+
+        for profile in profiles:
+            check_pack_profile(profile)
     ref = parse_model_ref(req.model)
     # Options and the output location, before any network or compute.
     check_request(req, ref, profiles)
@@ -264,6 +270,7 @@ def run_build(req: BuildRequest, log: Callable[[str], None] = lambda _m: None) -
     }
 
     outputs: dict[tuple[str, str], _Output] = {}
+    packs: dict[tuple[Any, ...], Any] = {}
     result = BuildResult()
     for profile, plan in zip(profiles, plans, strict=True):
         key = (plan.format, plan.quant)
@@ -277,6 +284,7 @@ def run_build(req: BuildRequest, log: Callable[[str], None] = lambda _m: None) -
                     req, pulled.folder, source_id, plan, kind, name, log
                 )
         out = outputs[key]
+        pack = _runtime_pack(req, profile, plan.format, packs, log) if req.runtime else None
         bundle_name = f"{name}-{profile.id}"
         model_rel = f"model/{out.model_file.name}"
         spec = BundleSpec(
@@ -303,6 +311,8 @@ def run_build(req: BuildRequest, log: Callable[[str], None] = lambda _m: None) -
             derivation=describe_derivation(meta.card, source, plan.format, plan.quant,
                                            out.converter, out.engine, out.validation),
             license_files=tuple((f.path, f.local.resolve()) for f in meta.card.license_files),
+            runtime_files=pack.files if pack else {},
+            runtime=pack.info if pack else None,
         )
         path = write_bundle(spec, Path(req.out) / bundle_name, overwrite=req.overwrite,
                             documents=write_sbom(spec))
@@ -318,7 +328,26 @@ def run_build(req: BuildRequest, log: Callable[[str], None] = lambda _m: None) -
             size_bytes=sum(f.stat().st_size for f in path.rglob("*") if f.is_file()),
             validation=out.validation, archive=archive,
         ))
+        result.notes.extend(pack.notes if pack else ())
+    for p in packs.values():
+        p.cleanup()
     return result
+
+
+def _runtime_pack(req: BuildRequest, profile: Any, fmt: str, packs: dict[tuple[Any, ...], Any],
+                  log: Callable[[str], None]) -> Any:
+    """One runtime pack per (platform, CPU, engine, accelerator), shared by the devices that
+    have the same (a Pi 5 8 GB and 16 GB get the same wheels)."""
+    import atexit
+
+    from edgepack.build.runtime_pack import build_runtime_pack
+
+    key = (profile.cpu.target, profile.software, fmt, profile.accelerator.kind)
+    if key not in packs:
+        with _stage(log, "runtime", f"runtime pack for {profile.id}"):
+            packs[key] = build_runtime_pack(profile, fmt, cache_root(), log)
+        atexit.register(packs[key].cleanup)  # a build that fails later leaves no temp files
+    return packs[key]
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,10 @@ def _parse_quants(values: tuple[str, ...]) -> tuple[str | None, tuple[tuple[str,
 @click.option("--max-kl", type=float, default=None, help="Raise the KL threshold explicitly.")
 @click.option("--min-cosine", type=float, default=None,
               help="Lower the embedding cosine threshold explicitly.")
+@click.option("--runtime", is_flag=True,
+              help="Add runtime/ to each bundle: wheels for the device's platform (edgepack, "
+              "its engine, llama-cpp-python compiled for its CPU) and install.sh, for an "
+              "offline install (needs PyPI and, for GGUF, gcc-aarch64-linux-gnu here).")
 @click.option("--archive", is_flag=True, help="Also write one .tar per bundle for offline copy.")
 @click.option("--overwrite", is_flag=True, help="Replace existing bundle folders.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
@@ -98,7 +102,7 @@ def _parse_quants(values: tuple[str, ...]) -> tuple[str | None, tuple[tuple[str,
               "when refused. Comma-separated or repeated; @FILE reads a policy file (one id a "
               "line).")
 def build(model, devices, fmt, quants, ctx, min_tps, version, out, name, token, golden, no_golden,
-          min_agreement, max_kl, min_cosine, archive, overwrite, threads, as_json,
+          min_agreement, max_kl, min_cosine, runtime, archive, overwrite, threads, as_json,
           allow_licenses) -> None:
     """Pull MODEL (org/name[@rev] or a folder), plan, convert, validate and bundle it."""
     from edgepack.build.pipeline import BuildRequest, parse_version_option, run_build
@@ -111,6 +115,7 @@ def build(model, devices, fmt, quants, ctx, min_tps, version, out, name, token, 
         golden=_parse_golden(golden, no_golden), min_agreement=min_agreement, max_kl=max_kl,
         min_cosine=min_cosine, archive=archive, overwrite=overwrite, threads=threads,
         allow_licenses=tuple(allow_licenses), min_tokens_per_second=min_tps,
+        runtime=runtime,
     )
     from edgepack.cli.progress import StageReporter, hub_progress_bars
 
@@ -250,6 +255,7 @@ def inspect(bundle: Path, as_json: bool, as_sbom: bool) -> None:
         f"{m.get('engine', {}).get('version_range')}",
         *_card_lines(m),
         f"files       {len(m['files'])}, edgepack {m.get('edgepack_version')}",
+        f"runtime     {_runtime_line(m.get('runtime'))}",
     ]
     click.echo("\n".join(lines))
 
@@ -292,3 +298,16 @@ def _sbom_text(bundle: Path, manifest: dict) -> str:
         raise IntegrityError(f"{path} does not match its manifest entry",
                              hint="the bundle was altered; run `edgepack verify` on it")
     return path.read_text(encoding="utf-8")
+
+
+def _runtime_line(runtime: dict | None) -> str:
+    """The runtime pack in one line, and its CPU-only warning on a line of its own."""
+    if not runtime:
+        return "none (edgepack must be on the device already; build --runtime for a pack)"
+    text = (f"{runtime.get('os')} {runtime.get('arch')} CPython {runtime.get('python')}, "
+            f"{len(runtime.get('wheels', []))} wheels, sh install.sh")
+    if runtime.get("llama_cpp_python"):
+        text += f", llama.cpp built for {runtime.get('target_cpu')}"
+    if runtime.get("warning"):
+        text += f"\n  !!  {runtime['warning']}"
+    return text

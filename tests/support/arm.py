@@ -1,0 +1,148 @@
+"""An emulated Arm device for the tests: a Debian 12 arm64 root run under qemu user mode.
+
+The root is made with ``mmdebstrap --variant=extract --architectures=arm64`` from the mirror
+this machine's apt uses, holding only what a fresh Raspberry Pi OS Lite has that the install
+needs (python3, python3-venv, dash, coreutils, the C/C++ runtime, useradd), and is cached in
+``~/.cache/edgepack-test-arm/<key>/`` keyed by that package list, suite and mirror. Each test
+runs on its own copy, so installs never leak between tests.
+
+Programs run with ``proot -0 -q 'qemu-aarch64-static -cpu cortex-a76' -r ROOT``: proot
+translates paths and fakes root, and runs every Arm executable through qemu, so neither
+binfmt_misc nor a mount is needed. ``offline=True`` adds ``unshare -n``: no network at all.
+Debian packages: mmdebstrap, proot, qemu-user-static (``.ci/run`` installs them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import pytest
+
+SUITE = "bookworm"
+PACKAGES = ("python3", "python3-venv", "dash", "coreutils", "libc-bin", "libstdc++6",
+            "libgomp1", "passwd", "ca-certificates")
+CPU = "cortex-a76"
+TOOLS = ("mmdebstrap", "proot", "qemu-aarch64-static", "unshare")
+_DEFAULT_MIRROR = "http://deb.debian.org/debian"
+
+
+def missing_tools() -> list[str]:
+    return [t for t in TOOLS if shutil.which(t) is None]
+
+
+def require_emulator() -> None:
+    """Skip, naming what is missing, where the emulator packages are not installed."""
+    missing = missing_tools()
+    if missing:
+        pytest.skip(f"emulated Arm device needs {', '.join(missing)} (Debian packages "
+                    "mmdebstrap, proot, qemu-user-static; .ci/run and scripts/test install "
+                    "them where apt and root are available)")
+
+
+def apt_mirror() -> str:
+    """The Debian mirror this machine's apt uses (deb822 or one-line sources)."""
+    for path in sorted(Path("/etc/apt/sources.list.d").glob("*.sources")):
+        for line in path.read_text().splitlines():
+            if line.startswith("URIs:") and "security" not in line:
+                return line.split()[1]
+    legacy = Path("/etc/apt/sources.list")
+    if legacy.is_file():
+        for line in legacy.read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 3 and parts[0] == "deb" and "security" not in parts[1]:
+                return parts[1] if not parts[1].startswith("[") else parts[2]
+    return _DEFAULT_MIRROR
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("EDGEPACK_TEST_ARM_CACHE")
+    return Path(base) if base else Path.home() / ".cache" / "edgepack-test-arm"
+
+
+def cached_root() -> Path:
+    """The cached, pristine root (made on first use; a few seconds from a near mirror)."""
+    mirror = apt_mirror()
+    key = hashlib.sha256(f"{SUITE}\n{mirror}\n{' '.join(PACKAGES)}".encode()).hexdigest()[:16]
+    root = cache_dir() / key / "root"
+    if (root / "usr" / "bin" / "python3").exists():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.parent / f".partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    tar = tmp / "root.tar"
+    proc = subprocess.run(["mmdebstrap", "--variant=extract", "--architectures=arm64",
+                           "--include=" + ",".join(PACKAGES), SUITE, str(tar), mirror],
+                          capture_output=True, text=True, timeout=1200)
+    if proc.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError(f"mmdebstrap failed:\n{proc.stderr[-3000:]}")
+    (tmp / "root").mkdir()
+    subprocess.run(["tar", "-C", str(tmp / "root"), "-xf", str(tar)], check=True)
+    tar.unlink()
+    # extract does not configure packages: give python3 the /usr/bin/python3 it links to
+    # and an /etc/passwd, /etc/group that useradd can extend, as an installed system has.
+    etc = tmp / "root" / "etc"
+    for name, text in (("passwd", "root:x:0:0:root:/root:/bin/sh\n"),
+                       ("group", "root:x:0:\n"), ("shadow", "root:*:19000:0:99999:7:::\n"),
+                       ("gshadow", "root:*::\n")):
+        if not (etc / name).exists():
+            (etc / name).write_text(text)
+    (tmp / "root" / "root").mkdir(exist_ok=True)
+    os.replace(tmp / "root", root)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def fresh_root(dest: Path) -> Path:
+    """A private copy of the cached root for one test."""
+    subprocess.run(["cp", "-a", str(cached_root()), str(dest)], check=True)
+    return dest
+
+
+def arm_command(root: Path, argv: Sequence[str], *, offline: bool = False,
+                cwd: str = "/") -> list[str]:
+    cmd = ["proot", "-0", "-q", f"qemu-aarch64-static -cpu {CPU}", "-r", str(root),
+           "-w", cwd, "-b", "/dev", "-b", "/proc", "-b", "/sys", *argv]
+    return ["unshare", "-n", *cmd] if offline else cmd
+
+
+def arm_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+           "HOME": "/root", "LANG": "C.UTF-8", "PROOT_NO_SECCOMP": "1",
+           "TMPDIR": "/tmp"}
+    env.update(extra or {})
+    return env
+
+
+def run_arm(root: Path, argv: Sequence[str], *, offline: bool = False, timeout: float = 900,
+            env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` inside the emulated device; returns the finished process."""
+    return subprocess.run(arm_command(root, argv, offline=offline), capture_output=True,
+                          text=True, timeout=timeout, env=arm_env(env))
+
+
+def popen_arm(root: Path, argv: Sequence[str], log: Path,
+              env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start ``argv`` inside the emulated device (sharing the host's loopback)."""
+    out = open(log, "wb")  # noqa: SIM115 - the process owns it until it exits
+    return subprocess.Popen(arm_command(root, argv), stdout=out, stderr=subprocess.STDOUT,
+                            env=arm_env(env), start_new_session=True)
+
+
+def python_version_in(root: Path) -> str:
+    proc = run_arm(root, ["/usr/bin/python3", "-c",
+                          "import sys; print('%d.%d' % sys.version_info[:2])"], timeout=120)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr)
+    return proc.stdout.strip()
+
+
+__all__ = ["apt_mirror", "arm_command", "cached_root", "fresh_root", "missing_tools",
+           "popen_arm", "python_version_in", "require_emulator", "run_arm", "sys"]
