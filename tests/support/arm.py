@@ -18,31 +18,29 @@ import hashlib
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
 
+from support.programs import require_program
+
 SUITE = "bookworm"
 PACKAGES = ("python3", "python3-venv", "dash", "coreutils", "libc-bin", "libstdc++6",
             "libgomp1", "passwd", "ca-certificates")
 CPU = "cortex-a76"
-TOOLS = ("mmdebstrap", "proot", "qemu-aarch64-static", "unshare")
+TOOLS = ("mmdebstrap", "proot", "qemu-aarch64-static")
 _DEFAULT_MIRROR = "http://deb.debian.org/debian"
 
 
-def missing_tools() -> list[str]:
-    return [t for t in TOOLS if shutil.which(t) is None]
-
-
 def require_emulator() -> None:
-    """Skip, naming what is missing, where the emulator packages are not installed."""
-    missing = missing_tools()
-    if missing:
-        pytest.skip(f"emulated Arm device needs {', '.join(missing)} (Debian packages "
-                    "mmdebstrap, proot, qemu-user-static; .ci/run and scripts/test install "
-                    "them where apt and root are available)")
+    """Skip, naming what is missing, where the emulator packages are not installed
+    (scripts/programs.txt lists them; .ci/run and scripts/test install them)."""
+    for tool in TOOLS:
+        require_program(tool)
+    if shutil.which("unshare") is None:  # util-linux: essential on Debian
+        pytest.skip("unshare (util-linux) is not on PATH: the offline install cannot be cut "
+                    "from the network")
 
 
 def apt_mirror() -> str:
@@ -144,5 +142,3 @@ def python_version_in(root: Path) -> str:
     return proc.stdout.strip()
 
 
-__all__ = ["apt_mirror", "arm_command", "cached_root", "fresh_root", "missing_tools",
-           "popen_arm", "python_version_in", "require_emulator", "run_arm", "sys"]
