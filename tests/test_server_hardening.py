@@ -216,3 +216,27 @@ def test_stream_cut_at_the_drain_deadline_says_so(tmp_path):
     assert last["error"]["code"] == "shutting_down", last
     reasons = [json.loads(e[6:])["choices"][0]["finish_reason"] for e in events[:-1]]
     assert set(reasons) == {None}, reasons[-3:]
+
+
+def test_seed_repeats_whatever_ran_before(strict_server):
+    # Issue #13: the same seeded request gave different text depending on the previous one.
+    # Between repeats run requests that share a prefix with it (the engine reuses a cached
+    # prefix) and other seeds and temperatures.
+    auth = {"authorization": "Bearer k3y"}
+    url = strict_server.base_url + "/v1/completions"
+
+    def sample(prompt: str, seed: int | None, temperature: float = 1.0) -> str:
+        body = {"model": "smollm2-135m-instruct", "prompt": prompt, "max_tokens": 16,
+                "temperature": temperature}
+        if seed is not None:
+            body["seed"] = seed
+        r = httpx.post(url, json=body, headers=auth, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    first = sample("Once upon a time", 1234)
+    others = [("Once upon a time there was", 5, 1.3), ("Once upon", None, 0.9),
+              ("The weather today", 1234, 0.0)]
+    for prompt, seed, temp in others:
+        sample(prompt, seed, temp)
+        assert sample("Once upon a time", 1234) == first
