@@ -28,7 +28,7 @@ import edgepack.plan
 BUILD_SIDE = ("torch", "transformers", "optimum", "huggingface_hub", "edgepack.build",
               "edgepack.cli")
 CORE = ["edgepack", "edgepack.errors", "edgepack.manifest", "edgepack.paths",
-        "edgepack.signature", "edgepack.archive"]
+        "edgepack.signature", "edgepack.keys", "edgepack.archive"]
 DEVICE_PACKAGES = (edgepack.runtimes, edgepack.ota.agent, edgepack.device, edgepack.install)
 # What a pure planner must not load: network clients, process spawning, other stages.
 PLAN_FORBIDDEN = ("huggingface_hub", "requests", "httpx", "urllib3", "urllib.request",

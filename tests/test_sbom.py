@@ -202,10 +202,11 @@ def test_a_build_writes_a_valid_sbom_and_twice_gives_the_same_bytes(local_hub, t
 def test_the_update_repository_publishes_sbom_and_provenance_beside_each_version(tmp_path):
     from tuf.api.metadata import Metadata
 
+    from edgepack.keys import generate_keypair
     from edgepack.ota.release import provenance_target, sbom_target, stored_target_path
     from edgepack.ota.repo import init_repo
     from edgepack.ota.retention import collect_garbage
-    from edgepack.signature import generate_keypair, sign_bundle
+    from edgepack.signature import sign_bundle
 
     repo = init_repo(tmp_path / "repo")
     key, _pub = generate_keypair(tmp_path / "k")

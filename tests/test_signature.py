@@ -13,14 +13,9 @@ from click.testing import CliRunner
 from edgepack.bundle import BundleSpec, write_bundle
 from edgepack.cli.main import cli
 from edgepack.errors import ConfigError, IntegrityError
+from edgepack.keys import generate_keypair
 from edgepack.manifest import SIGNATURE_NAME
-from edgepack.signature import (
-    PAYLOAD_TYPE,
-    generate_keypair,
-    pae,
-    sign_bundle,
-    verify_signed_bundle,
-)
+from edgepack.signature import PAYLOAD_TYPE, pae, sign_bundle, verify_signed_bundle
 
 
 def run(*args: str) -> tuple[int, str]:
@@ -87,8 +82,8 @@ def test_statement_is_in_toto_v1_slsa_provenance_and_signing_is_deterministic(tm
 def test_keyid_is_securesystemslib_s_so_repo_keys_match_root_json(tmp_path):
     from securesystemslib.signer import SSlibKey
 
+    from edgepack.keys import keyid_of, load_public_key, signing_keyid, write_public_key
     from edgepack.ota.repo import init_repo
-    from edgepack.signature import keyid_of, load_public_key, signing_keyid, write_public_key
 
     init_repo(tmp_path / "repo")
     key = tmp_path / "repo" / "keys" / "targets.key"

@@ -1,7 +1,7 @@
 """``edgepack sign`` and ``edgepack keygen``: sign bundles offline with ed25519.
 
 Verification is ``edgepack verify BUNDLE --key PUB`` (edgepack/cli/build.py); the work lives in
-:mod:`edgepack.signature`, which is device side.
+:mod:`edgepack.signature` and :mod:`edgepack.keys`, which are device side.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ def sign(bundle: Path, key: Path, archive: bool) -> None:
     The bundle is verified first; a bundle that does not match its manifest is not signed
     (exit 6). Signing again replaces the signature.
     """
-    from edgepack.signature import sign_bundle, signing_keyid
+    from edgepack.keys import signing_keyid
+    from edgepack.signature import sign_bundle
 
     path = sign_bundle(bundle, key)
     click.echo(f"signed: {path}\nkey id: {signing_keyid(key)}")
@@ -49,7 +50,7 @@ def keygen(name: Path | None, public_of: Path | None) -> None:
     machine) and NAME.pub (give it to devices for `verify --key` / `serve
     --require-signature`)."""
     from edgepack.errors import UsageError
-    from edgepack.signature import generate_keypair, write_public_key
+    from edgepack.keys import generate_keypair, write_public_key
 
     if public_of is not None:
         if name is not None:
