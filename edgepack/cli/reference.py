@@ -29,6 +29,8 @@ OTHER_ENVIRONMENT = {
     "EDGEPACK_REPO_URL, EDGEPACK_CHANNEL, EDGEPACK_DEVICE_ID": "read from "
     "`/etc/edgepack/agent.env` by the agent's systemd unit and passed to `agent run` as "
     "`--repo-url`, `--channel`, `--device-id`",
+    "EDGEPACK_WHEEL": "`build --runtime`: the edgepack wheel to put in the runtime pack "
+                      "(default: built from this checkout)",
     "EDGEPACK_INSTALL_PROGRAMS": "`0`: `scripts/test` does not apt-get install the programs "
                                  "tests start; those tests skip",
     "HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE, HF_HOME": "huggingface_hub's own, honoured (read "
