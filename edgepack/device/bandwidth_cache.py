@@ -5,7 +5,8 @@ measured 14 GB/s where the placeholder said 12.8 x 0.6), nor spend seconds measu
 call. :func:`cached_bandwidth` measures once (:func:`edgepack.device.detect.measure_bandwidth`,
 about 2 s) and keeps the figure in ``$EDGEPACK_HOME/bandwidth.json`` for
 :data:`MAX_AGE_SECONDS`, keyed by what identifies the machine (host, CPU model, cores, RAM):
-a changed machine measures again. A cache file that cannot be read or written is ignored (the
+a changed machine measures again. A measurement taken while other jobs hold the CPUs is used
+once and not stored. A cache file that cannot be read or written is ignored (the
 figure is then measured each time), never an error.
 """
 
@@ -35,15 +36,26 @@ def machine_key(facts: Any) -> str:
             f"{facts.logical_cpus}|{facts.total_bytes}")
 
 
+def machine_busy() -> str | None:
+    """Why a measurement now would not describe the machine (other jobs hold its cores), or
+    None. A copy test on a machine with a 1-minute load average above its CPU count measured
+    0.58 GB/s where the idle figure is 14 GB/s (this project's shared build VM)."""
+    load = os.getloadavg()[0]
+    cpus = os.cpu_count() or 1
+    return f"load average {load:.1f} on {cpus} CPUs" if load > cpus else None
+
+
 def cached_bandwidth(
     facts: Any,
     measure: Callable[[float], float],
     *,
     environ: Mapping[str, str] | None = None,
     now: float | None = None,
+    busy: Callable[[], str | None] = machine_busy,
 ) -> tuple[float, str]:
     """(GB/s, how it was obtained): the stored figure for this machine if fresh, else a new
-    measurement with ``measure(MEASURE_SECONDS)``, stored atomically."""
+    measurement with ``measure(MEASURE_SECONDS)``, stored atomically -- unless ``busy()``
+    says other jobs hold the machine: that figure is used for this plan only, never stored."""
     path = edgepack_home(environ) / _FILE
     key = machine_key(facts)
     now = time.time() if now is None else now
@@ -57,6 +69,10 @@ def cached_bandwidth(
     except (OSError, ValueError, TypeError):
         stored = {}
     gbps = measure(MEASURE_SECONDS)
+    why_busy = busy()
+    if why_busy is not None:
+        return gbps, (f"measured now ({MEASURE_SECONDS:g} s copy test) while busy "
+                      f"({why_busy}): not cached, and likely below the idle figure")
     try:
         data = stored if isinstance(stored, dict) else {}
         data[key] = {"gbps": gbps, "at": now}

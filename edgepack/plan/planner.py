@@ -462,6 +462,13 @@ def plan_build(
             + " reaches it here; this is the fastest such option (a smaller model would be "
             "faster; --min-tokens-per-second 0 prefers quality)"
         )
+    bw_source = profile.sources.get("memory.measured_bandwidth_gbps", "")
+    if "while busy" in bw_source:
+        warnings.append(
+            f"memory bandwidth ({effective_bandwidth_gbps(profile):g} GB/s) was {bw_source}; "
+            "speed estimates and the choice they drive are pessimistic: plan again when the "
+            "machine is idle"
+        )
     requested = ladder[0]
     if ctx != requested:
         rationale.append(
