@@ -247,3 +247,34 @@ def test_a_missing_sbom_library_fails_the_build_before_any_request(local_hub, ti
                      "--no-golden", "--out", str(tmp_path / "out"))
     assert code == 5 and "ML-BOM" in text and "edgepack[build]" in text, text
     assert local_hub.requests == []
+
+
+@pytest.mark.slow
+def test_a_real_runtime_pack_is_listed_wheel_by_wheel_with_digests(tmp_path):
+    """The runtime pack the build makes (real wheels from PyPI for a Jetson's CPython 3.10),
+    written by the bundle writer with the SBOM: every wheel is a required component with the
+    version from its file name and the sha256 of the file in the bundle."""
+    from edgepack.build.runtime_pack import build_runtime_pack
+    from edgepack.device.resolve import load_profile
+
+    base = spec_for(tmp_path / "spec")
+    pack = build_runtime_pack(load_profile("jetson-orin-nano-8gb"), "onnx", tmp_path / "cache")
+    try:
+        spec = BundleSpec(**{**base.__dict__, "model_format": "onnx", "quant": "int8",
+                             "runtime_files": pack.files, "runtime": pack.info})
+        bundle = write_bundle(spec, tmp_path / "b", documents=write_sbom(spec))
+    finally:
+        pack.cleanup()
+    m = verify_bundle(bundle)
+    doc = json.loads((bundle / SBOM_NAME).read_text())
+    validate(doc)
+    digests = {f["path"]: f["sha256"] for f in m["files"]}
+    runtime = {c["properties"][0]["value"]: c for c in doc["components"]
+               if c["bom-ref"].startswith("runtime:")}
+    wheels = {f"runtime/wheels/{w}" for w in m["runtime"]["wheels"]}
+    assert wheels and set(runtime) == wheels  # every wheel, and nothing else
+    for path, comp in runtime.items():
+        assert comp["hashes"] == [{"alg": "SHA-256", "content": digests[path]}]
+        assert comp["scope"] == "required" and comp["purl"].startswith("pkg:pypi/")
+        assert comp["version"] in path
+    assert any(c["name"] == "onnxruntime" for c in runtime.values())
