@@ -122,7 +122,7 @@ def test_group_rollout_reaches_named_devices_and_groups_only(fleet):
                             "--json").output)
     assert out == {"channel": "stable", "version": 2, "rollout": 0,
                    "groups": ["lab", "pi-7"]}
-    show = json.loads(invoke("repo", "show", fleet.repo.root).output)
+    show = json.loads(invoke("repo", "show", fleet.repo.root, "--json").output)
     assert show["stable"][-1] == {"version": 2, "rollout": 0, "groups": ["lab", "pi-7"]}
     results = {d: fleet.agent(d, groups=g).run_once() for d, g in devices.items()}
     assert results["lab-1"].result == "installed"  # by group
@@ -194,7 +194,7 @@ def test_channel_rollback_is_signed_and_a_lower_version_needs_it(fleet):
         repo._sign_and_write(ts, snap, targets, repo.expiry())
     out = json.loads(invoke("repo", "rollback", repo.root, "stable", "--json").output)
     assert out == {"channel": "stable", "rollback_to": 1, "withdrawn": [2]}
-    assert json.loads(invoke("repo", "show", repo.root).output) == {
+    assert json.loads(invoke("repo", "show", repo.root, "--json").output) == {
         "stable": [{"version": 1, "rollout": 100}]}
     r = agent.run_once()
     assert r.result == "installed" and r.version == 1 and r.details["downgrade"] is True

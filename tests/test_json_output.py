@@ -66,3 +66,20 @@ def test_every_json_command_is_documented():
     assert not missing, f"document the --json output of {missing} in {DOC}"
     for schema in SCHEMAS.glob("*.json"):
         assert f"schemas/{schema.name}" in text, f"{schema.name} is not linked from {DOC}"
+
+
+def test_repo_show_and_gc_read_as_text_by_default(tmp_path):
+    run("repo", "init", tmp_path / "repo")
+    empty = run("repo", "show", tmp_path / "repo").stdout
+    assert "no versions published" in empty
+    for v in (1, 2):
+        run("publish", make_bundle(tmp_path / f"b{v}", v, bytes(random_model(1 << 16, seed=v))),
+            "--repo", tmp_path / "repo", "--channel", "stable")
+    shown = run("repo", "show", tmp_path / "repo").stdout
+    assert shown.splitlines()[:3] == ["stable:", "  version 1: rollout 100%",
+                                      "  version 2: rollout 100%"]
+    expiry = run("repo", "show", tmp_path / "repo", "--expiry").stdout
+    assert [line.split()[0] for line in expiry.splitlines()] == [
+        "timestamp", "snapshot", "targets", "root"]
+    gc = run("repo", "gc", tmp_path / "repo", "--keep", "1", "--dry-run").stdout
+    assert "stable: keeps 2; would drop 1" in gc and "would delete" in gc

@@ -88,7 +88,7 @@ def test_cli_repo_publish_and_errors(tmp_path):
     res = runner.invoke(cli, ["repo", "rollout", str(tmp_path / "repo"), "--channel", "stable",
                               "--bundle-version", "3", "--percent", "100"])
     assert res.exit_code == 0, res.output
-    res = runner.invoke(cli, ["repo", "show", str(tmp_path / "repo")])
+    res = runner.invoke(cli, ["repo", "show", str(tmp_path / "repo"), "--json"])
     assert json.loads(res.output) == {"stable": [{"rollout": 100, "version": 3}]}
 
 

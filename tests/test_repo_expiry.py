@@ -86,7 +86,7 @@ def test_show_warns_when_expiry_is_near_or_passed(tmp_path):
     assert "warning: timestamp metadata expires in 5.0 h" in r.output
     assert f"edgepack repo refresh {d}" in r.output
     rep.refresh(Expiry(timestamp=-timedelta(hours=3)))
-    r = CliRunner().invoke(cli, ["repo", "show", str(d), "--expiry"])
+    r = CliRunner().invoke(cli, ["repo", "show", str(d), "--expiry", "--json"])
     assert "warning: timestamp metadata expired 3.0 h ago" in r.output
     roles = json.loads(r.output[:r.output.index("warning")])
     assert [e["role"] for e in roles] == ["timestamp", "snapshot", "targets", "root"]

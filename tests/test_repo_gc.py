@@ -27,7 +27,7 @@ def _files(folder: Path) -> set[str]:
 
 
 def _gc(repo_dir: Path, *args: str) -> dict:
-    r = CliRunner().invoke(cli, ["repo", "gc", str(repo_dir), *args])
+    r = CliRunner().invoke(cli, ["repo", "gc", str(repo_dir), "--json", *args])
     assert r.exit_code == 0, r.output
     return json.loads(r.output)
 
@@ -69,7 +69,7 @@ def test_gc_keeps_newest_and_fully_rolled_out_versions_and_devices_still_update(
     assert done["kept_versions"] == {"stable": [3, 4]}
     assert done["dropped_versions"] == {"stable": [1, 2]}
     assert done["chunks_deleted"] >= MODEL // (1 << 20) and done["bytes_freed"] >= MODEL
-    show = json.loads(CliRunner().invoke(cli, ["repo", "show", str(repo.root)]).output)
+    show = json.loads(CliRunner().invoke(cli, ["repo", "show", str(repo.root), "--json"]).output)
     assert sorted(v["version"] for v in show["stable"]) == [3, 4]
 
     # Every chunk a kept index lists is still there, and no other chunk is.

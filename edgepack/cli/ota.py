@@ -162,29 +162,61 @@ def repo_rollback(directory: Path, channel: str, to: str | None, as_json: bool) 
               help="Versions kept per channel (newest first; the newest version rolled out "
               "to 100% also stays).")
 @click.option("--dry-run", is_flag=True, help="Report what would be deleted; change nothing.")
-def repo_gc(directory: Path, keep: int, dry_run: bool) -> None:
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the result as JSON: dropped_versions, kept_versions, files_deleted, "
+              "chunks_deleted, metadata_deleted, bytes_freed, dry_run.")
+def repo_gc(directory: Path, keep: int, dry_run: bool, as_json: bool) -> None:
     """Drop older versions from each channel and delete files and chunks nothing uses.
 
-    Re-signs targets, snapshot and timestamp when a version is dropped. Prints JSON.
+    Re-signs targets, snapshot and timestamp when a version is dropped.
     """
     from edgepack.ota.repo import Repository
     from edgepack.ota.retention import collect_garbage
 
-    _echo_json(collect_garbage(Repository(directory), keep, dry_run=dry_run).to_dict())
+    r = collect_garbage(Repository(directory), keep, dry_run=dry_run)
+    if as_json:
+        _echo_json(r.to_dict())
+        return
+    verb = "would drop" if dry_run else "dropped"
+    for channel in sorted(set(r.kept_versions) | set(r.dropped_versions)):
+        kept = ", ".join(map(str, r.kept_versions.get(channel, []))) or "-"
+        dropped = ", ".join(map(str, r.dropped_versions.get(channel, []))) or "nothing"
+        click.echo(f"{channel}: keeps {kept}; {verb} {dropped}")
+    click.echo(f"{'would delete' if dry_run else 'deleted'} {r.files_deleted} files, "
+               f"{r.chunks_deleted} chunks, {r.metadata_deleted} old metadata files: "
+               f"{r.bytes_freed / 2**20:,.1f} MiB")
 
 
 @repo.command("show")
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--expiry", "with_expiry", is_flag=True,
               help="Print when each signed role expires instead of the channels.")
-def repo_show(directory: Path, with_expiry: bool) -> None:
-    """List channels, versions, rollouts and groups (JSON). Warns on stderr when signed
+@click.option("--json", "as_json", is_flag=True,
+              help="Print JSON: {channel: [{version, rollout, groups?}]}, or with --expiry "
+              "[{role, expires, seconds_left, near, expired, ...}].")
+def repo_show(directory: Path, with_expiry: bool, as_json: bool) -> None:
+    """List channels, versions, rollouts and groups. Warns on stderr when signed
     metadata expires soon (within a day or a quarter of its period) or has expired."""
     from edgepack.ota.repo import Repository, describe, expiry_report
 
     r = Repository(directory)
     report = expiry_report(r)
-    _echo_json(report if with_expiry else describe(r))
+    channels = describe(r)
+    if as_json:
+        _echo_json(report if with_expiry else channels)
+    elif with_expiry:
+        for e in report:
+            state = "EXPIRED" if e["expired"] else ("soon" if e["near"] else "ok")
+            click.echo(f"{e['role']:<10} expires {e['expires']}  ({state})")
+    elif not channels:
+        click.echo(f"no versions published in {directory}; add one with: edgepack publish "
+                   f"BUNDLE --repo {directory} --channel stable")
+    else:
+        for channel, versions in sorted(channels.items()):
+            click.echo(f"{channel}:")
+            for v in versions:
+                groups = f", groups {', '.join(v['groups'])}" if v.get("groups") else ""
+                click.echo(f"  version {v['version']}: rollout {v['rollout']}%{groups}")
     for e in report:
         if e["near"]:
             left = e["seconds_left"]
