@@ -127,7 +127,10 @@ def reference_md() -> str:
              "Generated from the commands' own `--help` by `python -m edgepack.cli.reference "
              "--write`; `tests/test_reference.py` fails when this file is out of date.", ""]
     for path, command in walk(_cli()):
+        # The group's own context settings: click caches each command's help option on first
+        # use, so any other settings would make the text depend on what ran before.
         with click.Context(command, info_name=f"edgepack {path}",
+                           help_option_names=["-h", "--help"],
                            max_content_width=100, terminal_width=100) as ctx:
             text = command.get_help(ctx)
         parts += [f"## edgepack {path}", "", "```text", text.rstrip(), "```", ""]
