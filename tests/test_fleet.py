@@ -250,3 +250,34 @@ def test_bad_broker_urls_are_usage_errors(tmp_path):
     assert r.exit_code == 4 and "cannot connect to MQTT broker mqtt://127.0.0.1:9" in r.output
     r = CliRunner().invoke(cli, ["fleet", "status", "--broker", "mqtt://h", "--fleet", "a/b"])
     assert r.exit_code == 2 and "cannot be an MQTT topic level" in r.output
+
+
+def test_fleet_watch_streams_an_update_as_it_happens(site):
+    import threading
+
+    site.publish(1)
+    agent = site.device("dev-w")
+    done: list[str] = []
+
+    def update() -> None:
+        time.sleep(1.5)  # after the watcher subscribed
+        done.append(agent.run_once().result)
+
+    t = threading.Thread(target=update)
+    t.start()
+    r = CliRunner().invoke(cli, ["fleet", "watch", "--broker", site.broker.url, "--fleet",
+                                 FLEET, "--json", "--timeout", "60", "--count", "6"])
+    t.join(60)
+    assert r.exit_code == 0, r.output
+    assert done == ["installed"]
+    msgs = [json.loads(ln) for ln in r.stdout.splitlines()]
+    events = [m["payload"]["event"] for m in msgs if m["kind"] == "events"]
+    assert events[:4] == ["started", "fetched", "health", "installed"], msgs
+    health = next(m["payload"] for m in msgs if m["payload"].get("event") == "health")
+    assert health["passed"] is True and health["version"] == 1
+    fetched = next(m["payload"] for m in msgs if m["payload"].get("event") == "fetched")
+    assert fetched["bytes"] > 2 << 20
+    # The human form: one line per message.
+    r = CliRunner().invoke(cli, ["fleet", "watch", "--broker", site.broker.url, "--fleet",
+                                 FLEET, "--timeout", "5", "--count", "1"])
+    assert r.exit_code == 0 and " dev-w state online version 1 installed" in r.stdout
