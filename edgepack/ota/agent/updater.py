@@ -139,6 +139,7 @@ class Agent:
         self.state = state
         self.config = config
         self.reporter = reporter or NO_REPORTS
+        self._last_outcome: str | None = None
         self.environ = dict(os.environ if environ is None else environ)
         self.launcher = launcher or SubprocessLauncher(log_dir=state.root / "logs",
                                                        environ=self.environ)
@@ -276,7 +277,9 @@ class Agent:
                 outcome = CHANNEL_NOT_FOUND if isinstance(e, ChannelNotFoundError) else FAILED
                 self.state.record(last_result=outcome, reason=e.message,
                                   pending=None, error=type(e).__name__)
-                self._event(outcome, reason=e.message, error=type(e).__name__)
+                if outcome != self._last_outcome:
+                    self._event(outcome, reason=e.message, error=type(e).__name__)
+                self._last_outcome = outcome
                 self.reporter.state_changed()
                 raise
             finally:
@@ -284,8 +287,12 @@ class Agent:
                     http.close()
 
     def _finish(self, result: CycleResult) -> CycleResult:
-        self._event(result.result, version=result.version, reason=result.reason,
-                    bytes=result.bytes_downloaded)
+        # An install or rollback is always news; a repeated "up-to-date" every interval is
+        # not (the retained state's last_check already says the device is alive).
+        if result.result in (INSTALLED, ROLLED_BACK) or result.result != self._last_outcome:
+            self._event(result.result, version=result.version, reason=result.reason,
+                        bytes=result.bytes_downloaded)
+        self._last_outcome = result.result
         self.reporter.state_changed()
         return result
 
