@@ -145,7 +145,7 @@ def test_blocked_version_exit_12_status_and_unblock(fleet):
     agent = fleet.agent("d1")
     assert agent.run_once().result == "installed"
     fleet.publish(2, standin={"crash": True})
-    agent.config = AgentConfig(fleet.url, "stable", health_window=3)
+    agent.config = AgentConfig(fleet.url, "stable", health_window=30)
     assert agent.run_once().result == "rolled-back"
     r = fleet.cli_once("d1", code=12)
     assert r.stdout.startswith("blocked (running version 1): version 2: blocked: health gate")
