@@ -5,12 +5,11 @@ refresh units written by `repo init` (checked by systemd-analyze where present),
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from datetime import timedelta
 
-import pytest
 from click.testing import CliRunner
+from support.programs import require_program
 from tuf.api.metadata import Metadata
 
 from edgepack.cli.main import cli
@@ -43,13 +42,12 @@ def test_init_writes_and_prints_refresh_units_and_keeps_periods(tmp_path):
     assert timedelta(hours=23) < left <= timedelta(days=1)
 
 
-@pytest.mark.skipif(not shutil.which("systemd-analyze"),
-                    reason="systemd-analyze is not installed (.ci/run installs systemd)")
 def test_refresh_units_pass_systemd_analyze_verify(tmp_path):
+    analyze = require_program("systemd-analyze")
     d = tmp_path / "repo"
     invoke("repo", "init", d)
     units = d / "systemd"
-    r = subprocess.run(["systemd-analyze", "verify", str(units / SERVICE), str(units / TIMER)],
+    r = subprocess.run([analyze, "verify", str(units / SERVICE), str(units / TIMER)],
                        capture_output=True, text=True)
     # verify also reports the ExecStart binary when it is not installed system-wide; any
     # message about the units' own syntax fails the test.
