@@ -144,3 +144,17 @@ def test_a_damaged_gguf_in_the_repo_is_named(local_hub, tmp_path):
     code, out = run("plan", "edgepack-test/broken-GGUF", "--device", "raspberry-pi-5-8gb")
     assert code == 5, out
     assert "model-Q4_0.gguf" in out
+
+
+def test_a_local_folder_of_gguf_files_plans_from_its_headers():
+    folder = smollm2_gguf_repo(split=True)
+    code, out = run("plan", str(folder), "--device", "raspberry-pi-4-4gb", "--quant", "Q4_0",
+                    "--json")
+    assert code == 0, out
+    plan = json.loads(out)
+    assert plan["source"]["sha"] is None and plan["quant"] == "Q4_0"
+    assert len(plan["gguf_file"]["files"]) == 2
+    assert plan["gguf_file"]["path"].endswith("-00001-of-00002.gguf")
+    # both parts' tensors count: the whole model's weights, not the first part's
+    size = sum(p.stat().st_size for p in folder.glob("*-of-00002.gguf"))
+    assert 0.95 * size < plan["memory"]["weights_bytes"] < size
