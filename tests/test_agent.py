@@ -150,8 +150,14 @@ def test_oversized_file_is_cut_off(world):
     agent = _installed_v1(world)
     world.publish(2, model=random_model(MODEL, seed=98))
     chunk = max((world.repo.public / "chunks").iterdir(), key=lambda p: p.stat().st_mtime)
-    chunk.write_bytes(chunk.read_bytes() + b"\0" * 4_000_000)
+    good = chunk.read_bytes()
+    chunk.write_bytes(good + b"\0" * 4_000_000)
     _assert_rejected(agent, match="more than the")
+    # The oversized download left no partial behind (issue #13: before, the next run resumed
+    # from it and failed once as "tampered" although the repository was fixed).
+    assert not list(agent.state.chunks.glob("*.part"))
+    chunk.write_bytes(good)
+    assert agent.run_once().result == "installed"
 
 
 def test_wrongly_signed_and_unsigned_timestamp_are_rejected(world, tmp_path):

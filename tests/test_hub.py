@@ -226,6 +226,19 @@ def test_truncated_download_is_detected(local_hub: HubServer, tmp_path: Path) ->
     assert info.value.exit_code == 4 and "org/tiny" in info.value.message
 
 
+def test_connection_dropped_mid_download_is_reported_as_such(local_hub: HubServer,
+                                                            tmp_path: Path) -> None:
+    # Issue #13: a link that dies mid-body was reported as "could not reach the hub".
+    local_hub.add_repo("org/tiny", make_tiny_model(tmp_path / "m"))
+    local_hub.drop("org/tiny", "model.safetensors", 100)
+    with pytest.raises(FetchError) as info:
+        pull_model("org/tiny", progress=False)
+    msg = info.value.message
+    assert info.value.exit_code == 4
+    assert "could not reach" not in msg, msg
+    assert "dropped while downloading" in msg and "org/tiny" in msg, msg
+
+
 def test_corrupt_download_is_detected_and_evicted(local_hub: HubServer, tmp_path: Path) -> None:
     folder = make_tiny_model(tmp_path / "m")
     local_hub.add_repo("org/tiny", folder)

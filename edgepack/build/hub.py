@@ -173,6 +173,24 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
+# Errors of a response body that stopped early, by class name across HTTP stacks: requests'
+# ChunkedEncodingError, urllib3's ProtocolError/IncompleteRead, httpx's RemoteProtocolError and
+# ReadError. They differ from a refused connection: the hub was reached, the link died.
+_BROKE_OFF = frozenset({"ChunkedEncodingError", "IncompleteRead", "ProtocolError",
+                        "RemoteProtocolError", "ReadError"})
+
+
+def _broke_off(e: BaseException) -> bool:
+    seen: BaseException | None = e
+    for _ in range(8):  # the cause chain, bounded
+        if seen is None:
+            return False
+        if type(seen).__name__ in _BROKE_OFF:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _fetch_error(e: BaseException, repo_id: str, revision: str, endpoint: str,
                  filename: str | None = None) -> FetchError | BuildError:
     """Translate a huggingface_hub or transport error into edgepack's tree, naming the value.
@@ -218,6 +236,11 @@ def _fetch_error(e: BaseException, repo_id: str, revision: str, endpoint: str,
     if isinstance(e, OSError) and getattr(e, "errno", None) == 28:  # ENOSPC
         return BuildError(f"the disk filled up while downloading {where}: {e}",
                           hint="free some space or point HF_HUB_CACHE at a larger disk")
+    if _broke_off(e):
+        return FetchError(
+            f"the connection to the hub at {endpoint} dropped while downloading "
+            f"{filename + ' of ' if filename else ''}{where} ({type(e).__name__}: {e})",
+            hint="retry the command; huggingface_hub resumes the partial file from the cache")
     if isinstance(e, _transport_errors()):
         return FetchError(
             f"could not reach the hub at {endpoint} for {where} ({type(e).__name__}: {e})",

@@ -27,6 +27,7 @@ import hashlib
 import http.server
 import json
 import os
+import socket
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -158,6 +159,7 @@ class HubServer:
         self._repos: dict[str, _Repo] = {}
         self._log: list[HubRequest] = []
         self._truncated: dict[tuple[str, str], int] = {}
+        self._dropped: dict[tuple[str, str], int] = {}
         self._corrupted: set[tuple[str, str]] = set()
         self._failures: list[tuple[str, int]] = []
         self._hub = self._make_server("hub")
@@ -233,6 +235,12 @@ class HubServer:
         """Downloads of ``path`` stop after ``n_bytes`` although HEAD announces the full size."""
         with self._lock:
             self._truncated[(repo_id, path)] = n_bytes
+
+    def drop(self, repo_id: str, path: str, n_bytes: int) -> None:
+        """Downloads of ``path`` announce the full length, send ``n_bytes`` and then the
+        connection closes (a link that dies mid-download)."""
+        with self._lock:
+            self._dropped[(repo_id, path)] = n_bytes
 
     def corrupt(self, repo_id: str, path: str) -> None:
         """Downloads of ``path`` have the right size but one flipped byte."""
@@ -451,6 +459,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                      "Content-Type": "application/octet-stream"}.items():
             self.send_header(k, v)
         self.end_headers()
+        with hub._lock:
+            dropped = hub._dropped.get((repo_id, hub_file.rel))
+        if self.command != "HEAD" and dropped is not None:
+            self._stream(hub_file.path, start, min(length, dropped), corrupt_at=None)
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
         if self.command != "HEAD":
             self._stream(hub_file.path, start, length,
                          corrupt_at=announced // 2 if corrupt else None)

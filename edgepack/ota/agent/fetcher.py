@@ -195,11 +195,18 @@ class HttpFetcher:
                                  hint="the repository is incomplete or the URL is wrong")
             mode = "ab" if resp.status == 206 and have else "wb"
             start = have if mode == "ab" else 0
-            with open(part, mode) as f:
-                for block in self._body(resp, url, length - start):
-                    f.write(block)
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                with open(part, mode) as f:
+                    for block in self._body(resp, url, length - start):
+                        f.write(block)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except IntegrityError:
+                # The server sent more than the signed length: what it sent is not the file,
+                # so nothing of it may be resumed from next time (a cut connection, a
+                # FetchError, keeps its partial).
+                part.unlink(missing_ok=True)
+                raise
         finally:
             resp.release_conn()
         size = part.stat().st_size
