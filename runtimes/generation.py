@@ -47,7 +47,7 @@ from edgepack.runtimes.openai_schema import (
     parse_completion,
     parse_embedding,
 )
-from edgepack.runtimes.worker import _post
+from edgepack.runtimes.worker import _post, stream_in_thread
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
@@ -210,7 +210,10 @@ async def _generate(request: Request, chat: bool) -> Response:
     cancel = CancelToken()
     loop = asyncio.get_running_loop()
     try:
-        events = s.worker.stream(_engine_events(s, job, cancel, ticket, loop))
+        # An engine with several slots decodes on its own thread; each request waits for its
+        # tokens on a thread of its own instead of queueing behind the others on the worker.
+        run = stream_in_thread if getattr(engine, "slots", 1) > 1 else s.worker.stream
+        events = run(_engine_events(s, job, cancel, ticket, loop))
     except BaseException:
         ticket.release()
         raise

@@ -1,4 +1,4 @@
-"""Bounded admission: one request on the engine, ``queue_size`` waiting, the rest get 429.
+"""Bounded admission: ``slots`` requests on the engine, ``queue_size`` waiting, the rest 429.
 
 The engine worker runs jobs in order (``worker.py``), so admission only has to count: a
 request holds a ticket from admission until its response ends. All methods run on the event
@@ -41,8 +41,9 @@ class Ticket:
 class Admission:
     """Counts requests in the system and refuses those beyond 1 running + ``queue_size``."""
 
-    def __init__(self, queue_size: int, metrics: ServerMetrics) -> None:
-        self.capacity = 1 + queue_size
+    def __init__(self, queue_size: int, metrics: ServerMetrics, slots: int = 1) -> None:
+        self.capacity = slots + queue_size
+        self.slots = slots
         self._metrics = metrics
         self._waiting = 0
         self._running = 0
@@ -57,10 +58,10 @@ class Admission:
         """Admit a request or raise ApiError(429) with a Retry-After estimate."""
         if self.in_system >= self.capacity:
             self._metrics.rejected.labels("queue_full").inc()
-            wait = max(1, math.ceil(self._service_s * (self._waiting + 1)))
+            wait = max(1, math.ceil(self._service_s * (self._waiting + 1) / self.slots))
             raise ApiError(
-                f"the server is busy: {self._running} request running and {self._waiting} "
-                f"waiting (queue size {self.capacity - 1}); retry after {wait} s",
+                f"the server is busy: {self._running} request(s) running and {self._waiting} "
+                f"waiting (queue size {self.capacity - self.slots}); retry after {wait} s",
                 status=429,
                 type="rate_limit_error",
                 code="queue_full",

@@ -124,6 +124,30 @@ class EngineWorker:
             self._thread.join(timeout)
 
 
+def stream_in_thread(
+    make: Callable[[], Iterator[T]], name: str = "edgepack-stream"
+) -> AsyncIterator[T]:
+    """Like ``EngineWorker.stream``, on a thread of its own.
+
+    For engines that decode on their own scheduler thread (``batch.py``) and only block the
+    caller while waiting for tokens: one thread per admitted request, so requests in
+    different slots do not wait for each other.
+    """
+    loop = asyncio.get_running_loop()
+    items: asyncio.Queue[Any] = asyncio.Queue()
+
+    def job() -> None:
+        try:
+            for item in make():
+                _post(loop, items.put_nowait, item)
+        except BaseException as e:  # noqa: BLE001 - re-raised on the loop
+            _post(loop, items.put_nowait, _Failure(e))
+        _post(loop, items.put_nowait, _END)
+
+    threading.Thread(target=job, name=name, daemon=True).start()
+    return _drain(items)
+
+
 async def _drain(items: asyncio.Queue[Any]) -> AsyncIterator[Any]:
     while True:
         item = await items.get()
