@@ -257,7 +257,8 @@ def create_app(
         lc = Lifecycle(engine, worker, environ, config.load_delay_seconds,
                        on_phase=lambda p: m.ready.set(1 if p == READY else 0))
         app.state.server = ServerState(config, engine, worker, lc, m,
-                                       Admission(config.queue_size, m))
+                                       Admission(config.queue_size, m,
+                                                 slots=getattr(engine, "slots", 1)))
         lc.start()
         try:
             yield

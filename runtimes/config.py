@@ -42,6 +42,7 @@ class ServerConfig:
     n_threads: int = 4
     n_batch: int = 512
     n_gpu_layers: int = 0
+    n_parallel: int = 1  # sequences decoded together (llama-server's --parallel); see batch.py
     providers: tuple[str, ...] = ("cpu",)  # onnxruntime execution providers, in priority order
     queue_size: int = 8
     max_body_bytes: int = 1 << 20
@@ -186,6 +187,7 @@ def load_server_config(
         n_threads=_get(engine, "n_threads", int, os.cpu_count() or 1, where_e),
         n_batch=_get(engine, "n_batch", int, 512, where_e),
         n_gpu_layers=_get(engine, "n_gpu_layers", int, 0, where_e),
+        n_parallel=_get(engine, "n_parallel", int, 1, where_e),
         providers=tuple(str(x) for x in _get(engine, "providers", list, ["cpu"], where_e)),
         queue_size=_get(server, "queue_size", int, 8, where_s),
         max_body_bytes=_get(server, "max_body_bytes", int, 1 << 20, where_s),
@@ -216,6 +218,7 @@ def validate_config(cfg: ServerConfig) -> None:
         ("n_ctx", cfg.n_ctx, 16),
         ("n_threads", cfg.n_threads, 1),
         ("n_batch", cfg.n_batch, 1),
+        ("n_parallel", cfg.n_parallel, 1),
         ("queue_size", cfg.queue_size, 0),
         ("max_body_bytes", cfg.max_body_bytes, 1024),
         ("port", cfg.port, 0),

@@ -65,11 +65,16 @@ def make_engine(cfg: ServerConfig) -> Engine:
     if cfg.model_format == "gguf":
         from edgepack.runtimes.llama_engine import LlamaEngine, LlamaSettings
 
-        return LlamaEngine(LlamaSettings(
+        settings = LlamaSettings(
             model_path=cfg.model_path, name=cfg.model_name, kind=cfg.model_kind,
             n_ctx=cfg.n_ctx, n_threads=cfg.n_threads, n_batch=cfg.n_batch,
             n_gpu_layers=cfg.n_gpu_layers,
-        ))
+        )
+        if cfg.n_parallel > 1 and cfg.model_kind != "embedding":
+            from edgepack.runtimes.batch import BatchedLlamaEngine
+
+            return BatchedLlamaEngine(settings, cfg.n_parallel)
+        return LlamaEngine(settings)
     if cfg.model_format == "onnx":
         from edgepack.runtimes.onnx_engine import OnnxEngine, OnnxSettings
 
