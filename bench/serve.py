@@ -162,21 +162,26 @@ def measure(t: Target, reps: int) -> dict[str, float]:
     }
 
 
-def edgepack_target(gguf: Path, threads: int, ctx: int, workdir: Path) -> Target:
+def edgepack_target(gguf: Path, threads: int, ctx: int, workdir: Path,
+                    parallel: int = 1) -> Target:
     sys.path.insert(0, str(ROOT / "tests"))
     from support.bundles import make_test_bundle
 
     bundle = make_test_bundle(workdir / "bundle", gguf, engine={"n_threads": threads,
-                                                                  "n_ctx": ctx})
+                                                                  "n_ctx": ctx,
+                                                                  "n_parallel": parallel})
     port = _free_port()
     return Target("edgepack", [sys.executable, "-m", "edgepack", "serve", str(bundle),
                                "--port", str(port), "--log-level", "warning"], "/readyz", port)
 
 
-def llama_server_target(binary: Path, gguf: Path, threads: int, ctx: int) -> Target:
+def llama_server_target(binary: Path, gguf: Path, threads: int, ctx: int,
+                        parallel: int = 1) -> Target:
     port = _free_port()
+    # -c is the whole KV cache, split over the slots: ctx per slot, as edgepack's n_ctx.
     return Target("llama-server", [str(binary), "-m", str(gguf), "-t", str(threads), "-tb",
-                                   str(threads), "-c", str(ctx), "--parallel", "1",
+                                   str(threads), "-c", str(ctx * parallel), "--parallel",
+                                   str(parallel),
                                    "--host", "127.0.0.1", "--port", str(port), "--no-webui"],
                   "/health", port)
 
@@ -207,7 +212,8 @@ def render(results: dict[str, dict[str, float]], args: argparse.Namespace, cmd: 
            f"({_cpu_model()}), {psutil.virtual_memory().total / 2**30:.0f} GiB, "
            f"load average at start {os.getloadavg()[0]:.1f}",
            f"- model: `{args.gguf.name}`, threads {args.threads}, ctx {args.ctx}, "
-           f"medians of {args.reps} repetitions, greedy decoding, nonce-prefixed prompts",
+           f"medians of {args.reps} repetitions, {args.parallel} slot(s), greedy decoding, "
+           "nonce-prefixed prompts",
            f"- command: `{cmd}`", "",
            "| metric | " + " | ".join(names) + " |",
            "|---|" + "---|" * len(names)]
@@ -253,6 +259,8 @@ def run() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ctx", type=int, default=2048)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--parallel", type=int, default=1,
+                    help="slots for edgepack (n_parallel) and llama-server (--parallel)")
     ap.add_argument("--llama-server", type=Path, default=CACHE / "llama-server")
     ap.add_argument("--lcp-python", default="/tmp/lcp-venv/bin/python",
                     help="a Python with llama-cpp-python and its [server] extras")
@@ -269,12 +277,14 @@ def run() -> int:
     with tempfile.TemporaryDirectory(prefix="edgepack-bench-") as tmp:
         for name in only:
             if name == "edgepack":
-                t = edgepack_target(args.gguf, args.threads, args.ctx, Path(tmp))
+                t = edgepack_target(args.gguf, args.threads, args.ctx, Path(tmp),
+                                    args.parallel)
             elif name == "llama-server":
                 if not args.llama_server.is_file():
                     print(f"skip llama-server: {args.llama_server} not built", file=sys.stderr)
                     continue
-                t = llama_server_target(args.llama_server, args.gguf, args.threads, args.ctx)
+                t = llama_server_target(args.llama_server, args.gguf, args.threads, args.ctx,
+                                        args.parallel)
             else:
                 if not shutil.which(args.lcp_python) and not Path(args.lcp_python).is_file():
                     print(f"skip llama_cpp.server: {args.lcp_python} missing", file=sys.stderr)
