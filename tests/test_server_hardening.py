@@ -240,3 +240,42 @@ def test_seed_repeats_whatever_ran_before(strict_server):
     for prompt, seed, temp in others:
         sample(prompt, seed, temp)
         assert sample("Once upon a time", 1234) == first
+
+
+def test_when_every_connection_is_busy_a_newcomer_gets_503_json(tmp_path):
+    # max_connections 8, each held by a streaming generation (one runs, seven wait in the
+    # queue): nothing idle can be closed, so a ninth connection gets a clear 503 and a close.
+    bundle = make_test_bundle(tmp_path / "b", server={"max_connections": 8, "queue_size": 8})
+    server = serve_bundle(bundle)
+    body = (b'{"model": "smollm2-135m-instruct", "stream": true, "max_tokens": 3000, '
+            b'"prompt": "List the numbers from one to one thousand:"}')
+    busy: list[socket.socket] = []
+    try:
+        for _ in range(8):
+            s = _connect(server.base_url)
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                      b"application/json\r\nContent-Length: " + str(len(body)).encode()
+                      + b"\r\n\r\n" + body)
+            busy.append(s)
+        time.sleep(1)
+        extra = _connect(server.base_url)
+        closed, got = _closed_within(extra, 10)
+        extra.close()
+        assert closed and got.startswith(b"HTTP/1.1 503"), got[:200]
+        assert b'"too_many_connections"' in got and b"retry-after: 1" in got.lower()
+    finally:
+        for s in busy:
+            s.close()
+    try:
+        # The streams' clients are gone: their generations stop and the server recovers.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(server.base_url + "/healthz", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        assert httpx.get(server.base_url + "/healthz", timeout=5).status_code == 200
+    finally:
+        server.stop()
