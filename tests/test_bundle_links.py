@@ -136,3 +136,14 @@ def test_held_file_reads_the_verified_bytes_after_a_swap(tmp_path):
             verify_bundle(bundle)
     finally:
         os.close(held[rel].fd)
+
+
+def test_archive_refuses_a_bundle_with_a_link(tmp_path):
+    # Issue #13: `--archive` wrote a `rootfs -> /` member; archiving verifies first now.
+    from edgepack.bundle import archive_bundle
+
+    bundle = _bundle(tmp_path)
+    (bundle / "rootfs").symlink_to("/")
+    with pytest.raises(IntegrityError, match="rootfs: is a symbolic link"):
+        archive_bundle(bundle, tmp_path / "b.tar")
+    assert not list(tmp_path.glob("*.tar")) and not list(tmp_path.glob(".*.partial"))
