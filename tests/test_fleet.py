@@ -281,3 +281,33 @@ def test_fleet_watch_streams_an_update_as_it_happens(site):
     r = CliRunner().invoke(cli, ["fleet", "watch", "--broker", site.broker.url, "--fleet",
                                  FLEET, "--timeout", "5", "--count", "1"])
     assert r.exit_code == 0 and " dev-w state online version 1 installed" in r.stdout
+
+
+def test_mutual_tls_reports_from_the_agent_command(tmp_path, nginx, mosquitto):  # noqa: F811
+    """`edgepack agent run --broker mqtts://... --broker-ca/--broker-cert/--broker-key` against
+    a broker that requires client certificates; a client without one is refused."""
+    broker = mosquitto(tls=True, require_certificate=True)
+    tls = broker.tls
+    site = Site(tmp_path, nginx, broker)
+    site.publish(1, rollout=0)
+    state = StateDir(tmp_path / "dev-m")
+    state.init(site.repo.root_json().read_bytes(), "dev-m")
+    certs = ["--broker-ca", str(tls["ca"]), "--broker-cert", str(tls["client_cert"]),
+             "--broker-key", str(tls["client_key"])]
+    r = CliRunner().invoke(cli, ["agent", "run", "--repo-url", site.url, "--state-dir",
+                                 str(state.root), "--channel", "stable", "--once",
+                                 "--broker", broker.url, "--fleet", FLEET, *certs])
+    assert r.exit_code == 11, r.output  # held back; the report still went out
+
+    def seen():
+        r = CliRunner().invoke(cli, ["fleet", "status", "--broker", broker.url, "--fleet",
+                                     FLEET, "--wait", "3", "--json", *certs])
+        assert r.exit_code == 0, r.output
+        return by_device(json.loads(r.stdout)).get("dev-m")
+
+    d = wait_for(seen, what="dev-m over mutual TLS")
+    # --once ends with a clean disconnect: the device reads offline, with its last outcome.
+    assert d["last_result"] == "held-back" and d["report"]["offline_reason"] == "agent stopped"
+    r = CliRunner().invoke(cli, ["fleet", "status", "--broker", broker.url, "--fleet", FLEET,
+                                 "--wait", "3", "--broker-ca", str(tls["ca"])])
+    assert r.exit_code == 4, r.output

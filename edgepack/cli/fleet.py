@@ -25,17 +25,23 @@ def _broker_options(f):
         click.option("--broker-ca", default=None,
                      type=click.Path(exists=True, dir_okay=False),
                      help="CA file for mqtts:// (default: the system's)."),
+        click.option("--broker-cert", default=None,
+                     type=click.Path(exists=True, dir_okay=False),
+                     help="Client certificate for mutual TLS (with --broker-key)."),
+        click.option("--broker-key", default=None,
+                     type=click.Path(exists=True, dir_okay=False),
+                     help="Client key for mutual TLS."),
     ]
     for option in reversed(options):
         f = option(f)
     return f
 
 
-def _config(broker: str, fleet_name: str, username, password, ca):
+def _config(broker: str, fleet_name: str, username, password, ca, cert=None, key=None):
     from edgepack.ota.agent.broker import parse_broker
 
     return parse_broker(broker, fleet=fleet_name, username=username, password=password,
-                        ca_file=ca)
+                        ca_file=ca, cert_file=cert, key_file=key)
 
 
 @click.group("fleet")
@@ -56,12 +62,14 @@ def fleet() -> None:
               help="Longest time to gather the devices' retained states, in seconds.")
 @click.option("--json", "as_json", is_flag=True, help="Every device's full state as JSON.")
 def fleet_status(broker: str, fleet_name: str, broker_username, broker_password, broker_ca,
-                 channel, state, version, device, result, wait: float, as_json: bool) -> None:
+                 broker_cert, broker_key, channel, state, version, device, result,
+                 wait: float, as_json: bool) -> None:
     """Table of devices: channel, version, online/offline, last seen, last outcome and the
     last rollback's reason. Exit 4 when the broker cannot be reached."""
     from edgepack.ota.fleet import collect_states, rows, select
 
-    cfg = _config(broker, fleet_name, broker_username, broker_password, broker_ca)
+    cfg = _config(broker, fleet_name, broker_username, broker_password, broker_ca,
+                  broker_cert, broker_key)
     states = collect_states(cfg, wait=wait)
     chosen = select(rows(states), channel=channel, state=state, version=version,
                     device=device, result=result)
@@ -93,12 +101,14 @@ def fleet_status(broker: str, fleet_name: str, broker_username, broker_password,
               help="Stop after this many seconds.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def fleet_watch(broker: str, fleet_name: str, broker_username, broker_password, broker_ca,
-                count: int | None, timeout: float | None, as_json: bool) -> None:
+                broker_cert, broker_key, count: int | None, timeout: float | None,
+                as_json: bool) -> None:
     """Print device states and update events live (retained states first). Ctrl-C or
     SIGTERM stops it (exit 0)."""
     from edgepack.ota.fleet import watch
 
-    cfg = _config(broker, fleet_name, broker_username, broker_password, broker_ca)
+    cfg = _config(broker, fleet_name, broker_username, broker_password, broker_ca,
+                  broker_cert, broker_key)
     stop = threading.Event()
     seen = [0]
     lock = threading.Lock()

@@ -32,7 +32,8 @@ class Broker:
     folder: Path
     port: int
     users: dict[str, str] = field(default_factory=dict)
-    tls: dict[str, Path] | None = None  # {"ca", "cert", "key"} for a TLS listener
+    tls: dict[str, Path] | None = None  # {"ca", "cert", "key", ...} for a TLS listener
+    require_certificate: bool = False  # mutual TLS: clients need a certificate from the CA
     proc: subprocess.Popen | None = None
     exe: str = "mosquitto"
 
@@ -64,6 +65,8 @@ class Broker:
         if self.tls:
             lines += [f"cafile {self.tls['ca']}", f"certfile {self.tls['cert']}",
                       f"keyfile {self.tls['key']}"]
+            if self.require_certificate:
+                lines.append("require_certificate true")
         conf = self.folder / "mosquitto.conf"
         conf.write_text("\n".join(lines) + "\n")
         self.proc = subprocess.Popen([self.exe, "-c", str(conf)],
@@ -93,7 +96,8 @@ class Broker:
 
 
 def make_tls_files(folder: Path) -> dict[str, Path]:
-    """A throwaway CA and a server certificate for 127.0.0.1 (cryptography), PEM files."""
+    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate
+    (cryptography), PEM files: ca, cert, key, client_cert, client_key."""
     import datetime
     import ipaddress
 
@@ -124,7 +128,19 @@ def make_tls_files(folder: Path) -> dict[str, Path]:
             .add_extension(x509.SubjectAlternativeName(
                 [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
             .sign(ca_key, hashes.SHA256()))
-    paths = {"ca": folder / "ca.pem", "cert": folder / "server.pem", "key": folder / "server.key"}
+    client_key = ec.generate_private_key(ec.SECP256R1())
+    client = (x509.CertificateBuilder().subject_name(name("edgepack-device"))
+              .issuer_name(ca.subject).public_key(client_key.public_key())
+              .serial_number(x509.random_serial_number())
+              .not_valid_before(now - datetime.timedelta(minutes=5))
+              .not_valid_after(now + datetime.timedelta(days=1))
+              .sign(ca_key, hashes.SHA256()))
+    paths = {"ca": folder / "ca.pem", "cert": folder / "server.pem", "key": folder / "server.key",
+             "client_cert": folder / "client.pem", "client_key": folder / "client.key"}
+    paths["client_cert"].write_bytes(client.public_bytes(serialization.Encoding.PEM))
+    paths["client_key"].write_bytes(client_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
     paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     paths["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM,
@@ -139,10 +155,12 @@ def mosquitto(tmp_path) -> Iterator:
     exe = require_program("mosquitto")
     started: list[Broker] = []
 
-    def start(*, users: dict[str, str] | None = None, tls: bool = False) -> Broker:
+    def start(*, users: dict[str, str] | None = None, tls: bool = False,
+              require_certificate: bool = False) -> Broker:
         folder = tmp_path / f"mosquitto-{len(started)}"
         b = Broker(folder, _free_port(), users or {},
-                   make_tls_files(folder / "tls") if tls else None, exe=exe)
+                   make_tls_files(folder / "tls") if tls else None, require_certificate,
+                   exe=exe)
         started.append(b)
         return b.start()
 

@@ -145,6 +145,7 @@ class MqttReporter:
         self._pending: deque[bytes] = deque(maxlen=max_pending)
         self._lock = threading.Lock()
         self._connected = False
+        self._up = threading.Event()  # set while connected
         self._will_key: tuple | None = None
         self.published = 0  # messages handed to the broker connection (for benchmarks)
         self.started_at = now_iso()
@@ -194,6 +195,7 @@ class MqttReporter:
             self._connected = True
             pending = list(self._pending)
             self._pending.clear()
+        self._up.set()
         self._publish(self.state_topic, json.dumps(self._state(), sort_keys=True,
                                                    default=str).encode(), retain=True)
         for payload in pending:
@@ -203,6 +205,7 @@ class MqttReporter:
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         with self._lock:
             self._connected = False
+        self._up.clear()
 
     def _publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
         try:
@@ -248,11 +251,16 @@ class MqttReporter:
         close_client(self._client)  # a clean disconnect: the broker discards the old will
         with self._lock:
             self._connected = False
+        self._up.clear()
         self.start()
 
-    def close(self, why: str = "agent stopped", timeout: float = 2.0) -> None:
-        """Mark the device offline (retained) and disconnect; bounded by ``timeout``."""
+    def close(self, why: str = "agent stopped", timeout: float = 3.0) -> None:
+        """Mark the device offline (retained) and disconnect. Waits at most ``timeout`` s for
+        a connection still being made (``agent run --once`` is over in well under a second)
+        and for the broker to acknowledge, so queued reports go out when the broker is there
+        and exit is never held up for long when it is not."""
         try:
+            self._up.wait(timeout)
             if self._connected:
                 info = self._client.publish(self.state_topic,
                                             self._offline(self._state(), why), qos=1,
