@@ -396,7 +396,7 @@ def test_agent_unit_execstart_is_a_valid_agent_command_line():
 
     from edgepack.runtimes.systemd import AGENT_UNIT, render_units
 
-    from edgepack.cli.ota import agent_run
+    from edgepack.cli.agent import agent_run
 
     text = render_units()[AGENT_UNIT]
     line = next(ln for ln in text.splitlines() if ln.startswith("ExecStart="))

@@ -35,6 +35,14 @@ from edgepack.manifest import (
     canonical_json,
     verify_bundle,
 )
+from edgepack.ota.expiry import (  # noqa: F401 - Expiry is part of this module's API
+    EXPIRY_FILE,
+    ROOT_DAYS,
+    SNAPSHOT_DAYS,
+    TARGETS_DAYS,
+    TIMESTAMP_DAYS,
+    Expiry,
+)
 from edgepack.ota.release import (
     Channel,
     Release,
@@ -56,54 +64,12 @@ from edgepack.ota.release import (
 )
 
 ROLES = ("root", "targets", "snapshot", "timestamp")
-ROOT_DAYS = 365
-TARGETS_DAYS = 90
-SNAPSHOT_DAYS = 30
-TIMESTAMP_DAYS = 2
 # `repo refresh` re-signs snapshot and targets too when they expire within this window.
 RESIGN_WINDOW = timedelta(days=7)
 
 
 def _now() -> datetime:
     return datetime.now(timezone.utc).replace(microsecond=0)
-
-
-EXPIRY_FILE = "expiry.json"
-
-
-@dataclass(frozen=True)
-class Expiry:
-    """How long freshly signed metadata stays valid (tests pass negative values)."""
-
-    targets: timedelta = timedelta(days=TARGETS_DAYS)
-    snapshot: timedelta = timedelta(days=SNAPSHOT_DAYS)
-    timestamp: timedelta = timedelta(days=TIMESTAMP_DAYS)
-
-    def to_dict(self) -> dict[str, float]:
-        return {"targets_days": self.targets / timedelta(days=1),
-                "snapshot_days": self.snapshot / timedelta(days=1),
-                "timestamp_days": self.timestamp / timedelta(days=1)}
-
-    @classmethod
-    def from_days(cls, *, targets: float | None = None, snapshot: float | None = None,
-                  timestamp: float | None = None) -> Expiry:
-        """Periods in days (None: the default); raises UsageError for a period that is not
-        positive or a timestamp that outlives the snapshot or the snapshot the targets."""
-        d = cls()
-        e = cls(timedelta(days=targets) if targets is not None else d.targets,
-                timedelta(days=snapshot) if snapshot is not None else d.snapshot,
-                timedelta(days=timestamp) if timestamp is not None else d.timestamp)
-        for name, value in (("targets", e.targets), ("snapshot", e.snapshot),
-                            ("timestamp", e.timestamp)):
-            if value <= timedelta(0):
-                raise UsageError(f"--{name}-days {value / timedelta(days=1):g} must be "
-                                 "positive", hint="give a number of days, e.g. 2 or 0.5")
-        if not e.timestamp <= e.snapshot <= e.targets:
-            raise UsageError(
-                f"expiry periods timestamp {e.timestamp} <= snapshot {e.snapshot} <= targets "
-                f"{e.targets} do not hold",
-                hint="the timestamp is re-signed most often, so it expires first")
-        return e
 
 
 @dataclass(frozen=True)
@@ -520,40 +486,3 @@ def init_repo(root: Path, *, threshold: int = 1, root_key: Path | None = None,
     timestamp_md.sign(signers["timestamp"])
     repo._write_md(timestamp_md, "timestamp.json")
     return repo
-
-
-def describe(repo: Repository) -> dict[str, Any]:
-    """A JSON-able summary: channels, versions, rollouts and groups."""
-    _, _, targets = repo._current()
-    out: dict[str, Any] = {}
-    for path, info in sorted(targets.signed.targets.items()):
-        if path.startswith("releases/"):
-            meta = (info.unrecognized_fields.get("custom") or {}).get("edgepack", {})
-            channel = meta.get("channel", "?")
-            if meta.get("version") not in repo._channel(targets, channel).versions:
-                continue  # withdrawn by a rollback
-            entry = {"version": meta.get("version"), "rollout": meta.get("rollout")}
-            if meta.get("groups"):
-                entry["groups"] = meta["groups"]
-            out.setdefault(channel, []).append(entry)
-    return out
-
-
-def expiry_report(repo: Repository, now: datetime | None = None) -> list[dict[str, Any]]:
-    """When each signed role expires, and whether that is near: within a day, or within a
-    quarter of the role's configured period (a missed refresh timer shows up in time)."""
-    timestamp, snapshot, targets = repo._current()
-    root = repo._load("root")
-    periods = repo.expiry()
-    now = now or _now()
-    out = []
-    for role, md, period in (("timestamp", timestamp, periods.timestamp),
-                             ("snapshot", snapshot, periods.snapshot),
-                             ("targets", targets, periods.targets),
-                             ("root", root, timedelta(days=ROOT_DAYS))):
-        left = md.signed.expires - now
-        out.append({"role": role, "expires": md.signed.expires.isoformat(),
-                    "seconds_left": int(left.total_seconds()),
-                    "near": left <= max(timedelta(days=1), period / 4),
-                    "expired": left <= timedelta(0)})
-    return out
