@@ -15,9 +15,9 @@ https://github.com/xorbitsai/inference/pull/5213.
   seconds of the connection opening (or of the first byte after a keep-alive pause);
 - a *body deadline*: the whole body must arrive within ``body_timeout`` seconds of the head;
 - a *connection cap*: past ``max_connections`` open connections, a new one first closes the
-  oldest connection that is idle or still sending its request (a slow or half-open client),
-  so a health probe always gets in; only when every connection is busy with a response does
-  the newcomer get an OpenAI-shaped 503 and a close.
+  connection that has waited longest without being answered (silent sockets first, then
+  keep-alive pauses and slow heads), so a health probe gets in; only when every connection
+  is busy with a response does the newcomer get an OpenAI-shaped 503 and a close.
 
 A connection whose deadline passes is closed (a 408 when the head never completed); the
 response of a request in progress is never cut by these deadlines, so long SSE streams are
@@ -103,6 +103,7 @@ class GuardedH11Protocol(H11Protocol):
     _deadline: asyncio.TimerHandle | None = None
     _phase: str = "head"  # "head" | "body" | "app": what the deadline is waiting for
     _opened: float = 0.0
+    _last_byte: float = 0.0  # loop time of the last byte received (0: none yet)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -116,15 +117,27 @@ class GuardedH11Protocol(H11Protocol):
         self._arm("head", self.limits.header_timeout)
 
     def _evict_one(self) -> bool:
-        """Close the oldest connection that is not being answered; False when none is."""
-        victims = [c for c in self.connections
-                   if isinstance(c, GuardedH11Protocol) and c is not self and c._idle()]
-        if not victims:
+        """Close the connection that has waited longest without being answered.
+
+        Sockets that never sent a byte go first (oldest first: half-open floods), then the
+        least recently active of the rest (keep-alive pauses, slow heads). A newcomer is
+        never refused while any connection may be closed: under a continuous flood of new
+        sockets, sparing recent ones would let the flood lock every probe out.
+        False when nothing may be closed.
+        """
+        best: tuple[int, float] | None = None
+        victim: GuardedH11Protocol | None = None
+        for c in self.connections:
+            if not isinstance(c, GuardedH11Protocol) or c is self or not c._idle():
+                continue
+            rank = (0, c._opened) if c._last_byte == 0.0 else (1, c._last_byte)
+            if best is None or rank < best:
+                best, victim = rank, c
+        if victim is None:
             return False
-        oldest = min(victims, key=lambda c: c._opened)
         log.info("connection limit (%d) reached: closing idle/slow connection from %s",
-                 self.limits.max_connections, oldest.client)
-        oldest._close()
+                 self.limits.max_connections, victim.client)
+        victim._close()
         return True
 
     def _idle(self) -> bool:
@@ -163,6 +176,7 @@ class GuardedH11Protocol(H11Protocol):
         self.transport.close()
 
     def data_received(self, data: bytes) -> None:
+        self._last_byte = self.loop.time()
         if self._deadline is None and self._phase == "head":
             # The first byte after a response (keep-alive pause, or the rest of a body the
             # application never read) starts the clock again: uvicorn's keep-alive timer

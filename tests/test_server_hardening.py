@@ -279,3 +279,39 @@ def test_when_every_connection_is_busy_a_newcomer_gets_503_json(tmp_path):
         assert httpx.get(server.base_url + "/healthz", timeout=5).status_code == 200
     finally:
         server.stop()
+
+
+def _get_healthz_on(sock: socket.socket) -> bytes:
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    sock.settimeout(10)
+    got = b""
+    while b'"phase"' not in got:
+        data = sock.recv(65536)
+        if not data:
+            break
+        got += data
+    return got
+
+
+def test_a_flood_of_silent_sockets_evicts_them_before_a_keep_alive_client(tmp_path):
+    # At the cap, silent (half-open) sockets go first: a real client between two requests on
+    # a keep-alive connection is not the one cut off, though it is the oldest connection.
+    bundle = make_test_bundle(tmp_path / "b", server={
+        "max_connections": 8, "keep_alive_seconds": 60, "header_timeout_seconds": 600})
+    server = serve_bundle(bundle)
+    flood: list[socket.socket] = []
+    client = _connect(server.base_url)
+    try:
+        assert _get_healthz_on(client).startswith(b"HTTP/1.1 200")
+        for _ in range(20):
+            flood.append(_connect(server.base_url))
+            time.sleep(0.02)
+        time.sleep(0.5)
+        assert _get_healthz_on(client).startswith(b"HTTP/1.1 200")
+        closed, _ = _closed_within(flood[0], 2)
+        assert closed, "the oldest silent socket should have made room"
+    finally:
+        client.close()
+        for s in flood:
+            s.close()
+        server.stop()
