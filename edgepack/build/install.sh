@@ -51,7 +51,11 @@ if bad:
     sys.exit(6)
 PY
 
-wheel=$(ls "$here"/runtime/wheels/edgepack-*.whl 2>/dev/null | head -n 1)
+# A glob, not ls: no output parsing, and one program fewer.
+wheel=""
+for w in "$here"/runtime/wheels/edgepack-*.whl; do
+  if [ -f "$w" ]; then wheel=$w; break; fi
+done
 if [ -z "$wheel" ]; then
   echo "install.sh: this bundle has no runtime pack (runtime/wheels/edgepack-*.whl);" \
        "rebuild it with: edgepack build ... --runtime" >&2
