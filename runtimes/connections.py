@@ -14,10 +14,10 @@ https://github.com/xorbitsai/inference/pull/5213.
 - a *head deadline*: the request line and headers must arrive within ``header_timeout``
   seconds of the connection opening (or of the first byte after a keep-alive pause);
 - a *body deadline*: the whole body must arrive within ``body_timeout`` seconds of the head;
-- a *connection cap*: past ``max_connections`` open connections, a new one first closes the
-  connection that has waited longest without being answered (silent sockets first, then
-  keep-alive pauses and slow heads), so a health probe gets in; only when every connection
-  is busy with a response does the newcomer get an OpenAI-shaped 503 and a close.
+- a *connection cap*: past ``max_connections`` open connections, a new one first closes a
+  connection that is not being answered (silent sockets first, then keep-alive pauses and
+  slow heads; see ``_evict_one`` for the order), so a health probe gets in; only when every
+  connection is busy with a response does the newcomer get an OpenAI-shaped 503 and a close.
 
 A connection whose deadline passes is closed (a 408 when the head never completed); the
 response of a request in progress is never cut by these deadlines, so long SSE streams are
@@ -41,6 +41,8 @@ log = logging.getLogger("edgepack.serve")
 # File descriptors the process needs besides client sockets: the model (mmap keeps one),
 # the listening socket, logs, the notify socket, onnxruntime/llama.cpp threads' files.
 FD_RESERVE = 64
+# A silent socket younger than this may still hold an unread request (a probe under load).
+FRESH_GRACE = 2.0
 
 
 @dataclass(frozen=True)
@@ -117,20 +119,28 @@ class GuardedH11Protocol(H11Protocol):
         self._arm("head", self.limits.header_timeout)
 
     def _evict_one(self) -> bool:
-        """Close the connection that has waited longest without being answered.
+        """Close one connection that is not being answered; False when none may be closed.
 
-        Sockets that never sent a byte go first (oldest first: half-open floods), then the
-        least recently active of the rest (keep-alive pauses, slow heads). A newcomer is
-        never refused while any connection may be closed: under a continuous flood of new
-        sockets, sparing recent ones would let the flood lock every probe out.
-        False when nothing may be closed.
+        Order: silent sockets older than FRESH_GRACE (oldest first: a half-open flood), then
+        younger silent sockets, *youngest* first (a burst of new sockets pushes out its own
+        latest members, not a probe that connected just before it and is not read yet),
+        then connections that sent something and wait (least recently active first:
+        keep-alive pauses, slow heads, which the head deadline bounds anyway). A newcomer is
+        never refused while any connection may be closed: sparing young sockets outright
+        would let a continuous flood lock every probe out.
         """
+        now = self.loop.time()
         best: tuple[int, float] | None = None
         victim: GuardedH11Protocol | None = None
         for c in self.connections:
             if not isinstance(c, GuardedH11Protocol) or c is self or not c._idle():
                 continue
-            rank = (0, c._opened) if c._last_byte == 0.0 else (1, c._last_byte)
+            if c._last_byte != 0.0:
+                rank = (2, c._last_byte)
+            elif now - c._opened >= FRESH_GRACE:
+                rank = (0, c._opened)
+            else:
+                rank = (1, -c._opened)
             if best is None or rank < best:
                 best, victim = rank, c
         if victim is None:
