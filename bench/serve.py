@@ -1,12 +1,14 @@
 """Benchmark edgepack's server against llama.cpp's llama-server and llama_cpp.server.
 
-Same GGUF, same thread count, same context, servers run one after another (never side by
-side: the cores are shared). For each server: time to first token (short and ~500-token
-prompt), decode tok/s of one stream, aggregate tok/s of 4 concurrent streams, RSS after
-load and after the runs. Medians over ``--reps``. Prompts start with a random nonce so no
-server can answer from a prompt cache.
+Same GGUF, same thread count, same context per slot, same slots (``--parallel``). All servers
+are loaded at once and measured in alternating rounds (A B, B A, ...), one server busy at a
+time: time to first token (short and ~500-token prompt), decode tok/s of one stream,
+aggregate tok/s of 4 concurrent streams; medians with min–max over ``--reps`` rounds; RSS
+after load and after the runs. Prompts start with a random nonce so no server can answer
+from a prompt cache. ``--only edgepack --only edgepack-1slot`` compares batching with the
+one-sequence engine.
 
-    python bench/serve.py [--threads 2] [--reps 3] [--out bench/results/serve.md]
+    python bench/serve.py [--threads 2] [--reps 5] [--parallel 4] [--out FILE]
 
 llama-server: built with cmake from the llama.cpp source vendored in the llama-cpp-python
 0.3.36 sdist (web UI off), cached at ~/.cache/edgepack-bench/llama-server (see --help).
@@ -33,6 +35,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -127,51 +130,65 @@ def _nonce() -> str:
     return f"[{uuid.uuid4().hex[:8]}] "
 
 
-def measure(t: Target, reps: int) -> dict[str, float]:
-    load_s = t.start()
+METRICS = ("ttft_short_ms", "ttft_long_ms", "decode_tps", "aggregate4_tps")
+
+
+def measure_round(t: Target) -> dict[str, float]:
+    """One round of every metric against a running target."""
+    long_prompt = LONG_TEXT * 9  # about 500 tokens with SmolLM2's tokenizer
+    out = {"ttft_short_ms": 1000 * _stream(t, _nonce() + "Write a story about a cat:", 2)[0],
+           "ttft_long_ms": 1000 * _stream(t, _nonce() + long_prompt + "\nSummary:", 2)[0]}
+    _, d_s, n = _stream(t, _nonce() + "List the numbers from one to one thousand:", 128)
+    out["decode_tps"] = (n - 1) / d_s if d_s > 0 else 0.0
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(4) as pool:
+        counts = list(pool.map(
+            lambda i: _complete(t, _nonce() + f"Story number {i}: Once upon a time", 64),
+            range(4)))
+    out["aggregate4_tps"] = sum(counts) / (time.perf_counter() - t0)
+    return out
+
+
+def measure_all(targets: list[Target], reps: int) -> dict[str, dict[str, Any]]:
+    """Start every target, then alternate rounds between them (A B, B A, ...).
+
+    All servers stay loaded for the whole run, so a slow spell on a shared machine falls on
+    both sides instead of on whichever ran second; medians and spread per metric.
+    """
+    results: dict[str, dict[str, Any]] = {}
+    rounds: dict[str, list[dict[str, float]]] = {t.name: [] for t in targets}
     try:
-        rss_load = t.rss()
-        long_prompt = LONG_TEXT * 9  # about 500 tokens with SmolLM2's tokenizer
-        _stream(t, _nonce() + "Hello", 4)  # one request in, as a user would see it
-        ttft_short, ttft_long, decode = [], [], []
-        for _ in range(reps):
-            ttft_short.append(_stream(t, _nonce() + "Write a story about a cat:", 2)[0])
-            ttft_long.append(_stream(t, _nonce() + long_prompt + "\nSummary:", 2)[0])
-            _, d_s, n = _stream(t, _nonce() + "List the numbers from one to one thousand:",
-                                128)
-            decode.append((n - 1) / d_s if d_s > 0 else 0.0)
-        aggregate = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            with ThreadPoolExecutor(4) as pool:
-                counts = list(pool.map(
-                    lambda i: _complete(t, _nonce() + f"Story number {i}: Once upon a time",
-                                        64), range(4)))
-            aggregate.append(sum(counts) / (time.perf_counter() - t0))
-        rss_end = t.rss()
+        for t in targets:
+            load_s = t.start()
+            results[t.name] = {"load_s": load_s, "rss_load_mib": t.rss() / 2**20}
+            _stream(t, _nonce() + "Hello", 4)  # one request in, as a user would see it
+        for r in range(reps):
+            for t in (targets if r % 2 == 0 else list(reversed(targets))):
+                print(f"round {r + 1}/{reps}: {t.name}", file=sys.stderr, flush=True)
+                rounds[t.name].append(measure_round(t))
+        for t in targets:
+            results[t.name]["rss_end_mib"] = t.rss() / 2**20
     finally:
-        t.stop()
-    return {
-        "load_s": load_s,
-        "ttft_short_ms": 1000 * statistics.median(ttft_short),
-        "ttft_long_ms": 1000 * statistics.median(ttft_long),
-        "decode_tps": statistics.median(decode),
-        "aggregate4_tps": statistics.median(aggregate),
-        "rss_load_mib": rss_load / 2**20,
-        "rss_end_mib": rss_end / 2**20,
-    }
+        for t in targets:
+            t.stop()
+    for name, rs in rounds.items():
+        for key in METRICS:
+            values = [x[key] for x in rs]
+            results[name][key] = statistics.median(values)
+            results[name][key + "_spread"] = (min(values), max(values))
+    return results
 
 
 def edgepack_target(gguf: Path, threads: int, ctx: int, workdir: Path,
-                    parallel: int = 1) -> Target:
+                    parallel: int = 1, name: str = "edgepack") -> Target:
     sys.path.insert(0, str(ROOT / "tests"))
     from support.bundles import make_test_bundle
 
-    bundle = make_test_bundle(workdir / "bundle", gguf, engine={"n_threads": threads,
+    bundle = make_test_bundle(workdir / name, gguf, engine={"n_threads": threads,
                                                                   "n_ctx": ctx,
                                                                   "n_parallel": parallel})
     port = _free_port()
-    return Target("edgepack", [sys.executable, "-m", "edgepack", "serve", str(bundle),
+    return Target(name, [sys.executable, "-m", "edgepack", "serve", str(bundle),
                                "--port", str(port), "--log-level", "warning"], "/readyz", port)
 
 
@@ -198,7 +215,15 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}×" if b else "n/a"
 
 
-def render(results: dict[str, dict[str, float]], args: argparse.Namespace, cmd: str) -> str:
+def _cell(result: dict[str, Any], key: str, fmt: str) -> str:
+    text = fmt.format(result[key])
+    spread = result.get(key + "_spread")
+    if spread:
+        text += " (" + fmt.format(spread[0]) + "–" + fmt.format(spread[1]) + ")"
+    return text
+
+
+def render(results: dict[str, dict[str, Any]], args: argparse.Namespace, cmd: str) -> str:
     rows = [("load → ready (s)", "load_s", "{:.2f}"),
             ("TTFT short prompt (ms)", "ttft_short_ms", "{:.0f}"),
             ("TTFT ~500-token prompt (ms)", "ttft_long_ms", "{:.0f}"),
@@ -212,13 +237,14 @@ def render(results: dict[str, dict[str, float]], args: argparse.Namespace, cmd: 
            f"({_cpu_model()}), {psutil.virtual_memory().total / 2**30:.0f} GiB, "
            f"load average at start {os.getloadavg()[0]:.1f}",
            f"- model: `{args.gguf.name}`, threads {args.threads}, ctx {args.ctx}, "
-           f"medians of {args.reps} repetitions, {args.parallel} slot(s), greedy decoding, "
+           f"medians (min–max) of {args.reps} alternating rounds, all servers loaded "
+           f"throughout, {args.parallel} slot(s) (edgepack-1slot: 1), greedy decoding, "
            "nonce-prefixed prompts",
            f"- command: `{cmd}`", "",
            "| metric | " + " | ".join(names) + " |",
            "|---|" + "---|" * len(names)]
     for label, key, fmt in rows:
-        out.append(f"| {label} | " + " | ".join(fmt.format(results[n][key]) for n in names)
+        out.append(f"| {label} | " + " | ".join(_cell(results[n], key, fmt) for n in names)
                    + " |")
     e, ls, lcp = (results.get(k) for k in ("edgepack", "llama-server", "llama_cpp.server"))
     out += ["", "Targets (issue #5):", ""]
@@ -265,7 +291,8 @@ def run() -> int:
     ap.add_argument("--lcp-python", default="/tmp/lcp-venv/bin/python",
                     help="a Python with llama-cpp-python and its [server] extras")
     ap.add_argument("--only", action="append", default=None,
-                    choices=["edgepack", "llama-server", "llama_cpp.server"])
+                    choices=["edgepack", "edgepack-1slot", "llama-server",
+                             "llama_cpp.server"])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve.md")
     args = ap.parse_args()
     # A SIGTERM (e.g. from `timeout`) unwinds normally, so every started server is stopped.
@@ -273,12 +300,12 @@ def run() -> int:
     args.gguf = args.gguf or _default_gguf()
     cmd = "python bench/serve.py " + " ".join(sys.argv[1:])
     only = args.only or ["llama-server", "edgepack", "llama_cpp.server"]
-    results: dict[str, dict[str, float]] = {}
+    targets: list[Target] = []
     with tempfile.TemporaryDirectory(prefix="edgepack-bench-") as tmp:
         for name in only:
-            if name == "edgepack":
+            if name in ("edgepack", "edgepack-1slot"):
                 t = edgepack_target(args.gguf, args.threads, args.ctx, Path(tmp),
-                                    args.parallel)
+                                    args.parallel if name == "edgepack" else 1, name)
             elif name == "llama-server":
                 if not args.llama_server.is_file():
                     print(f"skip llama-server: {args.llama_server} not built", file=sys.stderr)
@@ -290,9 +317,9 @@ def run() -> int:
                     print(f"skip llama_cpp.server: {args.lcp_python} missing", file=sys.stderr)
                     continue
                 t = lcp_target(args.lcp_python, args.gguf, args.threads, args.ctx)
-            print(f"measuring {name} …", file=sys.stderr, flush=True)
-            results[name] = measure(t, args.reps)
-            print(json.dumps({name: results[name]}), file=sys.stderr, flush=True)
+            targets.append(t)
+        results = measure_all(targets, args.reps)
+        print(json.dumps(results), file=sys.stderr, flush=True)
     text = render(results, args, cmd)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text, encoding="utf-8")
