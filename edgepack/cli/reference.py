@@ -127,12 +127,18 @@ def reference_md() -> str:
              "Generated from the commands' own `--help` by `python -m edgepack.cli.reference "
              "--write`; `tests/test_reference.py` fails when this file is out of date.", ""]
     for path, command in walk(_cli()):
-        # The group's own context settings: click caches each command's help option on first
-        # use, so any other settings would make the text depend on what ran before.
-        with click.Context(command, info_name=f"edgepack {path}",
-                           help_option_names=["-h", "--help"],
-                           max_content_width=100, terminal_width=100) as ctx:
-            text = command.get_help(ctx)
+        # click (>= 8.1.8) caches a command's help option on first use, with whatever names
+        # that context had; drop the cache for this rendering so the text never depends on
+        # what ran before in the process, then put it back.
+        cached = getattr(command, "_help_option", None)
+        command._help_option = None  # type: ignore[attr-defined]
+        try:
+            with click.Context(command, info_name=f"edgepack {path}",
+                               help_option_names=["-h", "--help"],
+                               max_content_width=100, terminal_width=100) as ctx:
+                text = command.get_help(ctx)
+        finally:
+            command._help_option = cached  # type: ignore[attr-defined]
         parts += [f"## edgepack {path}", "", "```text", text.rstrip(), "```", ""]
     return "\n".join(parts)
 
