@@ -20,6 +20,7 @@ import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -105,9 +106,12 @@ def fresh_root(dest: Path) -> Path:
 
 
 def arm_command(root: Path, argv: Sequence[str], *, offline: bool = False,
-                cwd: str = "/") -> list[str]:
+                cwd: str = "/", binds: Sequence[str] = ()) -> list[str]:
     cmd = ["proot", "-0", "-q", f"qemu-aarch64-static -cpu {CPU}", "-r", str(root),
-           "-w", cwd, "-b", "/dev", "-b", "/proc", "-b", "/sys", *argv]
+           "-w", cwd, "-b", "/dev", "-b", "/proc", "-b", "/sys"]
+    for b in binds:
+        cmd += ["-b", b]
+    cmd += list(argv)
     return ["unshare", "-n", *cmd] if offline else cmd
 
 
@@ -126,12 +130,25 @@ def run_arm(root: Path, argv: Sequence[str], *, offline: bool = False, timeout: 
                           text=True, timeout=timeout, env=arm_env(env))
 
 
-def popen_arm(root: Path, argv: Sequence[str], log: Path,
-              env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+def same_path_bind(root: Path, guest_dir: str) -> tuple[str, str]:
+    """``(bind, path)``: ``guest_dir`` of the device made visible inside it at the very path
+    it has on the host.
+
+    proot 5.3 (Debian 12) does not translate the paths of the newer ``faccessat2`` and
+    ``statx`` system calls, which glibc 2.36 and coreutils use (access(2), ``ls``), so under
+    qemu those look the guest path up on the host. A folder whose guest and host paths are
+    the same string answers them correctly; every other call still goes through proot.
+    """
+    host = str(root / guest_dir.lstrip("/"))
+    return f"{host}:{host}", host
+
+
+def popen_arm(root: Path, argv: Sequence[str], out: IO[bytes], *,
+              binds: Sequence[str] = (), env: Mapping[str, str] | None = None,
+              ) -> subprocess.Popen[bytes]:
     """Start ``argv`` inside the emulated device (sharing the host's loopback)."""
-    out = open(log, "wb")  # noqa: SIM115 - the process owns it until it exits
-    return subprocess.Popen(arm_command(root, argv), stdout=out, stderr=subprocess.STDOUT,
-                            env=arm_env(env), start_new_session=True)
+    return subprocess.Popen(arm_command(root, argv, binds=binds), stdout=out,
+                            stderr=subprocess.STDOUT, env=arm_env(env), start_new_session=True)
 
 
 def python_version_in(root: Path) -> str:

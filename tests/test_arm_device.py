@@ -1,0 +1,128 @@
+"""Every step of the README's "Deploy to a Raspberry Pi", on an emulated Raspberry Pi 5:
+a Debian 12 arm64 root run under qemu (Cortex-A76) with proot (tests/support/arm.py).
+
+Build SmolLM2 for raspberry-pi-5-8gb with the runtime pack (llama-cpp-python cross-compiled
+for the Cortex-A76) and its archive -> copy the .tar onto the device -> unpack it and run
+``sh install.sh`` with the network cut (``unshare -n``) -> rerun ``edgepack install`` on the
+.tar (idempotent) -> start the server the way the install says -> the official openai client
+on the host asks the capital of France. (README step 5, the update agent, is not run here.)
+
+Slow: the first run makes the root (seconds) and cross-compiles llama-cpp-python (tens of
+minutes on two cores; cached by version and CPU in the shared build cache).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from click.testing import CliRunner
+from support.arm import fresh_root, popen_arm, require_emulator, run_arm, same_path_bind
+
+from edgepack.cli.main import cli
+
+pytestmark = pytest.mark.slow
+DEVICE = "raspberry-pi-5-8gb"
+NAME = f"smollm2-135m-instruct-{DEVICE}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def pi5_archive(local_hub, smollm2_dir, tmp_path_factory) -> Path:
+    """README step 1: the build, with the runtime pack and the archive."""
+    require_emulator()
+    from support.programs import require_program
+
+    require_program("aarch64-linux-gnu-gcc")
+    local_hub.add_repo("HuggingFaceTB/SmolLM2-135M-Instruct", smollm2_dir)
+    out = tmp_path_factory.mktemp("bundles")
+    t0 = time.monotonic()
+    res = CliRunner().invoke(cli, [
+        "build", "HuggingFaceTB/SmolLM2-135M-Instruct", "--device", DEVICE, "--quant", "Q4_0",
+        "--runtime", "--archive", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    print(f"\n[arm] build with runtime pack: {time.monotonic() - t0:.0f} s")
+    tar = out / f"{NAME}.tar"
+    m = json.loads((out / NAME / "manifest.json").read_text())
+    rt = m["runtime"]
+    assert rt["target_cpu"] == "cortex-a76" and rt["python"] == "3.11"
+    assert rt["llama_cpp_python"]["cflags"] == "-mcpu=cortex-a76"
+    pack = sum(f["size"] for f in m["files"] if f["path"].startswith("runtime/"))
+    print(f"[arm] runtime pack: {len(rt['wheels'])} wheels, {pack / 2**20:.1f} MiB; "
+          f"archive {tar.stat().st_size / 2**20:.1f} MiB")
+    return tar
+
+
+def test_readme_deploy_on_an_emulated_pi5(pi5_archive, tmp_path):
+    root = fresh_root(tmp_path / "pi")
+    # README step 2: copy the archive onto the device.
+    shutil.copy2(pi5_archive, root / "root" / pi5_archive.name)
+    # README step 3: unpack and install, offline.
+    t0 = time.monotonic()
+    res = run_arm(root, ["/bin/sh", "-c", f"cd /root && tar -xf {pi5_archive.name} && "
+                         f"sh {NAME}/install.sh"], offline=True, timeout=3600)
+    took = time.monotonic() - t0
+    print(f"\n[arm] offline install: {took:.0f} s\n{res.stdout}{res.stderr[-1500:]}")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "installed: " in res.stdout and "systemd units not installed" in res.stdout
+    assert (root / "var/lib/edgepack/current").is_symlink()
+    assert "edgepack:" in (root / "etc/passwd").read_text()  # the system user exists
+    # Rerun on the .tar with the installed edgepack: nothing to do, still offline.
+    again = run_arm(root, ["/opt/edgepack/bin/edgepack", "install", f"/root/{pi5_archive.name}"],
+                    offline=True, timeout=1800)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "reinstalled (unchanged)" in again.stdout
+    assert "already holds this runtime pack" in again.stderr
+
+    # README step 4: start it as the install said, and ask it.
+    port = _free_port()
+    log = tmp_path / "serve.log"
+    # The state dir at its host path too (support.arm.same_path_bind: proot's faccessat2 gap
+    # would otherwise fail click's readability check of the guest path).
+    bind, state = same_path_bind(root, "/var/lib/edgepack")
+    out = open(log, "wb")  # noqa: SIM115 - closed below, after the process
+    proc = popen_arm(root, ["/opt/edgepack/bin/edgepack", "serve", f"{state}/current",
+                            "--port", str(port)], out, binds=[bind])
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 1800
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/readyz", timeout=10).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(3)
+        print(f"[arm] ready after {time.monotonic() - t0 - took:.0f} s")
+        from openai import OpenAI
+
+        client = OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=900)
+        question = "What is the capital of France?"
+        reply = client.chat.completions.create(
+            model=client.models.list().data[0].id, temperature=0, max_tokens=16,
+            messages=[{"role": "user", "content": question}])
+        answer = reply.choices[0].message.content or ""
+        print(f"[arm] user: {question}\n[arm] emulated Pi 5: {answer}")
+        assert "Paris" in answer
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=120)
+        except Exception:  # noqa: BLE001 - never leave the emulator behind
+            proc.kill()
+            proc.wait()
+        out.close()
+
