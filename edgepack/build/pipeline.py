@@ -196,6 +196,7 @@ def run_build(req: BuildRequest, log: Callable[[str], None] = lambda _m: None) -
     Raises UsageError (bad options), ProfileError (unknown device), FetchError (pull),
     BuildError (nothing fits, conversion, quantization, validation, disk space).
     """
+    from edgepack.build.checkpoint_compat import make_working_copy
     from edgepack.build.hub import (
         parse_model_ref,
         pull_model,
@@ -258,16 +259,27 @@ def run_build(req: BuildRequest, log: Callable[[str], None] = lambda _m: None) -
     with _stage(log, "pull", "pulling model files"):
         pulled = pull_model(ref, token=req.token)
     source_id = pulled.sha or _source_digest(pulled.files)
+    # Files written by transformers 5 are rewritten, in a build-owned copy, into what the
+    # build's transformers 4 and llama.cpp's converter read (edgepack.build.checkpoint_compat).
+    work = make_working_copy(pulled.folder, root, source_id)
+    for change in work.changes:
+        log(f"working copy: {change}")
+    folder = work.folder
+    content_id = source_id
+    if work.changes:  # the conversions' cache keys follow the rewritten files
+        source_id = f"{source_id}-wc{work.to_dict()['recipe']}"
     name = model_name(req.name, ref)
-    kind = _model_kind(facts, pulled.folder)
+    kind = _model_kind(facts, folder)
     source = {
         "ref": ref.text,
         "repo_id": pulled.repo_id,
         "revision": pulled.sha,
         "requested_revision": None if ref.is_local else ref.revision,
-        "content_digest": None if pulled.sha else source_id,
+        "content_digest": None if pulled.sha else content_id,
         "files": dict(sorted(pulled.files.items())),
     }
+    if work.changes:
+        source["working_copy"] = work.to_dict()
 
     outputs: dict[tuple[str, str], _Output] = {}
     packs: dict[tuple[Any, ...], Any] = {}
@@ -277,11 +289,11 @@ def run_build(req: BuildRequest, log: Callable[[str], None] = lambda _m: None) -
         if key not in outputs:
             if plan.format == "gguf":
                 outputs[key] = _gguf_output(
-                    req, pulled.folder, source_id, facts, plan, kind, name, log
+                    req, folder, source_id, facts, plan, kind, name, log
                 )
             else:
                 outputs[key] = _onnx_output(
-                    req, pulled.folder, source_id, plan, kind, name, log
+                    req, folder, source_id, plan, kind, name, log
                 )
         out = outputs[key]
         pack = _runtime_pack(req, profile, plan.format, packs, log) if req.runtime else None
@@ -362,6 +374,16 @@ class _Output:
     tokenizer_files: tuple[Path, ...] = ()
 
 
+def _golden_prompts(req: BuildRequest, kind: str) -> tuple[Any, ...]:
+    """The golden prompts a build asks: explicit ``--golden``, else the defaults for chat
+    models (both formats: the update agent's health gate asks what the manifest stores)."""
+    from edgepack.build.gguf_validate import DEFAULT_GOLDEN, GoldenPrompt
+
+    if req.golden is None:
+        return DEFAULT_GOLDEN if kind == "chat" else ()
+    return tuple(GoldenPrompt(g.prompt, g.expect) for g in req.golden)
+
+
 def _gguf_output(
     req: BuildRequest,
     folder: Path,
@@ -380,7 +402,7 @@ def _gguf_output(
         intermediate_path,
     )
     from edgepack.build.gguf_quantize import quantize_gguf
-    from edgepack.build.gguf_validate import DEFAULT_GOLDEN, GoldenPrompt, validate_gguf
+    from edgepack.build.gguf_validate import validate_gguf
 
     root = cache_root()
     conv = converter_version()
@@ -410,10 +432,7 @@ def _gguf_output(
             "fallback_tensors": len(qres.fallbacks),
             "fallback_types": qres.fallback_types,
         }
-    if req.golden is None:
-        golden = DEFAULT_GOLDEN if kind == "chat" else ()
-    else:
-        golden = tuple(GoldenPrompt(g.prompt, g.expect) for g in req.golden)
+    golden = _golden_prompts(req, kind)
     with _stage(log, "validate", f"validating {quant} against the {outtype} intermediate"):
         val = validate_gguf(
             model_file,
@@ -489,10 +508,11 @@ def _onnx_output(
         q = quantize_onnx(export.model_path, qdir / "model.onnx", scheme)
     threads = req.threads or os.cpu_count() or 1
     threshold = req.min_cosine if export.kind == "embedding" else req.min_agreement
+    golden = _golden_prompts(req, kind) if export.kind == "generation" else ()
     with _stage(log, "validate", f"validating {scheme} against the PyTorch model"):
         val = validate_onnx(
             folder, q.model_path, export.tokenizer_dir, kind=export.kind, scheme=scheme,
-            threshold=threshold, n_threads=threads,
+            threshold=threshold, n_threads=threads, golden=golden,
         )
     tok_files = tuple(sorted(p for p in export.tokenizer_dir.iterdir() if p.is_file()))
     return _Output(
@@ -506,7 +526,7 @@ def _onnx_output(
             "built_with": version("onnxruntime"),
         },
         validation=val.to_dict(),
-        golden=(),
+        golden=tuple({"prompt": g.prompt, "expect": g.expect} for g in golden),
         details={"task": task, "notes": list(q.notes), "size_bytes": q.size_bytes},
         converter={"name": "optimum-onnx", "version": version("optimum-onnx")},
     )

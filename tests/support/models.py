@@ -187,18 +187,20 @@ def converter_environ() -> dict[str, str]:
     return dict(os.environ, EDGEPACK_HOME=str(cache_root() / "edgepack-home"))
 
 
-def build_gguf(model_dir: Path, outtype: str, root: Path | None = None) -> Path:
+def build_gguf(
+    model_dir: Path, outtype: str, root: Path | None = None, key: str | None = None
+) -> Path:
     """The GGUF (f16/f32) of a cached test model folder, converted once per converter version.
 
-    Keyed by the model folder's name (which carries its recipe version) and the converter
-    version, so a new llama-cpp-python or a changed recipe converts again.
+    Keyed by ``key`` (default: the model folder's name, which carries its recipe version) and
+    the converter version, so a new llama-cpp-python or a changed recipe converts again.
     """
     from edgepack.build.gguf_convert import convert_to_gguf, converter_version
 
     env = converter_environ()
     root = root or cache_root()
     slug = "".join(c if c.isalnum() or c == "." else "-" for c in converter_version(env))
-    out = root / "gguf" / f"{Path(model_dir).name}-{slug}-{outtype}.gguf"
+    out = root / "gguf" / f"{key or Path(model_dir).name}-{slug}-{outtype}.gguf"
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
