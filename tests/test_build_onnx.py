@@ -104,7 +104,7 @@ def test_tiny_llama_onnx_int8_matches_pytorch_greedy_and_int4_builds(
         "build", "edgepack-test/tiny-llama", "--format", "onnx",
         "--device", "laptop-x86-16gb", "--device", "raspberry-pi-4-4gb",
         "--quant", "laptop-x86-16gb=int8", "--quant", "raspberry-pi-4-4gb=int4",
-        "--out", str(out),
+        "--no-golden", "--out", str(out),
     )
     assert code == 0, text
     int8 = verify_bundle(out / "tiny-llama-laptop-x86-16gb")
@@ -113,3 +113,39 @@ def test_tiny_llama_onnx_int8_matches_pytorch_greedy_and_int4_builds(
     assert int8["validation"]["value"] == 1.0
     assert int4["validation"]["passed"]
     assert int4["model"]["size"] < int8["model"]["size"]
+
+
+def test_onnx_chat_build_asks_golden_prompts_and_names_the_failed_check(
+    local_hub, tiny_llama_dir, tmp_path
+):
+    """A random-weight model cannot answer the golden question: the build fails (exit 5) and
+    the message names the prompt, the answer, and the options that change the check."""
+    local_hub.add_repo("edgepack-test/tiny-llama", tiny_llama_dir)
+    code, text = run(
+        "build", "edgepack-test/tiny-llama", "--format", "onnx", "--device", "laptop-x86-16gb",
+        "--quant", "int8", "--golden", "What is the capital of France?=>Paris",
+        "--out", str(tmp_path / "out"),
+    )
+    assert code == 5, text
+    assert "golden prompt 'What is the capital of France?' answered" in text
+    assert "--no-golden" in text and "--golden" in text
+    assert "--quant (fp16 or fp32)" in text  # larger schemes exist for int8
+    assert "greedy_token_agreement" not in text  # that check passed: it is not blamed
+    assert not (tmp_path / "out" / "tiny-llama-laptop-x86-16gb").exists()
+
+
+def test_smollm2_onnx_chat_bundle_stores_the_golden_prompts_it_answered(
+    local_hub, smollm2_dir, tmp_path
+):
+    local_hub.add_repo("HuggingFaceTB/SmolLM2-135M-Instruct", smollm2_dir)
+    out = tmp_path / "out"
+    code, text = run(
+        "build", "HuggingFaceTB/SmolLM2-135M-Instruct", "--format", "onnx",
+        "--device", "laptop-x86-16gb", "--quant", "fp32", "--out", str(out),
+    )
+    assert code == 0, text
+    m = verify_bundle(out / "smollm2-135m-instruct-laptop-x86-16gb")
+    assert m["golden_prompts"] == [{"prompt": "What is the capital of France?",
+                                    "expect": "Paris"}]
+    answers = m["validation"]["details"]["golden"]
+    assert answers[0]["passed"] and "Paris" in answers[0]["answer"]

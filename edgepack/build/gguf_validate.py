@@ -157,7 +157,7 @@ def validate_gguf(
     max_kl: float | None = None,
     min_cosine: float | None = None,
     threads: int | None = None,
-    n_ctx: int = 512,
+    n_ctx: int | None = None,
     check: bool = True,
 ) -> ValidationResult:
     """Compare ``quantized`` with its unquantized ``reference`` GGUF and answer golden prompts.
@@ -170,11 +170,19 @@ def validate_gguf(
     With ``check`` (the default) a failed validation raises BuildError (exit 5) naming the
     figures; otherwise the result comes back with ``passed=False``. Raises BuildError also when
     a file cannot be loaded or the two files tokenize the text differently.
+
+    ``n_ctx`` None sizes the context from the texts (see :func:`validation_ctx`).
     """
     limits = threshold_for(quant)
     quantized, reference = Path(quantized), Path(reference)
     threads = int(threads or os.cpu_count() or 1)
-    if is_embedding_model(reference):
+    embedding = is_embedding_model(reference)
+    if golden is None and not embedding:
+        has_template = "tokenizer.chat_template" in read_gguf_metadata(quantized)
+        golden = DEFAULT_GOLDEN if has_template else ()
+    if n_ctx is None:
+        n_ctx = validation_ctx(reference, () if golden is None else tuple(golden))
+    if embedding:
         result = _validate_embeddings(
             quantized,
             reference,
@@ -183,15 +191,12 @@ def validate_gguf(
             n_ctx,
         )
     else:
-        if golden is None:
-            has_template = "tokenizer.chat_template" in read_gguf_metadata(quantized)
-            golden = DEFAULT_GOLDEN if has_template else ()
         result = _validate_causal(
             quantized,
             reference,
             min_agreement if min_agreement is not None else limits.min_agreement,
             max_kl if max_kl is not None else limits.max_kl,
-            tuple(golden),
+            tuple(golden or ()),
             threads,
             n_ctx,
         )
@@ -199,10 +204,72 @@ def validate_gguf(
         raise BuildError(
             f"{quantized.name} ({quant}) failed validation against {reference.name}: "
             + _describe_failure(result),
-            hint="choose a larger quantization (e.g. Q8_0 or Q6_K), or pass a lower threshold "
-            "explicitly if this quality is acceptable",
+            hint=_failure_hint(result, quant),
         )
     return result
+
+
+# Room a chat template may add around a golden question (system prompt, role markers), and
+# the answer's length; the context is rounded up to this step.
+_TEMPLATE_ALLOWANCE = 128
+ANSWER_TOKENS = 48
+_CTX_STEP = 64
+# Quantization types at or above which no larger quantization is worth suggesting.
+_TOP_QUANTS = frozenset({"Q8_0", "F16", "BF16", "F32"})
+
+
+def validation_ctx(path: Path, golden: Sequence[GoldenPrompt] = ()) -> int:
+    """The context validation needs for ``path``: the reference text (or the embedding
+    texts) and each golden question with its answer, rounded up to 64 tokens and capped at the
+    model's trained context (the reference text is then scored over what fits).
+
+    Counted with the model's own tokenizer (a vocabulary-only load): a small vocabulary needs
+    many more tokens for the same text than a 50k one, so no fixed size fits every model.
+    """
+    from llama_cpp import Llama
+
+    meta = read_gguf_metadata(path)
+    arch = str(meta.get("general.architecture", ""))
+    n_train = int(str(meta.get(f"{arch}.context_length") or 2048))
+    try:
+        vocab = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    except (ValueError, RuntimeError) as e:
+        raise BuildError(f"llama.cpp could not load {path}: {e}",
+                         hint="the conversion did not finish; rebuild it") from e
+    try:
+        def count(text: str) -> int:
+            return len(vocab.tokenize(text.encode(), add_bos=True, special=False))
+
+        if is_embedding_model(path):
+            need = max(count(t) for t in EMBEDDING_TEXTS) + 2
+        else:
+            need = count(REFERENCE_TEXT) + 1
+        for g in golden:
+            need = max(need, count(g.prompt) + _TEMPLATE_ALLOWANCE + ANSWER_TOKENS)
+    finally:
+        vocab.close()
+    return max(_CTX_STEP, min(-(-need // _CTX_STEP) * _CTX_STEP, n_train))
+
+
+def _failure_hint(result: ValidationResult, quant: str) -> str:
+    """The options that change each failed check (and a larger quant only when one exists)."""
+    tips = []
+    if quant_type(quant).name not in _TOP_QUANTS:
+        tips.append("a larger --quant (e.g. Q8_0 or Q6_K)")
+    d = result.details
+    if result.metric == "min_cosine":
+        tips.append(f"--min-cosine below {result.threshold} if this quality is acceptable")
+    else:
+        if result.value < result.threshold:
+            tips.append(f"--min-agreement below {result.threshold} if this is acceptable")
+        if d.get("mean_kl", 0.0) > d.get("max_kl_threshold", float("inf")):
+            tips.append(f"--max-kl above {d['max_kl_threshold']} if this is acceptable")
+        if any(not g["passed"] for g in d.get("golden", ())):
+            tips.append(
+                "--golden 'PROMPT=>EXPECTED' with a question this model answers, or "
+                "--no-golden (the default question may be beyond a small or untrained model)"
+            )
+    return "try " + "; ".join(tips) if tips else "see the figures above"
 
 
 # --- causal language models ---------------------------------------------------------------
@@ -256,9 +323,8 @@ def _score_text(path: Path, threads: int, n_ctx: int, golden: tuple[GoldenPrompt
 
     llm = _load(path, threads, n_ctx, logits_all=True)
     try:
-        tokens = llm.tokenize(REFERENCE_TEXT.encode(), add_bos=True)
-        if len(tokens) >= n_ctx:
-            raise BuildError(f"validation text ({len(tokens)} tokens) does not fit n_ctx={n_ctx}")
+        # A model whose context is shorter than the text is scored over the part that fits.
+        tokens = llm.tokenize(REFERENCE_TEXT.encode(), add_bos=True)[: n_ctx - 1]
         llm.reset()
         llm.eval(tokens)
         logits = np.array(llm.scores[: len(tokens)], dtype=np.float64)
@@ -276,7 +342,7 @@ def _answer(llm: Any, golden: GoldenPrompt) -> dict[str, Any]:
     out = llm.create_chat_completion(
         messages=[{"role": "user", "content": golden.prompt}],
         temperature=0.0,
-        max_tokens=48,
+        max_tokens=ANSWER_TOKENS,
         seed=0,
     )
     text = out["choices"][0]["message"]["content"] or ""

@@ -17,11 +17,15 @@ tokenizer or pooling mistake in the bundle fails validation, not just a graph mi
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgepack.errors import BuildError
+
+if TYPE_CHECKING:
+    from edgepack.build.gguf_validate import GoldenPrompt
 
 SENTENCES = (
     "The cat sits on the mat.",
@@ -63,19 +67,23 @@ class ValidationResult:
     threshold: float
     reference: str
     details: dict[str, Any] = field(default_factory=dict)
+    golden: tuple[dict[str, Any], ...] = ()  # answers to the golden prompts, each "passed"
 
     @property
     def passed(self) -> bool:
-        return self.value >= self.threshold
+        return self.value >= self.threshold and all(g["passed"] for g in self.golden)
 
     def to_dict(self) -> dict[str, Any]:
+        details = dict(self.details)
+        if self.golden:
+            details["golden"] = [dict(g) for g in self.golden]
         return {
             "metric": self.metric,
             "value": round(self.value, 6),
             "threshold": self.threshold,
             "reference": self.reference,
             "passed": self.passed,
-            **({"details": self.details} if self.details else {}),
+            **({"details": details} if details else {}),
         }
 
 
@@ -89,12 +97,15 @@ def validate_onnx(
     threshold: float | None = None,
     n_threads: int = 0,
     check: bool = True,
+    golden: Sequence[GoldenPrompt] = (),
 ) -> ValidationResult:
     """Compare the ONNX graph at ``model_path`` with the PyTorch model in ``model_dir``.
 
     ``kind`` is the export's (embedding | generation | classification); ``scheme`` picks the
-    default threshold for generation. With ``check`` (the default) a value below the threshold
-    raises BuildError (exit 5) carrying the figures; otherwise the result is returned as is.
+    default threshold for generation. ``golden`` prompts (generation only) are answered greedily
+    through the device engine's chat path, as the update agent's health gate will ask them.
+    With ``check`` (the default) a value below the threshold or a wrong golden answer raises
+    BuildError (exit 5) naming the failed check; otherwise the result is returned as is.
     """
     src, onnx_path, tok_dir = Path(model_dir), Path(model_path), Path(tokenizer_dir)
     if kind == "embedding":
@@ -104,6 +115,9 @@ def validate_onnx(
         result = _validate_generation(
             src, onnx_path, tok_dir, default if threshold is None else threshold, n_threads
         )
+        if golden:
+            answers = answer_golden(onnx_path, tok_dir, golden, n_threads)
+            result = replace(result, golden=tuple(answers))
     elif kind == "classification":
         result = _validate_classification(src, onnx_path, tok_dir, threshold, n_threads)
     else:
@@ -111,11 +125,86 @@ def validate_onnx(
                          hint="expected embedding, generation or classification")
     if check and not result.passed:
         raise BuildError(
-            f"ONNX {scheme} validation failed: {result.metric} {result.value:.4f} < "
-            f"{result.threshold} against {result.reference} ({result.details})",
-            hint="use a less aggressive --quant (int8 or fp32), or --format gguf",
+            f"ONNX {scheme} validation failed against {result.reference}: "
+            + describe_failure(result),
+            hint=failure_hint(result, scheme),
         )
     return result
+
+
+# Schemes from most to least faithful; a larger one is suggested only when one exists.
+_SCHEME_ORDER = ("fp32", "fp16", "int8", "int4")
+_OPTION = {
+    "greedy_token_agreement": "--min-agreement",
+    "embedding_cosine_mean": "--min-cosine",
+    "label_agreement": "--min-agreement",
+}
+
+
+def describe_failure(result: ValidationResult) -> str:
+    """Each failed check of ``result`` with its figure and limit."""
+    parts = []
+    if result.value < result.threshold:
+        parts.append(f"{result.metric} {result.value:.4f} < {result.threshold}")
+    parts += [
+        f"golden prompt {g['prompt']!r} answered {g['answer']!r} without {g['expect']!r}"
+        for g in result.golden if not g["passed"]
+    ]
+    return "; ".join(parts)
+
+
+def failure_hint(result: ValidationResult, scheme: str) -> str:
+    """What to do about a failed validation: the options that change each failed check."""
+    tips = []
+    larger = _SCHEME_ORDER[: _SCHEME_ORDER.index(scheme)] if scheme in _SCHEME_ORDER else ()
+    if larger:
+        tips.append(f"a larger --quant ({' or '.join(reversed(larger))})")
+    if result.value < result.threshold:
+        option = _OPTION.get(result.metric, "--min-agreement")
+        tips.append(f"{option} below {result.threshold} if this quality is acceptable")
+    if any(not g["passed"] for g in result.golden):
+        tips.append(
+            "--golden 'PROMPT=>EXPECTED' with a question this model answers, or --no-golden "
+            "(e.g. for a model that does not know the default question)"
+        )
+    if not larger:
+        tips.append("--format gguf")
+    return "try " + "; ".join(tips)
+
+
+def answer_golden(
+    onnx_path: str | os.PathLike[str],
+    tokenizer_dir: str | os.PathLike[str],
+    golden: Sequence[GoldenPrompt],
+    n_threads: int = 0,
+    max_tokens: int = 48,
+) -> list[dict[str, Any]]:
+    """Greedy chat answers of the ONNX model to ``golden`` (each with ``passed``).
+
+    Runs the device engine with its chat template, so a template the engine cannot render
+    fails here instead of on the device. Raises BuildError when the model has no template.
+    """
+    from edgepack.runtimes.engine import CancelToken, SamplingParams, TokenEvent
+
+    engine = _engine(Path(onnx_path), Path(tokenizer_dir), "chat", n_threads)
+    try:
+        answers = []
+        for g in golden:
+            try:
+                prompt = engine.prepare_chat([{"role": "user", "content": g.prompt}])
+            except ValueError as e:
+                raise BuildError(
+                    f"cannot ask golden prompt {g.prompt!r}: {e}",
+                    hint="pass --no-golden for a model without a chat template",
+                ) from e
+            params = SamplingParams(max_tokens=max_tokens, temperature=0.0, seed=0)
+            text = "".join(e.text for e in engine.generate(prompt, params, CancelToken())
+                           if isinstance(e, TokenEvent))
+            answers.append({"prompt": g.prompt, "expect": g.expect, "answer": text.strip(),
+                            "passed": g.expect in text})
+        return answers
+    finally:
+        engine.close()
 
 
 def _engine(onnx_path: Path, tok_dir: Path, kind: str, n_threads: int) -> Any:
