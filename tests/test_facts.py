@@ -55,7 +55,7 @@ def test_unsupported_architecture_is_a_build_error_listing_supported_ones():
 
 def test_prefixed_encoder_names_map_to_gguf_names():
     cfg = {
-        "architectures": ["BertForSequenceClassification"],
+        "architectures": ["BertForMaskedLM"],
         "model_type": "bert",
         "hidden_size": 384,
         "num_hidden_layers": 1,

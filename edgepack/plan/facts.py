@@ -154,6 +154,25 @@ def _gguf_name(name: str, family: str, gemma: bool) -> str | None:
     return None
 
 
+# Heads whose output the server has no route for: refused by plan and build alike, before
+# any weight byte, instead of failing after the download and export.
+_UNSUPPORTED_HEADS = ("ForSequenceClassification", "ForTokenClassification",
+                      "ForQuestionAnswering", "ForMultipleChoice")  # fmt: skip
+
+
+def _check_task(model_type: str, family: str, archs: list[str]) -> None:
+    head = next((h for a in archs for h in _UNSUPPORTED_HEADS if a.endswith(h)), None)
+    if head is None:
+        return
+    task = head[3:]  # "SequenceClassification"
+    raise BuildError(
+        f"{', '.join(archs)} is a {model_type} model with a {task} head; edgepack serves "
+        "chat/completion models (…ForCausalLM) and embedding models (encoders without a head)",
+        hint="pick the base or embedding checkpoint of this model, or a ForCausalLM model; "
+        f"supported model types: {', '.join(SUPPORTED_TYPES)}",
+    )
+
+
 def model_facts(config: Mapping[str, Any], tensors: Mapping[str, Mapping[str, Any]]) -> ModelFacts:
     """Facts from ``config`` (config.json) and ``tensors`` ({file: {name: (dtype, shape)}}).
 
@@ -168,6 +187,7 @@ def model_facts(config: Mapping[str, Any], tensors: Mapping[str, Mapping[str, An
             hint=f"edgepack plans for: {', '.join(SUPPORTED_TYPES)}",
         )
     family = "decoder" if model_type in DECODER_TYPES else "encoder"
+    _check_task(model_type, family, [str(a) for a in archs])
     try:
         hidden = int(_cfg(config, "hidden_size", "n_embd", "d_model"))
         n_layer = int(_cfg(config, "num_hidden_layers", "n_layer"))
