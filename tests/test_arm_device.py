@@ -5,7 +5,7 @@ Build SmolLM2 for raspberry-pi-5-8gb with the runtime pack (llama-cpp-python cro
 for the Cortex-A76) and its archive -> copy the .tar onto the device -> unpack it and run
 ``sh install.sh`` with the network cut (``unshare -n``) -> rerun ``edgepack install`` on the
 .tar (idempotent) -> start the server the way the install says -> the official openai client
-on the host asks the capital of France. (README step 5, the update agent, is not run here.)
+on the host asks the capital of France -> provision the update agent with a repository root.
 
 Slow: the first run makes the root (seconds) and cross-compiles llama-cpp-python (tens of
 minutes on two cores; cached by version and CPU in the shared build cache).
@@ -126,3 +126,15 @@ def test_readme_deploy_on_an_emulated_pi5(pi5_archive, tmp_path):
             proc.wait()
         out.close()
 
+    # README step 5: provision the update agent with the repository's root (offline).
+    repo = tmp_path / "repo"
+    made = CliRunner().invoke(cli, ["repo", "init", str(repo)])
+    assert made.exit_code == 0, made.output
+    shutil.copy2(repo / "public" / "metadata" / "root.json", root / "root" / "root.json")
+    home_bind, home = same_path_bind(root, "/root")
+    init = run_arm(root, ["/opt/edgepack/bin/edgepack", "agent", "init", "--root",
+                          f"{home}/root.json", "--state-dir", state],
+                   offline=True, timeout=900, binds=[bind, home_bind])
+    assert init.returncode == 0, init.stdout + init.stderr
+    assert (root / "var/lib/edgepack/trust/root.json").is_file()
+    assert (root / "var/lib/edgepack/current").is_symlink()  # provisioning kept the bundle

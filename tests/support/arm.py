@@ -124,10 +124,11 @@ def arm_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 def run_arm(root: Path, argv: Sequence[str], *, offline: bool = False, timeout: float = 900,
-            env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+            env: Mapping[str, str] | None = None,
+            binds: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
     """Run ``argv`` inside the emulated device; returns the finished process."""
-    return subprocess.run(arm_command(root, argv, offline=offline), capture_output=True,
-                          text=True, timeout=timeout, env=arm_env(env))
+    return subprocess.run(arm_command(root, argv, offline=offline, binds=binds),
+                          capture_output=True, text=True, timeout=timeout, env=arm_env(env))
 
 
 def same_path_bind(root: Path, guest_dir: str) -> tuple[str, str]:
