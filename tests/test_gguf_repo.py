@@ -70,6 +70,10 @@ def test_build_pulls_only_the_chosen_file_and_its_reference(local_hub, tmp_path)
     assert {c["path"] for c in details["candidates"]} == set(FILES.values())
     assert any("highest-quality option" in line for line in details["why"])
     assert m["source"]["revision"] == sha and list(m["source"]["files"]) == [FILES["Q8_0"]]
+    # the same documents as a checkpoint build: the ML-BOM names the shipped file's digest
+    sbom = json.loads((bundle / "sbom.cdx.json").read_text())
+    assert sbom["bomFormat"] == "CycloneDX" and sbom["specVersion"] == "1.6"
+    assert FILES["Q8_0"] in json.dumps(sbom)
     # validated against the repo's F16: agreement/KL and the golden prompt through the file's
     # own chat template
     v = m["validation"]

@@ -125,12 +125,15 @@ def run_gguf_repo_build(req: BuildRequest, repo: GgufRepo, profiles: Sequence[De
     name = model_name(req.name, repo.ref)
     outputs: dict[str, dict[str, Any]] = {}
     result = BuildResult()
+    packs: dict[tuple[Any, ...], Any] = {}
     for profile, plan in zip(profiles, plans, strict=True):
         c = _choice_of(repo, plan)
         if c.path not in outputs:
             ref, why_ref = references[c.path]
             outputs[c.path] = _validate(req, repo, pulled.folder, c, ref, why_ref, log)
-        _write(req, repo, pulled, plan, c, outputs[c.path], name, profile, result, log)
+        _write(req, repo, pulled, plan, c, outputs[c.path], name, profile, result, packs, log)
+    for p in packs.values():
+        p.cleanup()
     return result
 
 
@@ -222,16 +225,16 @@ def golden_only(model: Path, golden: Sequence[Any], threads: int, why: str,
 
 def _write(req: BuildRequest, repo: GgufRepo, pulled: Any, plan: Plan, c: FileChoice,
            out: dict[str, Any], name: str, profile: DeviceProfile, result: BuildResult,
-           log: Callable[[str], None]) -> None:
+           packs: dict[tuple[Any, ...], Any], log: Callable[[str], None]) -> None:
     from edgepack.build.gguf_convert import installed_llama_cpp_python
     from edgepack.build.pipeline import (
         LLAMA_ENGINE_RANGE,
-        BundleSummary,
+        _runtime_pack,
         _server_tables,
-        _stage,
         _systemd_units,
+        emit_bundle,
     )
-    from edgepack.bundle import BundleSpec, archive_bundle, write_bundle
+    from edgepack.bundle import BundleSpec
     from edgepack.device.profile import profile_digest
 
     folder = pulled.folder
@@ -266,6 +269,7 @@ def _write(req: BuildRequest, repo: GgufRepo, pulled: Any, plan: Plan, c: FileCh
     staged = [_staged(folder / p, pulled.files[p]) for p in c.files]
     model_file = staged[0]
     kind = out["kind"]
+    pack = _runtime_pack(req, profile, "gguf", packs, log) if req.runtime else None
     spec = BundleSpec(
         name=bundle_name, version=req.bundle_version, model_file=model_file,
         model_name=name, model_format="gguf", model_kind=kind, quant=c.quant,
@@ -286,19 +290,11 @@ def _write(req: BuildRequest, repo: GgufRepo, pulled: Any, plan: Plan, c: FileCh
             "changes": [f"none: {c.path} is shipped as published"],
         },
         license_files=tuple((f.path, f.local.resolve()) for f in card.license_files),
+        runtime_files=pack.files if pack else {},
+        runtime=pack.info if pack else None,
     )
-    path = write_bundle(spec, Path(req.out) / bundle_name, overwrite=req.overwrite)
-    log(f"wrote {path}")
-    result.bundles.append(path)
-    archive = None
-    if req.archive:
-        with _stage(log, "archive", f"packing {path.name}.tar"):
-            archive = archive_bundle(path, path.with_name(path.name + ".tar"))
-        result.archives.append(archive)
-    result.summaries.append(BundleSummary(
-        device=profile.id, path=path, format="gguf", quant=c.quant,
-        size_bytes=sum(f.stat().st_size for f in path.rglob("*") if f.is_file()),
-        validation=validation, archive=archive))
+    emit_bundle(req, spec, profile.id, result, log)
+    result.notes.extend(pack.notes if pack else ())
 
 
 def _staged(path: Path, sha256: str) -> Path:

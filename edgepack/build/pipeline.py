@@ -205,7 +205,7 @@ def run_build(req: BuildRequest, log: Callable[[str], None] = lambda _m: None) -
     from edgepack.build.model_card import LicensePolicy, describe_derivation
     from edgepack.build.model_files import check_disk_space
     from edgepack.build.preflight import check_request, model_name
-    from edgepack.build.sbom import require_sbom_writer, write_sbom
+    from edgepack.build.sbom import require_sbom_writer
     from edgepack.device.catalog import list_profiles
     from edgepack.device.profile import profile_digest
     from edgepack.device.resolve import load_profile
@@ -326,24 +326,36 @@ def run_build(req: BuildRequest, log: Callable[[str], None] = lambda _m: None) -
             runtime_files=pack.files if pack else {},
             runtime=pack.info if pack else None,
         )
-        path = write_bundle(spec, Path(req.out) / bundle_name, overwrite=req.overwrite,
-                            documents=write_sbom(spec))
-        log(f"wrote {path}")
-        result.bundles.append(path)
-        archive = None
-        if req.archive:
-            with _stage(log, "archive", f"packing {path.name}.tar"):
-                archive = archive_bundle(path, path.with_name(path.name + ".tar"))
-            result.archives.append(archive)
-        result.summaries.append(BundleSummary(
-            device=profile.id, path=path, format=plan.format, quant=plan.quant,
-            size_bytes=sum(f.stat().st_size for f in path.rglob("*") if f.is_file()),
-            validation=out.validation, archive=archive,
-        ))
+        emit_bundle(req, spec, profile.id, result, log)
         result.notes.extend(pack.notes if pack else ())
     for p in packs.values():
         p.cleanup()
     return result
+
+
+def emit_bundle(req: BuildRequest, spec: BundleSpec, device_id: str, result: BuildResult,
+                log: Callable[[str], None]) -> Path:
+    """Write one bundle (with its ML-BOM), archive it when asked, and record its summary.
+
+    Shared by checkpoint builds and GGUF-repo builds, so every bundle gets the same documents.
+    """
+    from edgepack.build.sbom import write_sbom
+
+    path = write_bundle(spec, Path(req.out) / spec.name, overwrite=req.overwrite,
+                        documents=write_sbom(spec))
+    log(f"wrote {path}")
+    result.bundles.append(path)
+    archive = None
+    if req.archive:
+        with _stage(log, "archive", f"packing {path.name}.tar"):
+            archive = archive_bundle(path, path.with_name(path.name + ".tar"))
+        result.archives.append(archive)
+    result.summaries.append(BundleSummary(
+        device=device_id, path=path, format=spec.model_format, quant=spec.quant,
+        size_bytes=sum(f.stat().st_size for f in path.rglob("*") if f.is_file()),
+        validation=dict(spec.validation), archive=archive,
+    ))
+    return path
 
 
 def _runtime_pack(req: BuildRequest, profile: Any, fmt: str, packs: dict[tuple[Any, ...], Any],
