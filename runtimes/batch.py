@@ -40,7 +40,7 @@ from edgepack.runtimes.engine import (
     TokenLogprob,
     generation_limit,
 )
-from edgepack.runtimes.llama_engine import LlamaEngine, LlamaSettings
+from edgepack.runtimes.llama_engine import LlamaEngine, LlamaSettings, token_logprob
 from edgepack.runtimes.token_stream import token_events
 
 _DEFAULT_SEED = 0xFFFFFFFF
@@ -394,17 +394,9 @@ class BatchedLlamaEngine(LlamaEngine):
     def _logprob(self, idx: int, token: int, n_top: int) -> TokenLogprob:
         import numpy as np
 
-        n_vocab = self._llm.n_vocab()
-        ptr = self._ctx.get_logits_ith(idx)
-        logits = np.ctypeslib.as_array(ptr, shape=(n_vocab,)).astype(np.float64)
-        peak = logits.max()
-        logp = logits - (peak + np.log(np.exp(logits - peak).sum()))
-        top: tuple[tuple[bytes, float], ...] = ()
-        if n_top > 0:
-            ids = np.argpartition(-logp, n_top)[:n_top]
-            ids = ids[np.argsort(-logp[ids])]
-            top = tuple((self._piece(int(i)), float(logp[i])) for i in ids)
-        return TokenLogprob(self._piece(token), float(logp[token]), top)
+        logits = np.ctypeslib.as_array(self._ctx.get_logits_ith(idx),
+                                       shape=(self._llm.n_vocab(),))
+        return token_logprob(logits, token, n_top, self._piece)
 
 
 def _put(batch: Any, i: int, token: int, pos: int, seq: int, logits: bool) -> None:

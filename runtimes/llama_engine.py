@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import codecs
 import ctypes
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -273,16 +273,8 @@ class LlamaEngine:
         n_vocab = llm.n_vocab()
 
         def describe(token: int) -> TokenLogprob:
-            ptr = llm._ctx.get_logits_ith(-1)
-            logits = np.ctypeslib.as_array(ptr, shape=(n_vocab,)).astype(np.float64)
-            peak = logits.max()
-            logp = logits - (peak + np.log(np.exp(logits - peak).sum()))
-            top: tuple[tuple[bytes, float], ...] = ()
-            if n_top > 0:
-                ids = np.argpartition(-logp, n_top)[:n_top]
-                ids = ids[np.argsort(-logp[ids])]
-                top = tuple((self._piece(int(i)), float(logp[i])) for i in ids)
-            return TokenLogprob(self._piece(token), float(logp[token]), top)
+            logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))
+            return token_logprob(logits, token, n_top, self._piece)
 
         return describe
 
@@ -310,3 +302,20 @@ class LlamaEngine:
         if self._llm is not None:
             self._llm.close()
             self._llm = None
+
+
+def token_logprob(logits: Any, token: int, n_top: int,
+                  piece: Callable[[int], bytes]) -> TokenLogprob:
+    """The log-probability of ``token`` and the ``n_top`` likeliest tokens, from one
+    position's raw logits (a numpy view), computed in float64 with a stable log-softmax."""
+    import numpy as np
+
+    values = np.asarray(logits, dtype=np.float64)
+    peak = values.max()
+    logp = values - (peak + np.log(np.exp(values - peak).sum()))
+    top: tuple[tuple[bytes, float], ...] = ()
+    if n_top > 0:
+        ids = np.argpartition(-logp, n_top)[:n_top]
+        ids = ids[np.argsort(-logp[ids])]
+        top = tuple((piece(int(i)), float(logp[i])) for i in ids)
+    return TokenLogprob(piece(token), float(logp[token]), top)
