@@ -13,7 +13,9 @@ minutes on two cores; cached by version and CPU in the shared build cache).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import signal
 import socket
@@ -30,6 +32,20 @@ from edgepack.cli.main import cli
 pytestmark = pytest.mark.slow
 DEVICE = "raspberry-pi-5-8gb"
 NAME = f"smollm2-135m-instruct-{DEVICE}"
+
+
+def _alive_in(pgid: int, wait: float = 30) -> bool:
+    """Whether a process of group ``pgid`` still exists after up to ``wait`` seconds (killed
+    emulator processes are reaped by init, not at once)."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        if time.monotonic() > deadline:
+            return True
+        time.sleep(0.5)
 
 
 def _free_port() -> int:
@@ -118,13 +134,17 @@ def test_readme_deploy_on_an_emulated_pi5(pi5_archive, tmp_path):
         print(f"[arm] user: {question}\n[arm] emulated Pi 5: {answer}")
         assert "Paris" in answer
     finally:
-        proc.send_signal(signal.SIGTERM)
+        # The whole session: proot may exit on SIGTERM while its emulated child serves on.
+        os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=120)
         except Exception:  # noqa: BLE001 - never leave the emulator behind
-            proc.kill()
-            proc.wait()
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
         out.close()
+        assert not _alive_in(proc.pid), "the emulated server outlived the test"
 
     # README step 5: provision the update agent with the repository's root (offline).
     repo = tmp_path / "repo"
