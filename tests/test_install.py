@@ -157,3 +157,27 @@ def test_installed_bundle_serves_from_current(tmp_path):
         assert ready.status_code == 200, ready.text
     finally:
         server.stop()
+
+
+def test_install_with_key_takes_only_bundles_that_key_signed(tmp_path):
+    from edgepack.keys import generate_keypair
+    from edgepack.signature import sign_bundle
+
+    key, pub = generate_keypair(tmp_path / "keys" / "release")
+    _, other = generate_keypair(tmp_path / "keys" / "other")
+    bundle = make_bundle(tmp_path / "b3", 3, random_model(50_000, 3))
+    unsigned = _install(bundle, tmp_path, "--key", str(pub))
+    assert unsigned.exit_code == 6 and "not signed" in unsigned.output, unsigned.output
+    _nothing_placed(tmp_path)
+    sign_bundle(bundle, key)
+    wrong = _install(bundle, tmp_path, "--key", str(other))
+    assert wrong.exit_code == 6 and "does not verify" in wrong.output, wrong.output
+    _nothing_placed(tmp_path)
+    ok = _install(bundle, tmp_path, "--key", str(other), "--key", str(pub))
+    assert ok.exit_code == 0, ok.output
+    assert "signature by key" in ok.output
+    # The signature travels into the slot, so `serve --require-signature` works on the device.
+    slot = tmp_path / "state" / "slots" / "3"
+    from edgepack.signature import verify_signed_bundle
+
+    assert verify_signed_bundle(slot, [pub]).manifest["bundle"]["version"] == 3

@@ -47,6 +47,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address the server listens on")
     p.add_argument("--port", type=int, default=8080, help="port the server listens on")
     p.add_argument("--python", default="python3", help="interpreter that makes the venv")
+    p.add_argument("--key", action="append", type=Path, default=[], metavar="PUB",
+                   help="trusted public key (repeatable): refuse the bundle (exit 6, nothing "
+                   "placed) unless one of these keys signed it (edgepack sign)")
     return p
 
 
@@ -54,7 +57,8 @@ def options_from(args: argparse.Namespace) -> InstallOptions:
     return InstallOptions(prefix=args.prefix.absolute(), state_dir=args.state_dir.absolute(),
                           unit_dir=args.unit_dir, create_user=not args.no_user,
                           systemd=args.systemd, venv=not args.no_venv, host=args.host,
-                          port=args.port, python=args.python)
+                          port=args.port, python=args.python,
+                          trusted_keys=tuple(k.absolute() for k in args.key))
 
 
 def main(argv: list[str] | None = None) -> int:

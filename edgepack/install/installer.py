@@ -39,7 +39,7 @@ from edgepack.install.system import (
     systemd_running,
 )
 from edgepack.install.venv import check_platform, ensure_venv
-from edgepack.manifest import MANIFEST_NAME, verify_bundle
+from edgepack.manifest import MANIFEST_NAME, SIGNATURE_NAME, verify_bundle
 from edgepack.ota.agent.state import StateDir, fsync_dir
 
 DEFAULT_PREFIX = Path("/opt/edgepack")
@@ -60,6 +60,9 @@ class InstallOptions:
     host: str = "127.0.0.1"
     port: int = 8080
     python: str = "python3"
+    # Public keys (edgepack keygen / repo init): when given, the bundle must carry a valid
+    # signature by one of them (edgepack sign) before anything is placed.
+    trusted_keys: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,22 @@ def _same_bundle(slot: Path, manifest_bytes: bytes) -> bool:
         return False
 
 
+def _check_signature(bundle: Path, keys: tuple[Path, ...], log: Callable[[str], None]) -> None:
+    """Refuse (exit 6) a bundle that no trusted key signed. The check needs ``cryptography``,
+    which a bare device python may lack: say how to get it rather than skip the check."""
+    from edgepack.signature import verify_signed_bundle
+
+    try:
+        import cryptography  # noqa: F401 - only to ask before the check needs it
+    except ImportError as e:
+        raise ConfigError(
+            f"--key needs the 'cryptography' package, which this python lacks ({e})",
+            hint="install python3-cryptography (Debian/Raspberry Pi OS), or run the install "
+                 "from an edgepack venv; never drop --key to get past this") from e
+    signed = verify_signed_bundle(bundle, list(keys))
+    log(f"signature by key {signed.keyid[:12]} ({signed.key_source}) verified")
+
+
 def _copy_verified(src: Path, dest: Path) -> None:
     """Copy a bundle folder to ``dest`` through a hidden partial folder; verify, rename."""
     work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
@@ -122,6 +141,8 @@ def _copy_verified(src: Path, dest: Path) -> None:
             target = work / entry["path"]
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src / entry["path"], target)
+        if (src / SIGNATURE_NAME).is_file():  # outside the manifest: it signs the manifest
+            shutil.copyfile(src / SIGNATURE_NAME, work / SIGNATURE_NAME)
         shutil.copyfile(src / MANIFEST_NAME, work / MANIFEST_NAME)  # last
         verify_bundle(work)
         os.replace(work, dest)
@@ -168,6 +189,8 @@ def install_bundle(source: Path, opts: InstallOptions,
                               hint="pass a bundle folder or its .tar")
         manifest = verify_bundle(bundle)
         log(f"verified {len(manifest['files'])} files of {bundle}")
+        if opts.trusted_keys:
+            _check_signature(bundle, opts.trusted_keys, log)
         return _install_verified(bundle, manifest, state, opts, log)
     finally:
         if unpacked is not None:
