@@ -43,7 +43,9 @@ Quant names not measured take the row of their nearest measured neighbour.
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import io
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -231,10 +233,16 @@ def validation_ctx(path: Path, golden: Sequence[GoldenPrompt] = ()) -> int:
     meta = read_gguf_metadata(path)
     arch = str(meta.get("general.architecture", ""))
     n_train = int(str(meta.get(f"{arch}.context_length") or 2048))
+    # A vocabulary-only load still makes a context, and llama.cpp then warns that its 512
+    # tokens exceed the (absent, so 0) trained context: noise on the build's stderr, which
+    # `build --json -q` promises to keep empty. llama-cpp-python's log hook prints through
+    # sys.stderr, so it is caught here and shown only if the load fails.
+    caught = io.StringIO()
     try:
-        vocab = Llama(model_path=str(path), vocab_only=True, verbose=False)
+        with contextlib.redirect_stderr(caught):
+            vocab = Llama(model_path=str(path), vocab_only=True, verbose=False)
     except (ValueError, RuntimeError) as e:
-        raise BuildError(f"llama.cpp could not load {path}: {e}",
+        raise BuildError(f"llama.cpp could not load {path}: {e} {caught.getvalue().strip()}",
                          hint="the conversion did not finish; rebuild it") from e
     try:
         def count(text: str) -> int:
