@@ -12,7 +12,12 @@ from click.testing import CliRunner
 from support.ota import make_bundle, random_model
 
 from edgepack.build.cross_compile import check_aarch64_wheel
-from edgepack.build.runtime_pack import build_runtime_pack, platform_tags
+from edgepack.build.runtime_pack import (
+    DEVICE_EXTRAS,
+    build_edgepack_wheel,
+    build_runtime_pack,
+    platform_tags,
+)
 from edgepack.bundle import write_bundle
 from edgepack.cli.main import cli
 from edgepack.device.resolve import load_profile
@@ -25,6 +30,40 @@ def test_platform_tags_follow_the_device_glibc():
     assert tags[0] == "manylinux_2_36_aarch64" and "manylinux_2_17_aarch64" in tags
     assert "manylinux_2_37_aarch64" not in tags and tags[-2:] == [
         "manylinux2014_aarch64", "linux_aarch64"]
+
+
+def _without_marker(text: str) -> str:
+    from packaging.requirements import Requirement
+
+    req = Requirement(text)
+    req.marker = None
+    return str(req)
+
+
+def test_the_packs_device_requirements_are_pyprojects_extras(tmp_path):
+    """The pack installs edgepack's own wheel with DEVICE_EXTRAS: what that wheel requires
+    for each extra must be pyproject.toml's list, and the agent extra must bring what checking
+    ed25519 signatures needs (securesystemslib's crypto extra: pyca/cryptography)."""
+    from packaging.requirements import Requirement
+
+    from edgepack.device.catalog import tomllib  # tomli on 3.10
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    extras = project["project"]["optional-dependencies"]
+    agent = [Requirement(r) for r in extras["agent"]]
+    assert any(r.name == "securesystemslib" and "crypto" in r.extras for r in agent), agent
+    wheel = build_edgepack_wheel(tmp_path)
+    with zipfile.ZipFile(wheel) as z:
+        meta = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA")))
+    requires = [line.split(":", 1)[1].strip() for line in meta.decode().splitlines()
+                if line.startswith("Requires-Dist:")]
+    for fmt, names in DEVICE_EXTRAS.items():
+        for extra in names:
+            assert extra in extras, (fmt, extra)
+            in_wheel = {_without_marker(r) for r in requires
+                        if (m := Requirement(r).marker) is not None
+                        and m.evaluate({"extra": extra})}
+            assert in_wheel == {_without_marker(r) for r in extras[extra]}, (fmt, extra)
 
 
 def test_a_profile_without_software_facts_is_refused_before_any_work(tmp_path):

@@ -35,10 +35,9 @@ from typing import Any
 from edgepack.build.cross_compile import cross_compile_llama
 from edgepack.errors import BuildError, ConfigError
 
-# Device extras per engine (pyproject.toml). securesystemslib needs its crypto extra
-# (pyca/cryptography) to check the ed25519 signatures of the update repository's metadata.
-_EXTRAS = {"gguf": ("serve", "agent", "llama"), "onnx": ("serve", "agent", "onnx")}
-_ALSO = ("securesystemslib[crypto]",)
+# The device extras (pyproject.toml) a bundle of each engine needs; the pack installs
+# edgepack with exactly these, so its requirements are pyproject's (tests/test_runtime_pack.py).
+DEVICE_EXTRAS = {"gguf": ("serve", "agent", "llama"), "onnx": ("serve", "agent", "onnx")}
 INSTALL_SH = Path(__file__).with_name("install.sh")
 
 
@@ -154,7 +153,7 @@ def build_runtime_pack(profile: Any, model_format: str, cache: Path,
     """
     check_pack_profile(profile)
     sw, cpu = profile.software, profile.cpu
-    extras = _EXTRAS[model_format]
+    extras = DEVICE_EXTRAS[model_format]
     tags = platform_tags(cpu.arch, sw.glibc)
     work = Path(tempfile.mkdtemp(prefix="edgepack-runtime-"))
     try:
@@ -188,7 +187,7 @@ def build_runtime_pack(profile: Any, model_format: str, cache: Path,
             notes.append(info["warning"])
             log(info["warning"])
         log(f"downloading wheels for {sw.os} {cpu.arch} CPython {sw.python} ({', '.join(extras)})")
-        _download([f"{ep}[{','.join(extras)}]", *_ALSO], wheels, tags, sw.python, local)
+        _download([f"{ep}[{','.join(extras)}]"], wheels, tags, sw.python, local)
         got = sorted(wheels.glob("*.whl"))
         ep_in = wheels / ep.name
         (work / "requirements.txt").write_text(requirements_text(got, ep_in, extras),

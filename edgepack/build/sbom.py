@@ -36,14 +36,13 @@ from pathlib import Path
 from typing import Any
 
 from edgepack import __version__
+from edgepack.build.runtime_pack import DEVICE_EXTRAS
 from edgepack.errors import BuildError
 from edgepack.manifest import SBOM_NAME
 
 __all__ = ["SBOM_NAME", "require_sbom_writer", "sbom_dict", "write_sbom"]
 
 _WHEEL = re.compile(r"^(?P<name>[^-]+)-(?P<version>[^-]+)(?:-\d[^-]*)?-[^-]+-[^-]+-[^-]+\.whl$")
-# The device extras edgepack installs for each engine (pyproject.toml).
-_DEVICE_EXTRAS = {"gguf": ("serve", "llama", "agent"), "onnx": ("serve", "onnx", "agent")}
 _NS = uuid.UUID("6f1d3f5e-3c1b-5d55-9a0e-6564676570ab")  # edgepack's UUIDv5 namespace
 
 
@@ -91,7 +90,7 @@ def _device_requirements(fmt: str) -> list[tuple[str, str]]:
     own package metadata, so the list cannot drift from pyproject.toml."""
     from packaging.requirements import Requirement
 
-    extras = _DEVICE_EXTRAS.get(fmt, ("serve", "agent"))
+    extras = DEVICE_EXTRAS.get(fmt, ("serve", "agent"))
     out: dict[str, str] = {"edgepack": f"=={__version__}"}
     for text in importlib_metadata.requires("edgepack") or []:
         req = Requirement(text)
