@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -28,8 +30,10 @@ from edgepack.device.detect import (
     normalise_arch,
     parse_cpuinfo,
 )
-from edgepack.device.profile import X86_ISA
+from edgepack.device.profile import X86_ISA, SoftwareSpec
 from edgepack.device.resolve import load_profile
+from edgepack.device.software import software_facts
+from edgepack.device.validation import parse_profile_dict
 from edgepack.errors import ProfileError, UsageError
 
 DATA = Path(__file__).parent / "data" / "cpuinfo"
@@ -75,13 +79,64 @@ def test_unsupported_arch_is_a_profile_error():
         normalise_arch("armv7l")
 
 
-def _pi5_facts(total_gib: float = 7.86) -> HostFacts:
+# /etc/os-release of Raspberry Pi OS Bookworm (64-bit) and of JetPack 6 (Ubuntu 22.04).
+PI_OS_RELEASE = """PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"
+NAME="Debian GNU/Linux"
+VERSION_ID="12"
+VERSION="12 (bookworm)"
+VERSION_CODENAME=bookworm
+ID=debian
+HOME_URL="https://www.debian.org/"
+"""
+JETPACK6_OS_RELEASE = """PRETTY_NAME="Ubuntu 22.04.4 LTS"
+NAME="Ubuntu"
+VERSION_ID="22.04"
+VERSION="22.04.4 LTS (Jammy Jellyfish)"
+ID=ubuntu
+ID_LIKE=debian
+"""
+
+
+def _pi5_facts(total_gib: float = 7.86, **software: str | None) -> HostFacts:
     return HostFacts(
         hostname="pi5", arch="aarch64", cpuinfo=_text("raspberry-pi-5.txt"),
         total_bytes=int(total_gib * GIB), available_bytes=int((total_gib - 0.5) * GIB),
         physical_cores=4, logical_cpus=4, max_mhz=2400.0,
         device_tree_model="Raspberry Pi 5 Model B Rev 1.0", storage_kind="microsd",
+        **software,  # type: ignore[arg-type]
     )  # fmt: skip
+
+
+def test_software_comes_from_os_release_python_and_glibc():
+    spec, sources = software_facts(PI_OS_RELEASE, "3.11", "glibc 2.36", "stamp")
+    assert spec == SoftwareSpec(os="debian-12", python="3.11", libc="glibc-2.36")
+    assert "ID=debian VERSION_ID=12" in sources["software.os"]
+    assert "'glibc 2.36'" in sources["software.libc"] and sources["software.python"]
+    spec, _ = software_facts(JETPACK6_OS_RELEASE, "3.10", "glibc 2.35", "stamp")
+    assert spec == SoftwareSpec(os="ubuntu-22.04", python="3.10", libc="glibc-2.35")
+
+
+@pytest.mark.parametrize("os_release, python, libc", [
+    ("ID=debian\nPRETTY_NAME=\"Debian GNU/Linux trixie/sid\"\n", "3.13", "glibc 2.41"),  # sid
+    (PI_OS_RELEASE, "3.11", None),  # musl: confstr has no answer, libc_ver() none
+    (PI_OS_RELEASE, "3.11", "musl 1.2.4"),
+    (None, "3.11", "glibc 2.36"),  # no os-release at all
+])  # fmt: skip
+def test_software_is_left_out_whole_when_a_fact_is_unknown(os_release, python, libc):
+    assert software_facts(os_release, python, libc, "stamp") == (None, {})
+    p = build_profile(_pi5_facts(os_release=os_release, python=python, libc=libc), now=WHEN)
+    assert p.software is None and not any(k.startswith("software.") for k in p.sources)
+
+
+def test_a_detected_pi5_says_what_it_runs_and_round_trips():
+    facts = _pi5_facts(os_release=PI_OS_RELEASE, python="3.11", libc="glibc 2.36")
+    p = build_profile(facts, now=WHEN)
+    assert p.software == SoftwareSpec(os="debian-12", python="3.11", libc="glibc-2.36")
+    assert p.software.glibc == (2, 36)
+    assert "detected on pi5 at 2025-01-02T03:04:05Z" in p.sources["software.os"]
+    data = p.to_dict()
+    assert data["software"] == {"os": "debian-12", "python": "3.11", "libc": "glibc-2.36"}
+    assert parse_profile_dict(data, origin="round trip") == p
 
 
 def test_a_pi5_reuses_the_shipped_pi5_figures():
@@ -156,6 +211,16 @@ def test_detect_json_matches_this_machine():
             expected.insert(1, "fp16")
     assert data["cpu"]["isa"] == expected
     assert "detected on" in data["sources"]["memory.total_gib"]
+    release = dict(
+        ln.split("=", 1) for ln in Path("/etc/os-release").read_text().splitlines() if "=" in ln
+    )
+    libc = os.confstr("CS_GNU_LIBC_VERSION") or ""
+    assert data["software"] == {
+        "os": f"{release['ID']}-{release['VERSION_ID'].strip(chr(34))}",
+        "python": f"{sys.version_info[0]}.{sys.version_info[1]}",
+        "libc": "glibc-" + ".".join(libc.split()[1].split(".")[:2]),
+    }
+    assert all(f"software.{k}" in data["sources"] for k in ("os", "python", "libc"))
 
 
 def test_detect_save_round_trips_through_load_profile(tmp_path: Path):

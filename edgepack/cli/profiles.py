@@ -168,7 +168,8 @@ def _save(profile: DeviceProfile, path: Path) -> DeviceProfile:
 def detect_command(
     as_json: bool, measure: bool, measure_seconds: float, save_path: Path | None
 ) -> None:
-    """Build a profile of this machine (memory, cores, ISA flags, board, bandwidth)."""
+    """Build a profile of this machine (memory, cores, ISA flags, board, bandwidth,
+    OS/python/glibc)."""
     from edgepack.device.detect import detect_profile
 
     profile = detect_profile(measure=measure, seconds=measure_seconds)

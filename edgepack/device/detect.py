@@ -12,6 +12,10 @@ What a detected profile says, and on what basis (the same text goes into its ``s
 - cpu.isa: kernel flags (x86 ``flags``, Arm ``Features``) mapped to edgepack names.
 - On a Raspberry Pi or Jetson that matches a shipped profile, the figures detection cannot see
   (memory type, theoretical bandwidth, published measurement, accelerator) come from that profile.
+- software: os from /etc/os-release (``ID-VERSION_ID``), python of the interpreter running
+  detect (the device's python3, which the install's venv is made from), libc from
+  ``os.confstr("CS_GNU_LIBC_VERSION")`` (``platform.libc_ver()`` where confstr has no answer);
+  left out, all three, when one is unknown (the table is all-or-none) or the libc is not glibc.
 - Otherwise the theoretical bandwidth is unknown: ``--measure`` runs :func:`measure_bandwidth`;
   without it the profile carries DEFAULT_BANDWIDTH_GBPS, the lowest figure among the shipped
   profiles, so an unknown machine is planned as a slow one rather than a fast one.
@@ -23,6 +27,7 @@ import os
 import platform
 import re
 import socket
+import sys
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -38,6 +43,7 @@ from edgepack.device.profile import (
     MemorySpec,
     StorageSpec,
 )
+from edgepack.device.software import software_facts, this_libc
 from edgepack.device.validation import parse_profile_dict
 from edgepack.errors import ProfileError, UsageError
 
@@ -190,6 +196,9 @@ class HostFacts:
     storage_kind: str = "unknown"
     chassis_type: str | None = None
     has_battery: bool = False
+    os_release: str | None = None  # the text of /etc/os-release
+    python: str | None = None  # MAJOR.MINOR of the python running detect
+    libc: str | None = None  # as confstr says it: "glibc 2.36"
 
 
 def _read(path: Path) -> str | None:
@@ -256,6 +265,9 @@ def gather_host_facts(root: Path = Path("/")) -> HostFacts:
         storage_kind=root_storage_kind(root),
         chassis_type=_read(root / "sys/class/dmi/id/chassis_type"),
         has_battery=battery,
+        os_release=_read(root / "etc/os-release") or _read(root / "usr/lib/os-release"),
+        python=f"{sys.version_info[0]}.{sys.version_info[1]}",
+        libc=this_libc(),
     )
 
 
@@ -413,6 +425,9 @@ def build_profile(
     else:
         sources["storage.kind"] = f"/sys/dev/block of the device holding /; {stamp}"
 
+    software, software_sources = software_facts(facts.os_release, facts.python, facts.libc,
+                                                stamp)
+    sources.update(software_sources)
     name = f"{facts.device_tree_model or info.model} ({facts.hostname}, detected)"
     profile = DeviceProfile(
         id=profile_id,
@@ -425,6 +440,7 @@ def build_profile(
         formats=ref.formats if ref is not None else ("gguf", "onnx"),
         engines=ref.engines if ref is not None else ("llama.cpp", "onnxruntime"),
         sources=sources,
+        software=software,
     )
     # Round-trip through the validator so detect never hands out a profile load_profile rejects.
     return parse_profile_dict(
