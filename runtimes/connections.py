@@ -14,23 +14,31 @@ https://github.com/xorbitsai/inference/pull/5213.
 - a *head deadline*: the request line and headers must arrive within ``header_timeout``
   seconds of the connection opening (or of the first byte after a keep-alive pause);
 - a *body deadline*: the whole body must arrive within ``body_timeout`` seconds of the head;
-- a *connection cap*: past ``max_connections`` open connections, a new one first closes a
-  connection that is not being answered (silent sockets first, then keep-alive pauses and
-  slow heads; see ``_evict_one`` for the order), so a health probe gets in; only when every
-  connection is busy with a response does the newcomer get an OpenAI-shaped 503 and a close.
+- a *connection cap*: past ``max_connections`` open connections, a new one first closes
+  connections that are not being answered (silent sockets older than ``FRESH_GRACE`` first,
+  then keep-alive pauses and slow heads; see ``_make_room``), so a health probe gets in.
+  Sockets that connected less than ``FRESH_GRACE`` ago and sent nothing yet are never closed
+  for room below a ceiling (``BURST`` x the cap, within the descriptor limit): a probe whose
+  ``connect`` returned before its ``send`` (a loaded machine) looks exactly like a flood
+  socket until then. Only when every connection is busy with a response does the newcomer
+  get an OpenAI-shaped 503 and a close.
 
 A connection whose deadline passes is closed (a 408 when the head never completed); the
 response of a request in progress is never cut by these deadlines, so long SSE streams are
-unaffected. Device side: standard library, h11 and uvicorn only.
+unaffected. Device side: standard library (``fcntl``, ``termios``: Linux/macOS), h11 and uvicorn
+only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
 import resource
-from dataclasses import dataclass
+import struct
+import termios
+from dataclasses import dataclass, replace
 from typing import Any
 
 import h11
@@ -41,8 +49,11 @@ log = logging.getLogger("edgepack.serve")
 # File descriptors the process needs besides client sockets: the model (mmap keeps one),
 # the listening socket, logs, the notify socket, onnxruntime/llama.cpp threads' files.
 FD_RESERVE = 64
-# A silent socket younger than this may still hold an unread request (a probe under load).
+# A socket that has sent nothing for less than this may be a client that connected and has
+# not been scheduled to send its request yet (a health probe on a loaded machine): it is not
+# closed to make room while the connection count is under the ceiling (BURST x the cap).
 FRESH_GRACE = 2.0
+BURST = 4
 
 
 @dataclass(frozen=True)
@@ -54,17 +65,20 @@ class ConnectionLimits:
     body_timeout: float = 30.0
     keep_alive: float = 5.0
     max_header_bytes: int = 16 * 1024
+    ceiling: int = 1024  # most sockets held at once (fresh silent ones over the cap)
 
 
 def fd_budget(wanted: int) -> int:
     """The connection cap that fits the file-descriptor limit, raising the soft limit first.
 
     Raises the soft ``RLIMIT_NOFILE`` towards the hard one (as Go's runtime and nginx's
-    ``worker_rlimit_nofile`` do), then returns ``wanted`` or less, so that accepting
-    ``max_connections`` sockets can never exhaust the descriptors the server itself needs.
+    ``worker_rlimit_nofile`` do) far enough for a burst (``BURST`` x ``wanted`` sockets),
+    then returns ``wanted``, or less where the limit cannot hold that burst: half of what
+    the descriptors allow, so that a flood of fresh sockets has room over the cap (see
+    ``ceiling``) and the server's own descriptors (``FD_RESERVE``) are never exhausted.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = wanted + FD_RESERVE
+    target = BURST * wanted + FD_RESERVE
     if soft != resource.RLIM_INFINITY and soft < target:
         new_soft = target if hard == resource.RLIM_INFINITY else min(target, hard)
         try:
@@ -72,9 +86,29 @@ def fd_budget(wanted: int) -> int:
             soft = new_soft
         except (ValueError, OSError):
             pass
-    if soft == resource.RLIM_INFINITY:
+    if soft == resource.RLIM_INFINITY or soft >= target:
         return wanted
-    return max(0, min(wanted, soft - FD_RESERVE))
+    return max(0, min(wanted, (soft - FD_RESERVE) // 2))
+
+
+def burst_ceiling(cap: int) -> int:
+    """How many connections may be open at once: fresh silent sockets may take the cap up to
+    ``BURST`` x ``cap``, within the descriptors the current soft limit leaves."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    room = BURST * cap if soft == resource.RLIM_INFINITY else soft - FD_RESERVE
+    return max(cap, min(BURST * cap, room))
+
+
+def _bytes_waiting(transport: asyncio.BaseTransport) -> bool:
+    """Whether the kernel holds received bytes on this connection that were not read yet."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.fileno() < 0:
+        return False
+    try:
+        buf = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return False
+    return struct.unpack("i", buf)[0] > 0
 
 
 def _raw_json_response(status: int, reason: str, message: str, code: str,
@@ -110,7 +144,7 @@ class GuardedH11Protocol(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._opened = self.loop.time()
-        if len(self.connections) > self.limits.max_connections and not self._evict_one():
+        if len(self.connections) > self.limits.max_connections and not self._make_room():
             log.warning("connection limit (%d) reached with every connection busy; "
                         "refusing %s", self.limits.max_connections, self.client)
             transport.write(_FULL)
@@ -118,37 +152,58 @@ class GuardedH11Protocol(H11Protocol):
             return
         self._arm("head", self.limits.header_timeout)
 
-    def _evict_one(self) -> bool:
-        """Close one connection that is not being answered; False when none may be closed.
+    def _make_room(self) -> bool:
+        """Close connections that are not being answered until the cap holds again, as far
+        as the rules allow; False when the newcomer must be refused.
 
-        Order: silent sockets older than FRESH_GRACE (oldest first: a half-open flood), then
-        younger silent sockets, *youngest* first (a burst of new sockets pushes out its own
-        latest members, not a probe that connected just before it and is not read yet),
-        then connections that sent something and wait (least recently active first:
-        keep-alive pauses, slow heads, which the head deadline bounds anyway). A newcomer is
-        never refused while any connection may be closed: sparing young sockets outright
-        would let a continuous flood lock every probe out.
+        A silent socket (nothing received, nothing waiting in the kernel) is closed once it
+        is FRESH_GRACE old, oldest first: the half-open flood. A younger one may be a client
+        that has not been scheduled to send yet (a probe on a loaded machine, whose
+        ``connect`` returned before its ``send``), so while such sockets are all that could
+        be closed, the newcomer is let in over the cap, up to the ceiling (``BURST`` x the
+        cap, within the descriptor limit); the next newcomer after the grace, or the head
+        deadline, brings the count back down. With no silent socket at all, the connection
+        that has waited longest since its last byte goes (keep-alive pauses, slow heads).
+        At the ceiling the youngest silent socket goes (a flood pushes out its own latest
+        members). Received bytes are asked of the kernel (``FIONREAD``), not of our own
+        reads: when a burst is accepted every ``connection_made`` runs before any
+        ``data_received``, so a request that has arrived is not yet seen here. Only when
+        every connection is busy with a response is the newcomer refused.
         """
+        live = [c for c in self.connections
+                if isinstance(c, GuardedH11Protocol) and not c.transport.is_closing()]
+        excess = len(live) - self.limits.max_connections
+        if excess <= 0:
+            return True
         now = self.loop.time()
-        best: tuple[int, float] | None = None
-        victim: GuardedH11Protocol | None = None
-        for c in self.connections:
-            if not isinstance(c, GuardedH11Protocol) or c is self or not c._idle():
-                continue
-            if c._last_byte != 0.0:
-                rank = (2, c._last_byte)
-            elif now - c._opened >= FRESH_GRACE:
-                rank = (0, c._opened)
-            else:
-                rank = (1, -c._opened)
-            if best is None or rank < best:
-                best, victim = rank, c
-        if victim is None:
+        idle = [c for c in live if c is not self and c._idle()]
+        silent = sorted((c for c in idle if c._last_byte == 0.0), key=lambda c: c._opened)
+        ripe = [c for c in silent if now - c._opened >= FRESH_GRACE]
+        fresh = [c for c in silent if now - c._opened < FRESH_GRACE]
+        closed = 0
+        for c in ripe:
+            if closed == excess:
+                break
+            if not _bytes_waiting(c.transport):
+                c._evict()
+                closed += 1
+        if closed or (fresh and len(live) <= self.limits.ceiling):
+            return True
+        talking = sorted((c for c in idle if c._last_byte != 0.0), key=lambda c: c._last_byte)
+        if len(live) > self.limits.ceiling:
+            talking = [c for c in fresh[::-1] if not _bytes_waiting(c.transport)] + talking
+        if not talking:
             return False
-        log.info("connection limit (%d) reached: closing idle/slow connection from %s",
-                 self.limits.max_connections, victim.client)
-        victim._close()
+        victim = talking[0]
+        victim._evict()
         return True
+
+    def _evict(self) -> None:
+        log.info("connection limit (%d, %d in a burst) reached: closing %s connection from %s "
+                 "(open %.1f s)", self.limits.max_connections, self.limits.ceiling,
+                 "silent" if self._last_byte == 0.0 else "idle/slow", self.client,
+                 self.loop.time() - self._opened)
+        self._close()
 
     def _idle(self) -> bool:
         # Waiting for (the rest of) a request: no application task depends on this socket.
@@ -217,7 +272,8 @@ class GuardedH11Protocol(H11Protocol):
 
 def guarded_protocol(limits: ConnectionLimits) -> type[GuardedH11Protocol]:
     """A protocol class bound to ``limits`` (uvicorn instantiates it per connection)."""
-    return type("EdgepackH11Protocol", (GuardedH11Protocol,), {"limits": limits})
+    bounded = replace(limits, ceiling=burst_ceiling(limits.max_connections))
+    return type("EdgepackH11Protocol", (GuardedH11Protocol,), {"limits": bounded})
 
 
 def uvicorn_options(limits: ConnectionLimits) -> dict[str, Any]:
