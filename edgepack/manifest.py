@@ -158,12 +158,15 @@ class HeldFile:
         """A path that opens this descriptor's file: ``/proc/self/fd/N`` (Linux)."""
         return f"/proc/self/fd/{self.fd}"
 
-    def read_text(self) -> str:
+    def read_bytes(self) -> bytes:
         data, offset = bytearray(), 0
         while block := os.pread(self.fd, _CHUNK, offset):
             data += block
             offset += len(block)
-        return data.decode("utf-8")
+        return bytes(data)
+
+    def read_text(self) -> str:
+        return self.read_bytes().decode("utf-8")
 
 
 def load_manifest(bundle_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -172,6 +175,13 @@ def load_manifest(bundle_dir: str | os.PathLike[str]) -> dict[str, Any]:
     Raises IntegrityError when it is missing, a link or not a regular file, not JSON, of an
     unknown schema, or lacks a well-typed file list: a bundle without a whole manifest is an
     unfinished (or forged) one.
+    """
+    return load_manifest_and_digest(bundle_dir)[0]
+
+
+def load_manifest_and_digest(bundle_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], str]:
+    """``load_manifest``, with the sha256 of the very bytes that were parsed (one read, through
+    a descriptor opened without following links): what a signature over the manifest covers.
     """
     root = Path(bundle_dir)
     path = root / MANIFEST_NAME
@@ -193,9 +203,11 @@ def load_manifest(bundle_dir: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         fd = open_regular(root, MANIFEST_NAME)
         try:
-            data = json.loads(HeldFile(MANIFEST_NAME, fd, "", 0).read_text())
+            raw = HeldFile(MANIFEST_NAME, fd, "", 0).read_bytes()
         finally:
             os.close(fd)
+        digest = hashlib.sha256(raw).hexdigest()
+        data = json.loads(raw.decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise IntegrityError(
             f"{path} is not valid JSON: {e}", hint="rebuild the bundle or copy it again"
@@ -223,7 +235,7 @@ def load_manifest(bundle_dir: str | os.PathLike[str]) -> dict[str, Any]:
     if problems:
         raise IntegrityError(f"{path}: malformed file list:\n    " + "\n    ".join(problems),
                              hint="the manifest was damaged or forged; rebuild the bundle")
-    return data
+    return data, digest
 
 
 _HEX = frozenset("0123456789abcdef")
@@ -256,16 +268,26 @@ def verify_bundle(
 
 
 def verify_and_hold(
-    bundle_dir: str | os.PathLike[str], hold: Iterable[str], *, check_extra: bool = True
+    bundle_dir: str | os.PathLike[str], hold: Iterable[str], *, check_extra: bool = True,
+    hold_under: tuple[str, ...] = (), manifest_sha256: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, HeldFile]]:
-    """``verify_bundle``, keeping the files named in ``hold`` open (see HeldFile).
+    """``verify_bundle``, keeping open the files named in ``hold`` and every listed file whose
+    path starts with one of ``hold_under`` (e.g. ``"model/"``; see HeldFile).
 
     Each file is hashed once, through the descriptor it is opened with; the caller owns the
-    returned descriptors (they live as long as the server that loads from them).
+    returned descriptors (they live as long as the server that loads from them). With
+    ``manifest_sha256`` (the digest a signature covers), the manifest read here must have it,
+    so a manifest swapped after the signature was checked is refused, not trusted.
     """
     root = Path(bundle_dir)
-    manifest = load_manifest(root)
-    keep = set(hold)
+    manifest, digest = load_manifest_and_digest(root)
+    if manifest_sha256 is not None and digest != manifest_sha256:
+        raise IntegrityError(
+            f"bundle {str(root)!r}: {MANIFEST_NAME} has sha256 {digest[:16]}…, but the signed "
+            f"statement covers {manifest_sha256[:16]}…: the manifest changed after its "
+            "signature was checked",
+            hint="do not serve this bundle; get it again from its builder")
+    keep = set(hold) | {f["path"] for f in manifest["files"] if f["path"].startswith(hold_under)}
     held: dict[str, HeldFile] = {}
     problems: list[str] = []
     listed = set()

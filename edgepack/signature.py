@@ -38,7 +38,13 @@ from typing import Any
 
 from edgepack.errors import ConfigError, IntegrityError
 from edgepack.keys import PublicKey, keyid_of, load_private_key, load_public_key
-from edgepack.manifest import MANIFEST_NAME, SIGNATURE_NAME, load_manifest, verify_bundle
+from edgepack.manifest import (
+    MANIFEST_NAME,
+    SIGNATURE_NAME,
+    load_manifest_and_digest,
+    verify_and_hold,
+    verify_bundle,
+)
 
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
@@ -264,7 +270,9 @@ def verify_signed_bundle(bundle_dir: str | os.PathLike[str],
     where = root / SIGNATURE_NAME
     subjects = {str(s.get("name")): (s.get("digest") or {}).get("sha256")
                 for s in statement["subject"] if isinstance(s, dict)}
-    manifest = verify_bundle(root)
+    # The manifest the files are checked against is the one the signature covers (read again
+    # here: a manifest swapped after the signature check is refused, not trusted).
+    manifest, _ = verify_and_hold(root, (), manifest_sha256=signed_manifest_sha256(statement))
     listed = {f["path"]: f["sha256"] for f in manifest["files"]}
     signed_files = {k: v for k, v in subjects.items() if k != MANIFEST_NAME}
     if listed != signed_files:
@@ -284,7 +292,8 @@ def verify_signature(bundle_dir: str | os.PathLike[str],
     keys = [k if isinstance(k, PublicKey) else load_public_key(k) for k in public_keys]
     if not keys:
         raise ConfigError("no trusted public key given", hint="pass --key PUB")
-    load_manifest(root)  # a clear message for a folder that is not a bundle at all
+    # A clear message for a folder that is not a bundle at all; the digest of what was read.
+    _, manifest_digest = load_manifest_and_digest(root)
     statement, key = _verified_statement(root / SIGNATURE_NAME, keys)
     where = root / SIGNATURE_NAME
     if (not isinstance(statement, dict) or statement.get("_type") != STATEMENT_TYPE
@@ -294,7 +303,6 @@ def verify_signature(bundle_dir: str | os.PathLike[str],
                              f"with a {PREDICATE_TYPE} predicate", hint="sign the bundle again")
     subjects = {str(s.get("name")): (s.get("digest") or {}).get("sha256")
                 for s in statement["subject"] if isinstance(s, dict)}
-    manifest_digest = hashlib.sha256((root / MANIFEST_NAME).read_bytes()).hexdigest()
     if subjects.get(MANIFEST_NAME) != manifest_digest:
         raise IntegrityError(
             f"bundle {str(root)!r}: {MANIFEST_NAME} has sha256 {manifest_digest[:16]}…, but "
@@ -302,3 +310,9 @@ def verify_signature(bundle_dir: str | os.PathLike[str],
             "manifest was altered after signing",
             hint="do not install this bundle; get it again from its builder")
     return statement, key
+
+
+def signed_manifest_sha256(statement: dict[str, Any]) -> str:
+    """The manifest digest covered by a statement that :func:`verify_signature` accepted."""
+    return next(str(s["digest"]["sha256"]) for s in statement["subject"]
+                if isinstance(s, dict) and s.get("name") == MANIFEST_NAME)

@@ -37,7 +37,7 @@ from edgepack.runtimes.engine_check import reconcile
 from edgepack.runtimes.local_config import local_config_path, read_local_config
 
 from edgepack.errors import ConfigError, IntegrityError, RuntimeHealthError
-from edgepack.manifest import HeldFile, load_manifest, verify_and_hold
+from edgepack.manifest import HeldFile, verify_and_hold
 
 log = logging.getLogger("edgepack.serve")
 
@@ -53,6 +53,8 @@ class ServeOptions:
     queue_size: int | None = None
     ctx: int | None = None
     max_connections: int | None = None
+    # Public keys (paths) one of which must have signed the bundle (--require-signature).
+    trusted_keys: tuple[str, ...] = ()
     log_level: str = "info"
     log_format: str = "plain"
     config: str | None = None
@@ -99,10 +101,15 @@ def prepare(bundle_dir: str | os.PathLike[str], opts: ServeOptions,
     device-local config file, ``EDGEPACK_*`` variables and flags; then the engine check.
     """
     root = Path(bundle_dir)
-    manifest = load_manifest(root)
-    listed = [f["path"] for f in manifest["files"]]
-    hold = [SERVER_TOML] + [p for p in listed if p.startswith("model/")]
-    manifest, held = verify_and_hold(root, hold)
+    signed = None
+    if opts.trusted_keys:
+        from edgepack.signature import signed_manifest_sha256, verify_signature
+
+        # The signature covers the manifest's digest; the files are then hashed once, below,
+        # against that very manifest (a manifest swapped in between is refused).
+        signed = signed_manifest_sha256(verify_signature(root, opts.trusted_keys)[0])
+    manifest, held = verify_and_hold(root, [SERVER_TOML], hold_under=("model/",),
+                                     manifest_sha256=signed)
     if SERVER_TOML not in held:
         raise IntegrityError(f"bundle {str(root)!r}: {SERVER_TOML} is not in the manifest",
                              hint="rebuild the bundle")

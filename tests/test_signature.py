@@ -263,6 +263,81 @@ def test_serve_require_signature_starts_signed_bundles_only(chat_bundle, tmp_pat
     assert code == 6 and "server.toml" in err, err
 
 
+def _rchar_when_ready(bundle: Path, *args: str) -> int:
+    """Bytes the server process read (read/pread syscalls, /proc/PID/io) until /readyz 200."""
+    from support.bundles import serve_bundle
+
+    server = serve_bundle(bundle, *args)
+    try:
+        io = Path(f"/proc/{server.proc.pid}/io").read_text()
+        return int(next(line.split()[1] for line in io.splitlines() if line.startswith("rchar")))
+    finally:
+        assert server.stop() == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="needs Linux /proc/PID/io")
+def test_serve_require_signature_reads_the_model_once(chat_bundle, tmp_path):
+    # Counting, not trusting the code path: every byte a process reads through read() or
+    # pread() counts in rchar (llama.cpp maps the model, so the hash is the model's only read).
+    # The signature check may add the manifest and some imports, not a second pass over the
+    # ~100 MB model.
+    import os
+
+    bundle = tmp_path / "signed"
+    shutil.copytree(chat_bundle, bundle, copy_function=os.link)
+    key, pub = generate_keypair(tmp_path / "k")
+    sign_bundle(bundle, key)
+    model_size = sum(f.stat().st_size for f in (bundle / "model").iterdir())
+    plain = _rchar_when_ready(bundle)
+    signed = _rchar_when_ready(bundle, "--require-signature", str(pub))
+    assert plain >= model_size, (plain, model_size)  # the one verification pass is counted
+    assert signed - plain < model_size // 2, (
+        f"serve --require-signature read {signed - plain} bytes more than serve ({plain}); "
+        f"the model is {model_size} bytes: it was hashed twice")
+
+
+def test_a_manifest_swapped_after_the_signature_check_is_refused(tmp_path, monkeypatch):
+    # The race the server closes: the signature verifies the manifest, then someone replaces
+    # manifest.json (and a file) with a consistent but unsigned pair before the files are
+    # checked. The files must be checked against the manifest the signature covered.
+    import edgepack.runtimes.serve as serve_mod
+
+    import edgepack.signature as signature_mod
+    from edgepack.errors import RuntimeHealthError
+    from edgepack.manifest import MANIFEST_NAME, canonical_json, sha256_file
+
+    bundle = written_bundle(tmp_path)
+    key, pub = generate_keypair(tmp_path / "k")
+    sign_bundle(bundle, key)
+    real = signature_mod.verify_signature
+
+    def verify_then_swap(*args, **kwargs):
+        result = real(*args, **kwargs)
+        toml = bundle / "server.toml"
+        toml.write_text(toml.read_text() + "\n# swapped in after the signature check\n")
+        manifest = json.loads((bundle / MANIFEST_NAME).read_text())
+        for f in manifest["files"]:
+            if f["path"] == "server.toml":
+                f["sha256"], f["size"] = sha256_file(toml), toml.stat().st_size
+        (bundle / MANIFEST_NAME).write_bytes(canonical_json(manifest))
+        return result
+
+    def no_engine(cfg):  # the bundle got through: stop before loading anything
+        raise RuntimeHealthError("reached the engine with an unsigned manifest")
+
+    monkeypatch.setattr(signature_mod, "verify_signature", verify_then_swap)
+    monkeypatch.setattr(serve_mod, "make_engine", no_engine)
+    code, text = run("serve", str(bundle), "--port", "0", "--require-signature", str(pub))
+    assert code == 6, text
+    assert "manifest changed after its signature was checked" in text, text
+    # The swapped bundle is consistent by itself: only the signature tells it apart.
+    code, text = run("verify", str(bundle))
+    assert code == 0, text
+    code, text = run("verify", str(bundle), "--key", str(pub))
+    assert code == 6 and "manifest was altered after signing" in text, text
+
+
 def test_keygen_public_of_a_repo_key_verifies_what_that_key_signed(tmp_path):
     from edgepack.ota.repo import init_repo
 

@@ -89,15 +89,12 @@ def serve(bundle: str, host: str | None, port: int | None, api_key: str | None,
     Routes: GET /v1/models, POST /v1/chat/completions, /v1/completions (stream: true gives
     SSE), /v1/embeddings, GET /healthz, /readyz, /metrics (Prometheus).
     """
-    if trusted_key:
-        from edgepack.signature import verify_signature
-
-        # The signature authenticates the manifest; the server then checks every file
-        # against it before loading, so a signed bundle is fully checked, and read once.
-        verify_signature(bundle, [trusted_key])
     from edgepack.runtimes.serve import ServeOptions, run_server
 
+    # With a key, the server checks the signature over the manifest, then every file once
+    # against that manifest through the descriptors it loads from (runtimes/serve.py prepare).
     run_server(bundle, ServeOptions(
         host=host, port=port, api_key=api_key, threads=threads, queue_size=queue_size, ctx=ctx,
         max_connections=max_connections, log_level=log_level, log_format=log_format,
-        config=config_file, cpu=cpu, providers=providers))
+        config=config_file, cpu=cpu, providers=providers,
+        trusted_keys=(trusted_key,) if trusted_key else ()))
