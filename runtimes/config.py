@@ -59,6 +59,7 @@ class ServerConfig:
     api_key: str | None = None
     cors_origins: tuple[str, ...] = ()
     model_sha256: str = ""
+    tokenizer_dir: Path | None = None  # ONNX: where the tokenizer loads from (verified links)
     quant: str = ""
     bundle_name: str = ""
     bundle_version: str = ""

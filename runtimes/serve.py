@@ -81,7 +81,8 @@ def make_engine(cfg: ServerConfig) -> Engine:
         from edgepack.runtimes.onnx_engine import OnnxEngine, OnnxSettings
 
         return OnnxEngine(OnnxSettings(
-            model_path=cfg.model_path, tokenizer_dir=cfg.bundle_dir / "tokenizer",
+            model_path=cfg.model_path,
+            tokenizer_dir=cfg.tokenizer_dir or cfg.bundle_dir / "tokenizer",
             name=cfg.model_name, kind=cfg.model_kind, n_ctx=cfg.n_ctx,
             n_threads=cfg.n_threads, providers=cfg.providers,
         ))
@@ -108,7 +109,7 @@ def prepare(bundle_dir: str | os.PathLike[str], opts: ServeOptions,
         # The signature covers the manifest's digest; the files are then hashed once, below,
         # against that very manifest (a manifest swapped in between is refused).
         signed = signed_manifest_sha256(verify_signature(root, opts.trusted_keys)[0])
-    manifest, held = verify_and_hold(root, [SERVER_TOML], hold_under=("model/",),
+    manifest, held = verify_and_hold(root, [SERVER_TOML], hold_under=("model/", "tokenizer/"),
                                      manifest_sha256=signed)
     if SERVER_TOML not in held:
         raise IntegrityError(f"bundle {str(root)!r}: {SERVER_TOML} is not in the manifest",
@@ -142,19 +143,26 @@ def _load_from_held(cfg: ServerConfig, held: dict[str, HeldFile]) -> ServerConfi
     if not Path(model.open_path).exists():  # no /proc (not Linux): load by name
         return cfg.with_overrides(model_sha256=model.sha256, model_source="path (no /proc)")
     if cfg.model_format == "gguf":
+        for path in [p for p in held if not p.startswith("model/")]:
+            os.close(held.pop(path).fd)  # a GGUF file carries its own tokenizer
         return cfg.with_overrides(model_path=Path(model.open_path),
                                   model_sha256=model.sha256,
                                   model_source=f"verified descriptor of {rel}")
-    # ONNX graphs name their external data files relative to the graph: a private folder of
-    # links to the verified descriptors keeps those names and still reads the held inodes.
+    # ONNX graphs name their external data files relative to the graph, and the tokenizer
+    # is a folder of files: a private folder of links to the verified descriptors keeps the
+    # bundle's names (model/..., tokenizer/...) and still reads the held inodes.
     farm = Path(tempfile.mkdtemp(prefix="edgepack-model-"))
     atexit.register(shutil.rmtree, farm, True)
     for path, h in held.items():
-        (farm / Path(path).relative_to("model")).parent.mkdir(parents=True, exist_ok=True)
-        (farm / Path(path).relative_to("model")).symlink_to(h.open_path)
-    return cfg.with_overrides(model_path=farm / Path(rel).relative_to("model"),
-                              model_sha256=model.sha256,
-                              model_source=f"verified descriptors of model/ ({len(held)} files)")
+        (farm / path).parent.mkdir(parents=True, exist_ok=True)
+        (farm / path).symlink_to(h.open_path)
+    n_model = sum(p.startswith("model/") for p in held)
+    n_tok = len(held) - n_model
+    return cfg.with_overrides(
+        model_path=farm / rel, model_sha256=model.sha256,
+        tokenizer_dir=farm / "tokenizer" if n_tok else None,
+        model_source=f"verified descriptors of model/ ({n_model} files)"
+        + (f" and tokenizer/ ({n_tok} files)" if n_tok else ""))
 
 
 def connection_limits(cfg: ServerConfig) -> ConnectionLimits:

@@ -58,6 +58,55 @@ def test_model_swapped_after_verify_is_not_what_loads(tmp_path):
         server.stop()
 
 
+def _swap(path, data: bytes) -> None:
+    path.unlink()  # a new inode at the name; the verified one stays open in the server
+    path.write_bytes(data)
+
+
+def test_onnx_files_swapped_after_verify_are_not_what_loads(local_hub, tiny_llama_dir,
+                                                             tmp_path):
+    # The same attack on the ONNX engine, which loads the graph from a private folder of
+    # links to the verified descriptors (and the tokenizer likewise): swapping the graph, or
+    # the tokenizer, by name during the load delay changes nothing that runs.
+    local_hub.add_repo("edgepack-test/tiny-llama", tiny_llama_dir)
+    built = CliRunner().invoke(cli, [
+        "build", "edgepack-test/tiny-llama", "--format", "onnx", "--device", "laptop-x86-16gb",
+        "--quant", "int8", "--no-golden", "--out", str(tmp_path / "out")])
+    assert built.exit_code == 0, built.output
+    bundle = tmp_path / "out" / "tiny-llama-laptop-x86-16gb"
+    manifest = load_manifest(bundle)
+    rel = manifest["model"]["path"]
+    listed = [f["path"] for f in manifest["files"]]
+    n_model = sum(p.startswith("model/") for p in listed)
+    n_tok = sum(p.startswith("tokenizer/") for p in listed)
+    assert "tokenizer/tokenizer.json" in listed and n_tok > 1
+    body = {"model": manifest["model"]["name"], "prompt": "Hello", "max_tokens": 4,
+            "temperature": 0}
+    texts = []
+    for swapped in (rel, "tokenizer/tokenizer.json"):
+        original = (bundle / swapped).read_bytes()
+        server = serve_bundle(bundle, env={TEST_HOOK_LOAD_DELAY: "3"}, ready=False)
+        try:
+            _swap(bundle / swapped, b"junk swapped in after verification\n")
+            server.wait_ready()
+            ready = httpx.get(server.base_url + "/readyz").json()
+            assert ready["sha256"] == manifest["model"]["sha256"]
+            assert ready["config"]["model_source"] == (
+                f"verified descriptors of model/ ({n_model} files) and tokenizer/ ({n_tok} "
+                "files)")
+            r = httpx.post(server.base_url + "/v1/completions", json=body, timeout=60)
+            assert r.status_code == 200, r.text
+            texts.append(r.json()["choices"][0]["text"])
+        finally:
+            server.stop()
+            _swap(bundle / swapped, original)
+    assert texts[0] == texts[1]  # greedy: the same verified graph and tokenizer both times
+    # By name, the junk is what a fresh server would find: refused before loading.
+    _swap(bundle / rel, b"junk")
+    code, err = _serve_exit(bundle)
+    assert code == 6 and rel in err, err
+
+
 def test_jetson_gguf_bundle_exit_7_then_cpu_serves(local_hub, tiny_llama_dir, tmp_path):
     assert not llama_cpp.llama_supports_gpu_offload(), "this test needs a CPU-only engine"
     local_hub.add_repo("edgepack-test/tiny-llama", tiny_llama_dir)
