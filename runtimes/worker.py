@@ -96,19 +96,9 @@ class EngineWorker:
         ``make`` runs even if nobody iterates. Abandoning the iterator does not stop the
         worker's loop: callers stop generation with the engine's CancelToken.
         """
-        loop = asyncio.get_running_loop()
-        items: asyncio.Queue[Any] = asyncio.Queue()
-
-        def job() -> None:
-            try:
-                for item in make():
-                    _post(loop, items.put_nowait, item)
-            except BaseException as e:  # noqa: BLE001 - re-raised on the loop
-                _post(loop, items.put_nowait, _Failure(e))
-            _post(loop, items.put_nowait, _END)
-
+        job, items = _piped(make)
         self._put(job)
-        return _drain(items)
+        return items
 
     def _put(self, job: Any) -> None:
         if self._closed:
@@ -133,6 +123,14 @@ def stream_in_thread(
     caller while waiting for tokens: one thread per admitted request, so requests in
     different slots do not wait for each other.
     """
+    job, items = _piped(make)
+    threading.Thread(target=job, name=name, daemon=True).start()
+    return items
+
+
+def _piped(make: Callable[[], Iterator[T]]) -> tuple[Callable[[], None], AsyncIterator[T]]:
+    """A job that exhausts ``make()`` (on whatever thread runs it) and the async iterator
+    that yields its items on the calling event loop, in order, re-raising its failure."""
     loop = asyncio.get_running_loop()
     items: asyncio.Queue[Any] = asyncio.Queue()
 
@@ -144,8 +142,7 @@ def stream_in_thread(
             _post(loop, items.put_nowait, _Failure(e))
         _post(loop, items.put_nowait, _END)
 
-    threading.Thread(target=job, name=name, daemon=True).start()
-    return _drain(items)
+    return job, _drain(items)
 
 
 async def _drain(items: asyncio.Queue[Any]) -> AsyncIterator[Any]:
