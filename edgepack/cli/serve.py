@@ -54,8 +54,10 @@ def _providers(ctx: click.Context, param: click.Parameter, value: str | None
               "(provenance.intoto.jsonl, `edgepack sign`) by this ed25519 public key.")
 @click.option("--max-connections", type=click.IntRange(8), default=None,
               envvar="EDGEPACK_MAX_CONNECTIONS", show_envvar=True,
-              help="Open client connections at most (default 256, kept under the "
-              "file-descriptor limit); idle ones are closed first to make room.")
+              help="Open client connections past which idle ones are closed to make room "
+              "(default 256, kept under the file-descriptor limit). Sockets that connected "
+              "under 2 s ago may still be sending their request and are spared, up to 4 x this "
+              "in a burst.")
 @click.option("--cpu", is_flag=True, default=False, envvar="EDGEPACK_CPU", show_envvar=True,
               help="Serve on the CPU although the bundle asks for a GPU the engine lacks "
               "(otherwise that is exit 7). /readyz and the log say so.")
