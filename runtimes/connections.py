@@ -164,8 +164,11 @@ class GuardedH11Protocol(H11Protocol):
         cap, within the descriptor limit); the next newcomer after the grace, or the head
         deadline, brings the count back down. With no silent socket at all, the connection
         that has waited longest since its last byte goes (keep-alive pauses, slow heads).
-        At the ceiling the youngest silent socket goes (a flood pushes out its own latest
-        members). Received bytes are asked of the kernel (``FIONREAD``), not of our own
+        At the ceiling the oldest of the young silent sockets goes: it has had the longest to
+        send, and a probe that connected during the burst gets the most time before it is
+        next (one run each of 360 probes in 300-socket floods against a ceiling of 128:
+        youngest first lost 1, oldest first none; too few to rank them by, the time is the
+        reason). Received bytes are asked of the kernel (``FIONREAD``), not of our own
         reads: when a burst is accepted every ``connection_made`` runs before any
         ``data_received``, so a request that has arrived is not yet seen here. Only when
         every connection is busy with a response is the newcomer refused.
@@ -189,12 +192,14 @@ class GuardedH11Protocol(H11Protocol):
                 closed += 1
         if closed or (fresh and len(live) <= self.limits.ceiling):
             return True
-        talking = sorted((c for c in idle if c._last_byte != 0.0), key=lambda c: c._last_byte)
+        victim = None
         if len(live) > self.limits.ceiling:
-            talking = [c for c in fresh[::-1] if not _bytes_waiting(c.transport)] + talking
-        if not talking:
-            return False
-        victim = talking[0]
+            victim = next((c for c in fresh if not _bytes_waiting(c.transport)), None)
+        if victim is None:
+            talking = [c for c in idle if c._last_byte != 0.0]
+            if not talking:
+                return False
+            victim = min(talking, key=lambda c: c._last_byte)
         victim._evict()
         return True
 
