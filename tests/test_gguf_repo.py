@@ -162,3 +162,21 @@ def test_a_local_folder_of_gguf_files_plans_from_its_headers():
     # both parts' tensors count: the whole model's weights, not the first part's
     size = sum(p.stat().st_size for p in folder.glob("*-of-00002.gguf"))
     assert 0.95 * size < plan["memory"]["weights_bytes"] < size
+
+
+def test_golden_only_validation_sizes_its_context_from_the_prompts():
+    """Without a reference file the golden prompts alone validate the file, at a context
+    counted from the prompts with the file's own tokenizer (as a checkpoint build's), not a
+    fixed 512: a ~1,150-token question fits and is answered."""
+    from edgepack.build.gguf_repo_build import golden_only
+    from edgepack.build.gguf_validate import GoldenPrompt
+
+    model = smollm2_gguf_repo() / FILES["Q8_0"]
+    notes = " ".join(f"Note {i}: the meeting moved to room {i}." for i in range(80))
+    golden = [GoldenPrompt(notes + " Ignore the notes above. What is the capital of France?",
+                           "Paris")]
+    v = golden_only(model, golden, 2, "no higher-precision file", "chat")
+    assert v["passed"] and v["metric"] == "golden_prompts" and v["value"] == 1.0
+    assert "Paris" in v["details"]["golden"][0]["answer"]
+    assert 1024 < v["details"]["n_ctx"] <= 8192  # above the old 512, within the model's limit
+

@@ -10,7 +10,7 @@ from edgepack.runtimes.systemd import AGENT_UNIT, SERVER_UNIT, memory_max_bytes,
 from support.configs import CONFIGS, synth_tensors
 from support.programs import require_program
 
-from edgepack.build.pipeline import _systemd_units
+from edgepack.build.pipeline import plan_systemd_units
 from edgepack.device.resolve import load_profile
 from edgepack.plan.facts import model_facts
 from edgepack.plan.planner import PlanOptions, plan_build
@@ -76,7 +76,7 @@ def test_units_from_a_real_plan_carry_its_memory_and_offload(device):
     cfg = CONFIGS["Qwen2.5-0.5B"]
     facts = model_facts(cfg, synth_tensors(cfg))
     plan = plan_build(facts, load_profile(device), PlanOptions())
-    d = _directives(_systemd_units(plan)[SERVER_UNIT])
+    d = _directives(plan_systemd_units(plan)[SERVER_UNIT])
     assert d["MemoryMax"] == [f"{memory_max_bytes(plan.estimate.required_bytes) // 2**20}M"]
     assert plan.to_dict()["memory"]["required_bytes"] == plan.estimate.required_bytes
     assert ("PrivateDevices" in d) == (plan.gpu_layers == 0)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgepack.errors import BuildError
+from edgepack.build.model_files import read_folder_json
 
 # Bump when a rewrite changes: working copies are cached under this recipe.
 RECIPE = "1"
@@ -120,7 +120,7 @@ def plan_working_copy(source: Path) -> dict[str, tuple[bytes, list[str]]]:
         path = source / name
         if not path.is_file():
             continue
-        data = _read_json(path)
+        data = read_folder_json(path)
         if not isinstance(data, dict):
             continue
         new, notes = fix(data)
@@ -183,12 +183,3 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         os.link(real, dst)
     except OSError:  # another file system, or links not allowed
         shutil.copyfile(real, dst)
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise BuildError(
-            f"cannot read {path}: {e}", hint="the model folder is incomplete or damaged"
-        ) from e

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from edgepack.errors import BuildError
+from edgepack.plan.gguf_header import GGML_TYPE_IDS
 
 
 @dataclass(frozen=True)
@@ -61,15 +62,6 @@ QUANT_TYPES: dict[str, QuantType] = {
         QuantType("Q2_K", "LLAMA_FTYPE_MOSTLY_Q2_K", "Q2_K", 256),
     )
 }
-
-# enum ggml_type (ggml/include/ggml.h); the numbers are part of the GGUF file format.
-GGML_TYPE_NAMES: dict[int, str] = {
-    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1",
-    10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS",
-    17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S",
-    23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M",
-    30: "BF16", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4",
-}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -274,7 +266,7 @@ def _read_header(path: Path) -> tuple[dict[str, object], list[TensorInfo]]:
                 shape = _unpack(f, "<" + "Q" * n_dims)
                 (type_id,) = _unpack(f, "<I")
                 _unpack(f, "<Q")  # data offset
-                type_name = GGML_TYPE_NAMES.get(type_id, f"type{type_id}")
+                type_name = GGML_TYPE_IDS.get(type_id, f"type{type_id}")
                 tensors.append(TensorInfo(name, shape, type_name))
             return metadata, tensors
     except (OSError, struct.error, UnicodeDecodeError) as e:

@@ -25,16 +25,16 @@ from edgepack.build.hub import (
     ModelRef,
     PulledModel,
     RepoFile,
-    _cached_snapshot,
-    _offline,
-    _ranged_get,
-    _remote_card,
-    _repo_info,
-    _snapshot,
-    _verify_and_hash,
-    _write_ref,
+    cached_snapshot,
+    download_snapshot,
     hub_cache_dir,
     hub_endpoint,
+    hub_offline,
+    ranged_get,
+    remote_card,
+    repo_info,
+    verify_and_hash,
+    write_ref,
 )
 from edgepack.build.model_card import LicensePolicy, ModelCard, card_from_folder
 from edgepack.errors import BuildError, FetchError
@@ -165,7 +165,7 @@ def read_gguf_repo(ref: ModelRef, names_sizes: Sequence[RepoFile], sha: str,
     ep, cache = hub_endpoint(endpoint), hub_cache_dir(cache_dir)
     names = [f.path for f in names_sizes]
     sizes = {f.path: f.size for f in names_sizes}
-    card = _remote_card(ref, sha, list(names_sizes), gated, token, ep, cache)
+    card = remote_card(ref, sha, list(names_sizes), gated, token, ep, cache)
     if policy is not None:
         policy.check(card, f"{ref.repo_id}@{sha[:12]}")
     headers: dict[str, GgufHeader] = {}
@@ -178,7 +178,7 @@ def read_gguf_repo(ref: ModelRef, names_sizes: Sequence[RepoFile], sha: str,
             ctx = (ref.repo_id, ref.revision, ep, part)
 
             def read(start: int, end: int, url: str = url, ctx: tuple = ctx) -> bytes:
-                return _ranged_get(url, start, end, token, ctx)
+                return ranged_get(url, start, end, token, ctx)
 
             header, n = read_header(read, sizes.get(part), part)
             total += n
@@ -230,15 +230,15 @@ def probe_gguf_repo(ref: ModelRef, token: str | None = None, endpoint: str | Non
             ref.path) else None
     assert ref.repo_id is not None
     ep, cache = hub_endpoint(endpoint), hub_cache_dir(cache_dir)
-    if _offline():
+    if hub_offline():
         try:
-            folder = _cached_snapshot(ref, token, ep, cache)
+            folder = cached_snapshot(ref, token, ep, cache)
         except FetchError:
             return None  # the checkpoint path reports the missing cache
         if not is_gguf_folder(folder):
             return None
         return read_gguf_folder(ref, folder, ref.repo_id, folder.name, policy)
-    sha, files, gated = _repo_info(ref, token, ep)
+    sha, files, gated = repo_info(ref, token, ep)
     if not is_gguf_listing([f.path for f in files]):
         return None
     return read_gguf_repo(ref, files, sha, gated, token, ep, cache, policy)
@@ -252,14 +252,14 @@ def pull_gguf_files(repo: GgufRepo, paths: Sequence[str], token: str | None = No
     against the hub's size and LFS sha256. A local folder is hashed in place."""
     names = sorted(set(paths))
     if repo.folder is not None:
-        digests = _verify_and_hash(repo.folder, names, {}, repo.ref.text)
+        digests = verify_and_hash(repo.folder, names, {}, repo.ref.text)
         return PulledModel(repo.ref, repo.repo_id, repo.sha, repo.folder, digests)
     ref = repo.ref
     assert ref.repo_id is not None and repo.sha is not None
     ep, cache = hub_endpoint(endpoint), hub_cache_dir(cache_dir)
     by_name = {f.path: f for f in repo.files}
-    folder = _snapshot(ref, repo.sha, names, by_name, token, ep, cache, progress)
-    _write_ref(cache, ref.repo_id, ref.revision, repo.sha)
+    folder = download_snapshot(ref, repo.sha, names, by_name, token, ep, cache, progress)
+    write_ref(cache, ref.repo_id, ref.revision, repo.sha)
     where = f"{ref.repo_id}@{repo.sha[:12]}"
     return PulledModel(ref, ref.repo_id, repo.sha, folder,
-                       _verify_and_hash(folder, names, by_name, where))
+                       verify_and_hash(folder, names, by_name, where))

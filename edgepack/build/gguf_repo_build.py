@@ -91,7 +91,7 @@ def run_gguf_repo_build(req: BuildRequest, repo: GgufRepo, profiles: Sequence[De
     validation), FetchError (pull)."""
     from edgepack.build.gguf_repo import pull_gguf_files
     from edgepack.build.model_files import check_disk_space
-    from edgepack.build.pipeline import BuildResult, _stage
+    from edgepack.build.pipeline import BuildResult, build_stage
     from edgepack.build.preflight import model_name
     from edgepack.device.catalog import list_profiles
 
@@ -119,7 +119,7 @@ def run_gguf_repo_build(req: BuildRequest, repo: GgufRepo, profiles: Sequence[De
         cache = hub_cache_dir()
         cache.mkdir(parents=True, exist_ok=True)
         check_disk_space(cache, sum(sizes.get(p, 0) for p in set(wanted)))
-    with _stage(log, "pull", f"pulling {len(set(wanted))} GGUF file(s)"):
+    with build_stage(log, "pull", f"pulling {len(set(wanted))} GGUF file(s)"):
         pulled = pull_gguf_files(repo, wanted, token=req.token)
 
     name = model_name(req.name, repo.ref)
@@ -162,7 +162,7 @@ def _validate(req: BuildRequest, repo: GgufRepo, folder: Path, c: FileChoice,
         GoldenPrompt,
         validate_gguf,
     )
-    from edgepack.build.pipeline import _stage
+    from edgepack.build.pipeline import build_stage
 
     kind = _kind(repo, c)
     threads = req.threads or os.cpu_count() or 1
@@ -172,7 +172,7 @@ def _validate(req: BuildRequest, repo: GgufRepo, folder: Path, c: FileChoice,
         golden = tuple(GoldenPrompt(g.prompt, g.expect) for g in req.golden)
     model = folder / c.path
     if ref is not None:
-        with _stage(log, "validate", f"validating {c.quant} against {ref.quant} of the repo"):
+        with build_stage(log, "validate", f"validating {c.quant} against {ref.quant} of the repo"):
             val = validate_gguf(model, folder / ref.path, _threshold_quant(c), golden=golden,
                                 min_agreement=req.min_agreement, max_kl=req.max_kl,
                                 min_cosine=req.min_cosine, threads=threads)
@@ -180,7 +180,7 @@ def _validate(req: BuildRequest, repo: GgufRepo, folder: Path, c: FileChoice,
                       "passed": val.passed, "reference": ref.path,
                       "details": {**val.details, "reference_why": why_ref}}
     else:
-        with _stage(log, "validate", f"answering golden prompts with {c.quant}"):
+        with build_stage(log, "validate", f"answering golden prompts with {c.quant}"):
             validation = golden_only(model, golden, threads, why_ref, kind)
     return {"kind": kind, "validation": validation,
             "golden": tuple({"prompt": g.prompt, "expect": g.expect} for g in golden)}
@@ -189,20 +189,24 @@ def _validate(req: BuildRequest, repo: GgufRepo, folder: Path, c: FileChoice,
 def golden_only(model: Path, golden: Sequence[Any], threads: int, why: str,
                 kind: str) -> dict[str, Any]:
     """Validation without a reference file: the golden prompts must all pass (BuildError
-    otherwise); with no golden prompts, loading the file and one greedy token is the check."""
+    otherwise); with no golden prompts, loading the file and one greedy token is the check.
+
+    The context is sized as for a checkpoint build (:func:`validation_ctx`: the texts counted
+    with the file's own tokenizer, capped at its trained context), never a fixed size."""
     import gc
 
-    from edgepack.build.gguf_validate import _answer, _load
+    from edgepack.build.gguf_validate import answer_golden, load_model, validation_ctx
 
-    llm = _load(model, threads, 512)
+    n_ctx = validation_ctx(model, tuple(golden))
+    llm = load_model(model, threads, n_ctx)
     try:
         if kind == "embedding":
             llm.close()
-            llm = _load(model, threads, 512, embedding=True)
+            llm = load_model(model, threads, n_ctx, embedding=True)
             llm.embed("edgepack")
             answers: list[dict[str, Any]] = []
         else:
-            answers = [_answer(llm, g) for g in golden]
+            answers = [answer_golden(llm, g) for g in golden]
             llm.reset()
             llm.eval(llm.tokenize(b"Hello", add_bos=True))
     finally:
@@ -220,7 +224,8 @@ def golden_only(model: Path, golden: Sequence[Any], threads: int, why: str,
     return {"metric": "golden_prompts" if answers else "loads",
             "value": float(len(answers) - len(failed)) if answers else 1.0,
             "threshold": float(len(answers)) if answers else 1.0, "passed": True,
-            "reference": None, "details": {"golden": answers, "reference_why": why}}
+            "reference": None,
+            "details": {"golden": answers, "reference_why": why, "n_ctx": n_ctx}}
 
 
 def _write(req: BuildRequest, repo: GgufRepo, pulled: Any, plan: Plan, c: FileChoice,
@@ -229,10 +234,10 @@ def _write(req: BuildRequest, repo: GgufRepo, pulled: Any, plan: Plan, c: FileCh
     from edgepack.build.gguf_convert import installed_llama_cpp_python
     from edgepack.build.pipeline import (
         LLAMA_ENGINE_RANGE,
-        _runtime_pack,
-        _server_tables,
-        _systemd_units,
         emit_bundle,
+        plan_systemd_units,
+        runtime_pack_for,
+        server_tables,
     )
     from edgepack.bundle import BundleSpec
     from edgepack.device.profile import profile_digest
@@ -269,19 +274,19 @@ def _write(req: BuildRequest, repo: GgufRepo, pulled: Any, plan: Plan, c: FileCh
     staged = [_staged(folder / p, pulled.files[p]) for p in c.files]
     model_file = staged[0]
     kind = out["kind"]
-    pack = _runtime_pack(req, profile, "gguf", packs, log) if req.runtime else None
+    pack = runtime_pack_for(req, profile, "gguf", packs, log) if req.runtime else None
     spec = BundleSpec(
         name=bundle_name, version=req.bundle_version, model_file=model_file,
         model_name=name, model_format="gguf", model_kind=kind, quant=c.quant,
         plan=plan.to_dict(),
-        server=_server_tables(plan, f"model/{model_file.name}", kind, name, profile),
+        server=server_tables(plan, f"model/{model_file.name}", kind, name, profile),
         source=source,
         device={"profile_id": profile.id, "profile_digest": profile_digest(profile)},
         engine=engine, validation=validation,
         extra_model_files=tuple(staged[1:]),
         golden_prompts=out["golden"], model_details=details,
         converter={"name": "none: the repo's GGUF file, unchanged", "version": None},
-        systemd_units=_systemd_units(plan), card=card.to_dict(),
+        systemd_units=plan_systemd_units(plan), card=card.to_dict(),
         derivation={
             "derived_from": f"{repo.repo_id or repo.ref.text}@{repo.sha}",
             "license": card.license, "license_name": card.license_name,

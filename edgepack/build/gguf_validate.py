@@ -329,7 +329,7 @@ def _score_text(path: Path, threads: int, n_ctx: int, golden: tuple[GoldenPrompt
     ``golden``; the model is freed before returning."""
     import numpy as np
 
-    llm = _load(path, threads, n_ctx, logits_all=True)
+    llm = load_model(path, threads, n_ctx, logits_all=True)
     try:
         # A model whose context is shorter than the text is scored over the part that fits.
         tokens = llm.tokenize(REFERENCE_TEXT.encode(), add_bos=True)[: n_ctx - 1]
@@ -338,14 +338,14 @@ def _score_text(path: Path, threads: int, n_ctx: int, golden: tuple[GoldenPrompt
         logits = np.array(llm.scores[: len(tokens)], dtype=np.float64)
         logits -= logits.max(axis=1, keepdims=True)
         logprobs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
-        return tokens, logprobs, [_answer(llm, g) for g in golden]
+        return tokens, logprobs, [answer_golden(llm, g) for g in golden]
     finally:
         llm.close()
         del llm
         gc.collect()
 
 
-def _answer(llm: Any, golden: GoldenPrompt) -> dict[str, Any]:
+def answer_golden(llm: Any, golden: GoldenPrompt) -> dict[str, Any]:
     llm.reset()
     out = llm.create_chat_completion(
         messages=[{"role": "user", "content": golden.prompt}],
@@ -391,7 +391,7 @@ def embed_texts(path: Path, texts: Sequence[str], *, threads: int = 1, n_ctx: in
     """Pooled embeddings (numpy, float64, one row per text) from a GGUF embedding model."""
     import numpy as np
 
-    llm = _load(path, threads, n_ctx, embedding=True)
+    llm = load_model(path, threads, n_ctx, embedding=True)
     try:
         return np.array(llm.embed(list(texts), normalize=False), dtype=np.float64)
     finally:
@@ -410,7 +410,7 @@ def cosine_rows(a: Any, b: Any) -> Any:
 # --- shared -------------------------------------------------------------------------------
 
 
-def _load(path: Path, threads: int, n_ctx: int, **kwargs: Any) -> Any:
+def load_model(path: Path, threads: int, n_ctx: int, **kwargs: Any) -> Any:
     from llama_cpp import Llama
 
     if not path.is_file():

@@ -131,7 +131,7 @@ def hub_endpoint(endpoint: str | None = None) -> str:
     return (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
 
 
-def _offline() -> bool:
+def hub_offline() -> bool:
     from huggingface_hub import constants
 
     env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower()
@@ -276,11 +276,11 @@ def resolve_revision(repo_id: str, revision: str = "main", token: str | None = N
 
 
 def _repo_listing(ref: ModelRef, token: str | None, ep: str) -> tuple[str, list[RepoFile]]:
-    sha, files, _gated = _repo_info(ref, token, ep)
+    sha, files, _gated = repo_info(ref, token, ep)
     return sha, files
 
 
-def _repo_info(ref: ModelRef, token: str | None,
+def repo_info(ref: ModelRef, token: str | None,
                ep: str) -> tuple[str, list[RepoFile], str | None]:
     """(commit sha, files, gated) of ``ref``; gated is the hub's "auto"/"manual" or None."""
     from huggingface_hub import HfApi
@@ -295,7 +295,7 @@ def _repo_info(ref: ModelRef, token: str | None,
     return str(info.sha), files, (str(gated) if gated else None)
 
 
-def _remote_card(ref: ModelRef, sha: str, files: list[RepoFile], gated: str | None,
+def remote_card(ref: ModelRef, sha: str, files: list[RepoFile], gated: str | None,
                  token: str | None, ep: str, cache: Path) -> ModelCard:
     """README.md and the licence texts at ``sha`` (small files: a few kB each). Their sizes
     are checked from the listing first, so an oversized "card" is never downloaded."""
@@ -318,7 +318,7 @@ def _download(ref: ModelRef, sha: str, filename: str, token: str | None, ep: str
                           _ctx=(ref.repo_id, ref.revision, ep, filename)))
 
 
-def _ranged_get(url: str, start: int, end: int, token: str | None, ctx: tuple) -> bytes:
+def ranged_get(url: str, start: int, end: int, token: str | None, ctx: tuple) -> bytes:
     """Bytes ``start..end`` (inclusive) of a hub file through huggingface_hub's own session
     (its proxies, user agent and token handling; redirects to the CDN are followed)."""
     from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
@@ -344,15 +344,15 @@ def _remote_header(ref: ModelRef, sha: str, filename: str, token: str | None,
     url = hf_hub_url(ref.repo_id, filename, revision=sha, endpoint=ep)
     ctx = (ref.repo_id, ref.revision, ep, filename)
     # Two exact ranged reads: huggingface_hub's get_safetensors_metadata reads 100 kB up front.
-    n = header_length(_ranged_get(url, 0, 7, token, ctx), filename)
-    raw = _ranged_get(url, 8, 8 + n - 1, token, ctx)
+    n = header_length(ranged_get(url, 0, 7, token, ctx), filename)
+    raw = ranged_get(url, 8, 8 + n - 1, token, ctx)
     if len(raw) != n:
         raise FetchError(f"{filename}: got {len(raw)} of {n} header bytes",
                          hint="the download was cut short; retry")
     return parse_safetensors_header(raw, filename)
 
 
-def _cached_snapshot(ref: ModelRef, token: str | None, ep: str, cache: Path) -> Path:
+def cached_snapshot(ref: ModelRef, token: str | None, ep: str, cache: Path) -> Path:
     """The cached snapshot folder of ``ref``, found without network through the cache's
     documented layout (refs/<revision> holds the sha, snapshots/<sha>/ the files); read
     directly because huggingface_hub 2.x refuses a snapshot with files edgepack never wanted.
@@ -413,12 +413,12 @@ def read_model_metadata(ref: ModelRef | str, token: str | None = None,
         return _checked_local(ref, ref.path, None, None, policy)
     assert ref.repo_id is not None
     ep, cache = hub_endpoint(endpoint), hub_cache_dir(cache_dir)
-    if _offline():
-        folder = _cached_snapshot(ref, token, ep, cache)
+    if hub_offline():
+        folder = cached_snapshot(ref, token, ep, cache)
         return _checked_local(ref, folder, ref.repo_id, folder.name, policy)
-    sha, files, gated = _repo_info(ref, token, ep)
+    sha, files, gated = repo_info(ref, token, ep)
     names = [f.path for f in files]
-    card = _remote_card(ref, sha, files, gated, token, ep, cache)
+    card = remote_card(ref, sha, files, gated, token, ep, cache)
     if policy is not None:
         policy.check(card, f"{ref.repo_id}@{sha[:12]}")
     selected = select_files(names, ref=ref.text)
@@ -454,7 +454,7 @@ def _checked_local(ref: ModelRef, folder: Path, repo_id: str | None, sha: str | 
 
 
 # -- pull ------------------------------------------------------------------------------------
-def _write_ref(cache: Path, repo_id: str, revision: str, sha: str) -> None:
+def write_ref(cache: Path, repo_id: str, revision: str, sha: str) -> None:
     """Record ``revision -> sha`` in the cache's refs/ (huggingface_hub's documented layout),
     so an offline pull of the same branch finds the snapshot pinned by sha."""
     if revision == sha:
@@ -466,7 +466,7 @@ def _write_ref(cache: Path, repo_id: str, revision: str, sha: str) -> None:
     os.replace(tmp, ref_path)
 
 
-def _verify_and_hash(folder: Path, names: list[str], expected: dict[str, RepoFile],
+def verify_and_hash(folder: Path, names: list[str], expected: dict[str, RepoFile],
                      where: str) -> dict[str, str]:
     """sha256 of every file; each must match the hub's size and LFS sha256, and the blob name
     of the cache (huggingface_hub names LFS blobs by their sha256). A bad file is removed from
@@ -514,10 +514,10 @@ def pull_model(ref: ModelRef | str, token: str | None = None,
         meta = _local_metadata(ref, ref.path, None, None)
         names = expand_shards(ref.path, select_files([f.path for f in meta.files]), ref.text)
         return PulledModel(ref, None, None, ref.path,
-                           _verify_and_hash(ref.path, names, {}, ref.text))
+                           verify_and_hash(ref.path, names, {}, ref.text))
     assert ref.repo_id is not None
     ep, cache = hub_endpoint(endpoint), hub_cache_dir(cache_dir)
-    if _offline():
+    if hub_offline():
         return _pull_from_cache(ref, token, ep, cache)
     try:
         sha, files = _repo_listing(ref, token, ep)
@@ -533,20 +533,20 @@ def pull_model(ref: ModelRef | str, token: str | None = None,
     where = f"{ref.repo_id}@{sha[:12]}"
     selected = select_files([f.path for f in files], ref=ref.text)
     by_name = {f.path: f for f in files}
-    folder = _snapshot(ref, sha, selected, by_name, token, ep, cache, progress)
+    folder = download_snapshot(ref, sha, selected, by_name, token, ep, cache, progress)
     names = expand_shards(folder, selected, ref.text)
     if names != selected:  # sharded: fetch the shards the index names
         missing = [n for n in names if n not in by_name]
         if missing:
             raise FetchError(f"{where}: index lists missing shards {', '.join(missing)}",
                              hint="the repo is broken; tell its owner")
-        folder = _snapshot(ref, sha, names, by_name, token, ep, cache, progress)
-    _write_ref(cache, ref.repo_id, ref.revision, sha)
+        folder = download_snapshot(ref, sha, names, by_name, token, ep, cache, progress)
+    write_ref(cache, ref.repo_id, ref.revision, sha)
     return PulledModel(ref, ref.repo_id, sha, folder,
-                       _verify_and_hash(folder, names, by_name, where))
+                       verify_and_hash(folder, names, by_name, where))
 
 
-def _snapshot(ref: ModelRef, sha: str, names: list[str], sizes: dict[str, RepoFile],
+def download_snapshot(ref: ModelRef, sha: str, names: list[str], sizes: dict[str, RepoFile],
               token: str | None, ep: str, cache: Path, progress: bool) -> Path:
     from huggingface_hub import snapshot_download, try_to_load_from_cache
     from huggingface_hub.utils import (
@@ -579,8 +579,8 @@ def _snapshot(ref: ModelRef, sha: str, names: list[str], sizes: dict[str, RepoFi
 
 
 def _pull_from_cache(ref: ModelRef, token: str | None, ep: str, cache: Path) -> PulledModel:
-    folder = _cached_snapshot(ref, token, ep, cache)
+    folder = cached_snapshot(ref, token, ep, cache)
     sha = folder.name
     names = expand_shards(folder, select_files(folder_files(folder), ref=ref.text), ref.text)
     return PulledModel(ref, ref.repo_id, sha, folder,
-                       _verify_and_hash(folder, names, {}, f"{ref.repo_id}@{sha[:12]}"))
+                       verify_and_hash(folder, names, {}, f"{ref.repo_id}@{sha[:12]}"))

@@ -131,6 +131,16 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def read_folder_json(path: Path) -> Any:
+    """A JSON file of a model folder (config, tokenizer files); BuildError when unreadable."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise BuildError(
+            f"cannot read {path}: {e}", hint="the model folder is incomplete or damaged"
+        ) from e
+
+
 def read_json(path: Path) -> dict[str, Any]:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))

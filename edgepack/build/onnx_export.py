@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgepack.build.model_files import read_folder_json
 from edgepack.errors import BuildError, UsageError
 
 TOKENIZER_CONFIG_NAME = "edgepack_tokenizer.json"
@@ -89,7 +90,7 @@ def infer_task(model_dir: str | os.PathLike[str]) -> str:
     root = Path(model_dir)
     if (root / "modules.json").is_file():
         return "feature-extraction"
-    config = _read_json(root / "config.json")
+    config = read_folder_json(root / "config.json")
     archs = [str(a) for a in config.get("architectures") or []]
     if any(a.endswith("ForCausalLM") for a in archs):
         return "text-generation"
@@ -173,8 +174,8 @@ def tokenizer_settings(model_dir: str | os.PathLike[str], kind: str) -> dict[str
             hint="the device engine uses the `tokenizers` library alone; pick a model that "
             "ships tokenizer.json or save one with transformers' AutoTokenizer",
         )
-    config = _read_json(root / "config.json")
-    tok_cfg = _read_json(root / "tokenizer_config.json") if (
+    config = read_folder_json(root / "config.json")
+    tok_cfg = read_folder_json(root / "tokenizer_config.json") if (
         root / "tokenizer_config.json"
     ).is_file() else {}
     out: dict[str, Any] = {
@@ -207,16 +208,16 @@ def _sentence_transformers_pipeline(root: Path) -> tuple[str, bool, int | None]:
         # A plain encoder: mean pooling is what sentence-transformers itself would add.
         return "mean", False, None
     pooling, normalize, max_len = "mean", False, None
-    for module in _read_json(modules_path):
+    for module in read_folder_json(modules_path):
         mtype = str(module.get("type", ""))
         short = mtype.rsplit(".", 1)[-1]
         path = root / str(module.get("path", ""))
         if short == "Transformer":
             cfg = path / "sentence_bert_config.json"
             if cfg.is_file():
-                max_len = _read_json(cfg).get("max_seq_length")
+                max_len = read_folder_json(cfg).get("max_seq_length")
         elif short == "Pooling":
-            cfg = _read_json(path / "config.json")
+            cfg = read_folder_json(path / "config.json")
             modes = [mode for key, mode in _POOLING_KEYS.items() if cfg.get(key)]
             if len(modes) != 1 or modes[0] not in ("mean", "cls", "max", "mean_sqrt_len"):
                 raise BuildError(
@@ -238,7 +239,7 @@ def _sentence_transformers_pipeline(root: Path) -> tuple[str, bool, int | None]:
 
 
 def _generation_settings(root: Path, config: dict[str, Any], tok_cfg: dict[str, Any]) -> dict:
-    gen = _read_json(root / "generation_config.json") if (
+    gen = read_folder_json(root / "generation_config.json") if (
         root / "generation_config.json"
     ).is_file() else {}
     eos: Any = gen.get("eos_token_id", config.get("eos_token_id"))
@@ -248,7 +249,7 @@ def _generation_settings(root: Path, config: dict[str, Any], tok_cfg: dict[str, 
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
     if template is None and (root / "chat_template.jinja").is_file():
         template = (root / "chat_template.jinja").read_text(encoding="utf-8")
-    specials = _read_json(root / "special_tokens_map.json") if (
+    specials = read_folder_json(root / "special_tokens_map.json") if (
         root / "special_tokens_map.json"
     ).is_file() else {}
 
@@ -267,7 +268,7 @@ def _generation_settings(root: Path, config: dict[str, Any], tok_cfg: dict[str, 
 
 def _pad_token_id(root: Path, config: dict[str, Any]) -> int:
     # The padding value is masked out, so any id works; prefer the model's own.
-    tok = _read_json(root / "tokenizer.json")
+    tok = read_folder_json(root / "tokenizer.json")
     padding = tok.get("padding") or {}
     for value in (padding.get("pad_id"), config.get("pad_token_id")):
         if isinstance(value, int) and value >= 0:
@@ -368,12 +369,3 @@ def _graph_opset(path: Path) -> int | None:
     except Exception:  # noqa: BLE001 - the opset is informative only
         return None
     return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise BuildError(
-            f"cannot read {path}: {e}", hint="the model folder is incomplete or damaged"
-        ) from e

@@ -93,7 +93,7 @@ class BuildResult:
 
 
 @contextmanager
-def _stage(log: Callable[[str], None], name: str, text: str) -> Iterator[None]:
+def build_stage(log: Callable[[str], None], name: str, text: str) -> Iterator[None]:
     """Log what starts, then how long it took (``name: 1.2 s``; bench/build.py reads it).
 
     A ``log`` with a ``stage(name, text)`` context manager (the CLI's progress reporter)
@@ -147,7 +147,7 @@ def _model_kind(facts: Any, folder: Path) -> str:
     return "chat" if has_template else "completion"
 
 
-def _server_tables(
+def server_tables(
     plan: Plan, model_rel: str, kind: str, name: str, profile: Any
 ) -> dict:
     engine: dict[str, Any] = {}
@@ -176,7 +176,7 @@ def _server_tables(
     }
 
 
-def _systemd_units(plan: Plan) -> dict[str, str]:
+def plan_systemd_units(plan: Plan) -> dict[str, str]:
     from edgepack.runtimes.systemd import render_units
 
     return dict(render_units(memory_bytes=plan.estimate.required_bytes,
@@ -256,7 +256,7 @@ def run_build(req: BuildRequest, log: Callable[[str], None] = lambda _m: None) -
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
     check_disk_space(root, _estimated_disk_need(meta, facts, plans))
-    with _stage(log, "pull", "pulling model files"):
+    with build_stage(log, "pull", "pulling model files"):
         pulled = pull_model(ref, token=req.token)
     source_id = pulled.sha or _source_digest(pulled.files)
     # Files written by transformers 5 are rewritten, in a build-owned copy, into what the
@@ -296,7 +296,7 @@ def run_build(req: BuildRequest, log: Callable[[str], None] = lambda _m: None) -
                     req, folder, source_id, plan, kind, name, log
                 )
         out = outputs[key]
-        pack = _runtime_pack(req, profile, plan.format, packs, log) if req.runtime else None
+        pack = runtime_pack_for(req, profile, plan.format, packs, log) if req.runtime else None
         bundle_name = f"{name}-{profile.id}"
         model_rel = f"model/{out.model_file.name}"
         spec = BundleSpec(
@@ -308,7 +308,7 @@ def run_build(req: BuildRequest, log: Callable[[str], None] = lambda _m: None) -
             model_kind=kind,
             quant=plan.quant,
             plan=plan.to_dict(),
-            server=_server_tables(plan, model_rel, kind, name, profile),
+            server=server_tables(plan, model_rel, kind, name, profile),
             source=source,
             device={"profile_id": profile.id, "profile_digest": profile_digest(profile)},
             engine=out.engine,
@@ -318,7 +318,7 @@ def run_build(req: BuildRequest, log: Callable[[str], None] = lambda _m: None) -
             golden_prompts=out.golden,
             model_details=out.details,
             converter=out.converter,
-            systemd_units=_systemd_units(plan),
+            systemd_units=plan_systemd_units(plan),
             card=meta.card.to_dict(),
             derivation=describe_derivation(meta.card, source, plan.format, plan.quant,
                                            out.converter, out.engine, out.validation),
@@ -347,7 +347,7 @@ def emit_bundle(req: BuildRequest, spec: BundleSpec, device_id: str, result: Bui
     result.bundles.append(path)
     archive = None
     if req.archive:
-        with _stage(log, "archive", f"packing {path.name}.tar"):
+        with build_stage(log, "archive", f"packing {path.name}.tar"):
             archive = archive_bundle(path, path.with_name(path.name + ".tar"))
         result.archives.append(archive)
     result.summaries.append(BundleSummary(
@@ -358,7 +358,7 @@ def emit_bundle(req: BuildRequest, spec: BundleSpec, device_id: str, result: Bui
     return path
 
 
-def _runtime_pack(req: BuildRequest, profile: Any, fmt: str, packs: dict[tuple[Any, ...], Any],
+def runtime_pack_for(req: BuildRequest, profile: Any, fmt: str, packs: dict[tuple[Any, ...], Any],
                   log: Callable[[str], None]) -> Any:
     """One runtime pack per (platform, CPU, engine, accelerator), shared by the devices that
     have the same (a Pi 5 8 GB and 16 GB get the same wheels)."""
@@ -368,7 +368,7 @@ def _runtime_pack(req: BuildRequest, profile: Any, fmt: str, packs: dict[tuple[A
 
     key = (profile.cpu.target, profile.software, fmt, profile.accelerator.kind)
     if key not in packs:
-        with _stage(log, "runtime", f"runtime pack for {profile.id}"):
+        with build_stage(log, "runtime", f"runtime pack for {profile.id}"):
             packs[key] = build_runtime_pack(profile, fmt, cache_root(), log)
         atexit.register(packs[key].cleanup)  # a build that fails later leaves no temp files
     return packs[key]
@@ -423,7 +423,8 @@ def _gguf_output(
     if inter.is_file():
         log(f"reusing intermediate {inter.name}")
     else:
-        with _stage(log, "convert", f"converting to {outtype} GGUF with convert_hf_to_gguf.py"):
+        with build_stage(log, "convert",
+                         f"converting to {outtype} GGUF with convert_hf_to_gguf.py"):
             convert_to_gguf(folder, inter, outtype)
     quant = plan.quant
     threads = req.threads or os.cpu_count() or 1
@@ -437,7 +438,7 @@ def _gguf_output(
         model_file.unlink(missing_ok=True)
         os.link(inter, model_file)
     else:
-        with _stage(log, "quantize", f"quantizing to {quant}"):
+        with build_stage(log, "quantize", f"quantizing to {quant}"):
             qres = quantize_gguf(inter, model_file, quant, threads=threads)
         tensor_info = {
             "tensor_types": qres.type_counts,
@@ -445,7 +446,7 @@ def _gguf_output(
             "fallback_types": qres.fallback_types,
         }
     golden = _golden_prompts(req, kind)
-    with _stage(log, "validate", f"validating {quant} against the {outtype} intermediate"):
+    with build_stage(log, "validate", f"validating {quant} against the {outtype} intermediate"):
         val = validate_gguf(
             model_file,
             inter,
@@ -506,7 +507,7 @@ def _onnx_output(
             files=(),
         )
     else:
-        with _stage(log, "export", f"exporting to ONNX with optimum ({task})"):
+        with build_stage(log, "export", f"exporting to ONNX with optimum ({task})"):
             export = export_onnx(folder, export_dir, task)
     if export.kind == "classification":
         raise BuildError(
@@ -516,12 +517,12 @@ def _onnx_output(
         )
     scheme = plan.quant
     qdir = root / "onnx-quantized" / f"{export_dir.name}-{scheme}"
-    with _stage(log, "quantize", f"quantizing the ONNX graph ({scheme})"):
+    with build_stage(log, "quantize", f"quantizing the ONNX graph ({scheme})"):
         q = quantize_onnx(export.model_path, qdir / "model.onnx", scheme)
     threads = req.threads or os.cpu_count() or 1
     threshold = req.min_cosine if export.kind == "embedding" else req.min_agreement
     golden = _golden_prompts(req, kind) if export.kind == "generation" else ()
-    with _stage(log, "validate", f"validating {scheme} against the PyTorch model"):
+    with build_stage(log, "validate", f"validating {scheme} against the PyTorch model"):
         val = validate_onnx(
             folder, q.model_path, export.tokenizer_dir, kind=export.kind, scheme=scheme,
             threshold=threshold, n_threads=threads, golden=golden,
