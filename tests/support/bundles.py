@@ -212,6 +212,22 @@ def serve_bundle(bundle: Path, *args: str, env: Mapping[str, str] | None = None,
     return server
 
 
+def served_answer(bundle: Path, model: str, question: str, max_tokens: int = 24) -> str:
+    """Serve ``bundle``, ask ``question`` greedily with the official openai client, stop the
+    server (asserting a clean exit) and return the answer."""
+    from openai import OpenAI
+
+    server = serve_bundle(bundle)
+    try:
+        client = OpenAI(base_url=server.base_url + "/v1", api_key="unused")
+        reply = client.chat.completions.create(
+            model=model, temperature=0, max_tokens=max_tokens,
+            messages=[{"role": "user", "content": question}])
+        return reply.choices[0].message.content or ""
+    finally:
+        assert server.stop() == 0
+
+
 @pytest.fixture(scope="module")
 def chat_server(chat_bundle):
     """One ready chat server shared by a test module; stopped (SIGTERM) at the end."""
