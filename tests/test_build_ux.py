@@ -57,6 +57,21 @@ def test_bad_options_and_outputs_exit_2_before_any_request(local_hub, tiny_llama
     assert len(local_hub.requests) == before
 
 
+def test_a_repo_file_type_on_a_checkpoint_is_refused_before_any_weight(local_hub,
+                                                                       tiny_llama_dir, tmp_path):
+    """IQ4_XS passes the up-front check (a GGUF repo may hold it), but a checkpoint cannot be
+    quantized to it: exit 2 naming what edgepack makes, after the metadata and before any
+    weight byte."""
+    local_hub.add_repo(REPO, tiny_llama_dir)
+    r = _build(REPO, "--device", "laptop-x86-16gb", "--quant", "IQ4_XS",
+               "--out", str(tmp_path / "out"))
+    assert r.exit_code == 2, r.output
+    assert "cannot quantize to 'IQ4_XS'" in r.output and "Q4_K_M" in r.output
+    assert not any(q.path.endswith(".safetensors") and q.range is None
+                   for q in local_hub.requests)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_summary_next_command_and_json(local_hub, tiny_llama_dir, tmp_path):
     local_hub.add_repo(REPO, tiny_llama_dir)

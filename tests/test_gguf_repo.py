@@ -87,19 +87,11 @@ def test_build_pulls_only_the_chosen_file_and_its_reference(local_hub, tmp_path)
         _, sent = _file_traffic(local_hub, name)
         assert sent >= (folder / name).stat().st_size  # downloaded whole
     # served with the tokenizer and chat template from the GGUF metadata (no tokenizer/)
-    from openai import OpenAI
-    from support.bundles import serve_bundle
+    from support.bundles import served_answer
 
     assert not (bundle / "tokenizer").exists()
-    server = serve_bundle(bundle)
-    try:
-        client = OpenAI(base_url=server.base_url + "/v1", api_key="unused")
-        reply = client.chat.completions.create(
-            model="smollm2-135m-instruct-gguf", temperature=0, max_tokens=24,
-            messages=[{"role": "user", "content": "What is the capital of France?"}])
-        assert "Paris" in (reply.choices[0].message.content or "")
-    finally:
-        assert server.stop() == 0
+    assert "Paris" in served_answer(bundle, "smollm2-135m-instruct-gguf",
+                                    "What is the capital of France?")
 
 
 def test_split_file_chosen_with_quant_ships_every_part(local_hub, tmp_path):
@@ -180,3 +172,62 @@ def test_golden_only_validation_sizes_its_context_from_the_prompts():
     assert "Paris" in v["details"]["golden"][0]["answer"]
     assert 1024 < v["details"]["n_ctx"] <= 8192  # above the old 512, within the model's limit
 
+
+def _go_offline(local_hub, monkeypatch) -> None:
+    """Stop the hub and set HF_HUB_OFFLINE (and huggingface_hub's copy, read at import)."""
+    from huggingface_hub import constants
+
+    local_hub.stop()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+
+def test_offline_build_from_the_cache_and_a_missing_file_is_named(
+    local_hub, tmp_path, monkeypatch
+):
+    """Built once online, the same GGUF repo builds again with the hub stopped and
+    HF_HUB_OFFLINE=1, from the files the first build pulled; a quantization that was never
+    pulled is refused naming it, what the cache holds, and how to get it."""
+    sha = local_hub.add_repo(REPO, smollm2_gguf_repo())
+    args = ["build", REPO, "--device", "raspberry-pi-4-4gb", "--quant", "Q4_0"]
+    code, out = run(*args, "--out", str(tmp_path / "online"))
+    assert code == 0, out
+    _go_offline(local_hub, monkeypatch)
+    code, out = run(*args, "--out", str(tmp_path / "offline"))
+    assert code == 0, out
+    said = " ".join(out.split())  # the log wraps at the terminal's width
+    assert "offline: planning over the 2 file(s) in the local cache" in said, said
+    online = verify_bundle(tmp_path / "online" / "smollm2-135m-instruct-gguf-raspberry-pi-4-4gb")
+    m = verify_bundle(tmp_path / "offline" / "smollm2-135m-instruct-gguf-raspberry-pi-4-4gb")
+    assert m["model"]["gguf_repo"]["chosen"] == FILES["Q4_0"] and m["source"]["revision"] == sha
+    assert m["validation"]["reference"] == FILES["F16"] and m["validation"]["passed"]
+    assert m["source"]["files"] == online["source"]["files"]
+    assert m["card"]["license"] == "apache-2.0"  # the model card came from the cache too
+    # Q8_0 was only ever read by its header: it is not in the cache
+    code, out = run("build", REPO, "--device", "raspberry-pi-4-4gb", "--quant", "Q8_0",
+                    "--out", str(tmp_path / "missing"))
+    assert code == 4, out
+    said = " ".join(out.split())
+    assert "'Q8_0'" in said and "local cache" in said and "HF_HUB_OFFLINE=1" in said, said
+    assert FILES["Q4_0"] in said and FILES["F16"] in said and "unset HF_HUB_OFFLINE" in said
+    assert not (tmp_path / "missing").exists()
+
+
+@pytest.mark.parametrize("quant", [FILES["Q4_0"], "q4-0"])
+def test_quant_names_a_file_of_the_repo_or_its_label_in_any_spelling(local_hub, quant):
+    local_hub.add_repo(REPO, smollm2_gguf_repo())
+    code, out = run("plan", REPO, "--device", "raspberry-pi-5-8gb", "--quant", quant, "--json")
+    assert code == 0, out
+    plan = json.loads(out)
+    assert plan["quant"] == "Q4_0" and plan["gguf_file"]["path"] == FILES["Q4_0"]
+
+
+def test_a_file_type_edgepack_cannot_make_reaches_the_repo_listing(local_hub, tmp_path):
+    """IQ4_XS is no quantization edgepack makes, but a GGUF repo may hold it: the build reads
+    the repo and says which files it has instead of refusing the name up front."""
+    local_hub.add_repo(REPO, smollm2_gguf_repo())
+    code, out = run("build", REPO, "--device", "raspberry-pi-5-8gb", "--quant", "IQ4_XS",
+                    "--out", str(tmp_path / "out"))
+    assert code == 2, out
+    assert "'IQ4_XS': the repo holds no such GGUF file" in out
+    assert all(name in out for name in FILES.values())

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -67,6 +67,7 @@ class GgufRepo:
     headers: Mapping[str, GgufHeader]  # first part's path -> its header
     header_bytes_read: int  # over the network (0 for a local folder)
     folder: Path | None = None  # local folder or cached snapshot
+    offline: bool = False  # read from the cache (HF_HUB_OFFLINE): only cached files count
 
 
 def gguf_candidates(names: Sequence[str]) -> dict[str, tuple[str, ...]]:
@@ -237,7 +238,8 @@ def probe_gguf_repo(ref: ModelRef, token: str | None = None, endpoint: str | Non
             return None  # the checkpoint path reports the missing cache
         if not is_gguf_folder(folder):
             return None
-        return read_gguf_folder(ref, folder, ref.repo_id, folder.name, policy)
+        return replace(read_gguf_folder(ref, folder, ref.repo_id, folder.name, policy),
+                       offline=True)
     sha, files, gated = repo_info(ref, token, ep)
     if not is_gguf_listing([f.path for f in files]):
         return None

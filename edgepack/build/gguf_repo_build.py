@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgepack.errors import BuildError
+from edgepack.errors import BuildError, FetchError, UsageError
 
 if TYPE_CHECKING:
     from edgepack.build.gguf_repo import GgufRepo
@@ -48,8 +48,20 @@ def plan_gguf_repo(repo: GgufRepo, profile: DeviceProfile, *, fmt: str = "auto",
     best = min(repo.choices, key=lambda c: (c.kld, c.path))
     options = PlanOptions(format=fmt, ctx=ctx, quant=quant,
                           min_tokens_per_second=min_tokens_per_second)
-    return plan_build(best.facts, profile, options, alternatives=alternatives,
-                      files=repo.choices)
+    try:
+        return plan_build(best.facts, profile, options, alternatives=alternatives,
+                          files=repo.choices)
+    except UsageError as e:
+        if not repo.offline or quant is None:
+            raise
+        # Offline, the candidates are the files an earlier build pulled, not the repo's.
+        cached = ", ".join(f"{c.quant} ({c.path})" for c in repo.choices)
+        raise FetchError(
+            f"--quant {quant!r}: no such GGUF file in the local cache of {repo.ref.text}, and "
+            f"the hub cannot be used (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE')}); "
+            f"cached: {cached}",
+            hint="build with one of the cached files, or pull it once online (unset "
+                 "HF_HUB_OFFLINE)") from e
 
 
 def _available_memory() -> int:
@@ -95,8 +107,13 @@ def run_gguf_repo_build(req: BuildRequest, repo: GgufRepo, profiles: Sequence[De
     from edgepack.build.preflight import model_name
     from edgepack.device.catalog import list_profiles
 
-    log(f"{repo.ref.text} is a GGUF repo: {len(repo.choices)} candidate file(s), "
-        f"{repo.header_bytes_read / 2**20:.1f} MiB of headers read")
+    if repo.offline:
+        log(f"{repo.ref.text} is a GGUF repo, offline: planning over the "
+            f"{len(repo.choices)} file(s) in the local cache: "
+            + ", ".join(c.path for c in repo.choices))
+    else:
+        log(f"{repo.ref.text} is a GGUF repo: {len(repo.choices)} candidate file(s), "
+            f"{repo.header_bytes_read / 2**20:.1f} MiB of headers read")
     per_device = dict(req.device_quants)
     plans: list[Plan] = []
     for ref_text, profile in zip(req.devices, profiles, strict=True):

@@ -37,17 +37,30 @@ def model_name(req_name: str | None, ref: Any) -> str:
     return model_slug(path.parent.name if path.name.lower() in generic else path.name)
 
 
-def _check_quant(quant: str, fmt: str, where: str) -> None:
+def check_quant(quant: str, fmt: str, where: str = "--quant") -> str:
+    """The format ``quant`` implies for ``--format fmt`` (a GGUF name implies gguf); raises
+    UsageError when it names none.
+
+    Accepted: a quantization edgepack makes, or one a GGUF repo's file may hold (any llama.cpp
+    file type, or the file's name): which files a repo holds is known only after its listing
+    is read, and the planner then names them when none matches."""
+    from edgepack.plan.gguf_header import LLAMA_FTYPES
     from edgepack.plan.quants import FILE_TYPES_BY_NAME, ONNX_QUANTS_BY_NAME
 
-    q_gguf = quant.upper().replace("-", "_") in FILE_TYPES_BY_NAME
+    label = quant.upper().replace("-", "_")
+    q_gguf = (label in FILE_TYPES_BY_NAME or label in LLAMA_FTYPES.values()
+              or quant.lower().endswith(".gguf"))
     q_onnx = quant.lower() in ONNX_QUANTS_BY_NAME
     if (fmt == "gguf" and not q_gguf) or (fmt == "onnx" and not q_onnx) or not (q_gguf or q_onnx):
         raise UsageError(
             f"{where} {quant!r} is not a {fmt if fmt != 'auto' else 'known'} quantization",
             hint="GGUF: " + ", ".join(FILE_TYPES_BY_NAME)
+            + " (from a GGUF repo also any file type it holds, or a file name)"
             + "; ONNX: " + ", ".join(ONNX_QUANTS_BY_NAME),
         )
+    if fmt == "auto":
+        return "gguf" if q_gguf else "onnx"
+    return fmt
 
 
 def _check_range(option: str, value: float | None, low: float, high: float) -> None:
@@ -73,14 +86,14 @@ def check_request(req: BuildRequest, ref: Any, profiles: Sequence[Any]) -> list[
     """
     ids = [p.id for p in profiles]
     if req.quant is not None:
-        _check_quant(req.quant, req.fmt, "--quant")
+        check_quant(req.quant, req.fmt, "--quant")
     for device, quant in req.device_quants:
         if device not in req.devices and device not in ids:
             raise UsageError(
                 f"--quant names device {device!r}, which is not among the --device values",
                 hint=f"use one of: {', '.join(req.devices)}",
             )
-        _check_quant(quant, req.fmt, f"--quant {device}=")
+        check_quant(quant, req.fmt, f"--quant {device}=")
     _check_range("--min-agreement", req.min_agreement, 0.0, 1.0)
     _check_range("--min-cosine", req.min_cosine, -1.0, 1.0)
     _check_range("--max-kl", req.max_kl, 0.0, float("inf"))

@@ -114,7 +114,9 @@ def plan(
 
     profile = load_profile(device)  # before any network: a typo'd device fails fast
     if quant is not None:
-        fmt = _check_quant(quant, fmt)
+        from edgepack.build.preflight import check_quant
+
+        fmt = check_quant(quant, fmt)
     options = PlanOptions(format=fmt, ctx=ctx, quant=quant, min_tokens_per_second=min_tps)
     from edgepack.build.gguf_repo import probe_gguf_repo
     from edgepack.build.hub import parse_model_ref
@@ -162,22 +164,3 @@ def plan(
         out.print(f"base model: {', '.join(card.base_model) or '-'}; datasets: "
                   f"{', '.join(card.datasets) or '-'}", markup=False, highlight=False)
 
-
-def _check_quant(quant: str, fmt: str) -> str:
-    """The format ``quant`` implies (a GGUF name implies gguf); UsageError if it names none."""
-    from edgepack.errors import UsageError
-    from edgepack.plan.quants import FILE_TYPES_BY_NAME, ONNX_QUANTS_BY_NAME
-
-    q_gguf = quant.upper().replace("-", "_") in FILE_TYPES_BY_NAME
-    q_onnx = quant.lower() in ONNX_QUANTS_BY_NAME
-    if (fmt == "gguf" and not q_gguf) or (fmt == "onnx" and not q_onnx) or not (q_gguf or q_onnx):
-        raise UsageError(
-            f"--quant {quant!r} is not a {fmt if fmt != 'auto' else 'known'} quantization",
-            hint="GGUF: "
-            + ", ".join(FILE_TYPES_BY_NAME)
-            + "; ONNX: "
-            + ", ".join(ONNX_QUANTS_BY_NAME),
-        )
-    if fmt == "auto":
-        return "gguf" if q_gguf else "onnx"
-    return fmt

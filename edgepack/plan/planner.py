@@ -232,12 +232,11 @@ def _choices(
         out = [_Choice(f.quant, f.kld, _low_quality(f.kld), f.path, f.files, f.facts,
                        f.kld_basis) for f in ranked]
         if forced is not None:
-            want = forced.upper().replace("-", "_")
-            out = [c for c in out if c.quant.upper() == want or c.file == forced]
+            out = [c for c in out if _names_file(forced, c.quant, c.files)]
             if not out:
                 raise UsageError(
                     f"--quant {forced!r}: the repo holds no such GGUF file",
-                    hint="the repo has: " + ", ".join(
+                    hint="give a quantization or a file name of those it has: " + ", ".join(
                         f"{f.quant} ({f.path})" for f in ranked),
                 )
         return out
@@ -253,6 +252,14 @@ def _choices(
             )
         names = [q]
     return [_Choice(n, 0.0, False, fmt="onnx", base=facts) for n in names]
+
+
+def _names_file(forced: str, quant: str, files: Sequence[str]) -> bool:
+    """True when ``--quant`` names this file of a GGUF repo: its quantization label (any case,
+    ``-`` for ``_``), or the path or file name of the file or of one of its split parts."""
+    if forced.upper().replace("-", "_") == quant.upper():
+        return True
+    return any(forced in (p, p.rsplit("/", 1)[-1]) for p in files)
 
 
 def _ctx_ladder(facts: ModelFacts, fmt: str, options: PlanOptions) -> list[int]:

@@ -92,8 +92,9 @@ def file_type(name: str) -> FileType:
     ft = FILE_TYPES_BY_NAME.get(name.upper().replace("-", "_"))
     if ft is None:
         raise UsageError(
-            f"unknown GGUF quantization {name!r}",
-            hint=f"use one of {', '.join(FILE_TYPES_BY_NAME)}",
+            f"edgepack cannot quantize to {name!r}",
+            hint=f"use one of {', '.join(FILE_TYPES_BY_NAME)} (other file types and file "
+            "names select a file of a GGUF repo)",
         )
     return ft
 
