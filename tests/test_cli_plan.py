@@ -53,3 +53,42 @@ def test_cli_errors_map_to_exit_codes(tiny_llama_dir):
     assert r.exit_code == 2
     r = run(str(tiny_llama_dir), "--device", "laptop-x86-16gb", "--ctx", "99999999")
     assert r.exit_code == 2 and "maximum context" in r.output
+
+
+def _family(family: str, generation: int):
+    import pytest
+    from support.families import Transformers5Unavailable, family_checkpoint
+
+    try:
+        return family_checkpoint(family, generation)  # cached: written once per machine
+    except Transformers5Unavailable as e:
+        pytest.skip(f"transformers 5 cannot be installed here: {e}")
+
+
+def test_plan_says_a_transformers5_checkpoint_builds_from_a_working_copy(local_hub):
+    """The transformers-5 fixtures the compat tests build: plan names the working copy and the
+    rewrites, in --json warnings and in the human output; transformers-4 files get no such
+    warning."""
+    llama5 = _family("llama", 5)
+    r = run(str(llama5), "--device", "raspberry-pi-5-8gb", "--json")
+    assert r.exit_code == 0, r.output
+    (warning,) = [w for w in json.loads(r.output)["warnings"] if "working copy" in w]
+    assert "saved by transformers 5.24.0" in warning
+    assert "tokenizer_class TokenizersBackend -> PreTrainedTokenizerFast" in warning
+    assert "rope_theta" in warning and "extra_special_tokens" in warning
+    assert "tokenizer.model" not in warning  # a byte-level BPE tokenizer.json, read locally
+    # a SentencePiece tokenizer saved as tokenizer.json only: tokenizer.model is rebuilt
+    r = run(str(_family("gemma", 5)), "--device", "raspberry-pi-5-8gb", "--json")
+    assert r.exit_code == 0, r.output
+    (warning,) = [w for w in json.loads(r.output)["warnings"] if "working copy" in w]
+    assert "tokenizer.model: rebuilt from tokenizer.json (SentencePiece)" in warning
+    # human output, through the hub (tokenizer.json is not fetched to plan)
+    local_hub.add_repo("acme/llama-tf5", llama5)
+    r = run("acme/llama-tf5", "--device", "raspberry-pi-5-8gb")
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())
+    assert "working copy" in text and "TokenizersBackend" in text
+    for generation_4 in (_family("llama", 4), _family("gemma", 4)):
+        r = run(str(generation_4), "--device", "raspberry-pi-5-8gb", "--json")
+        assert r.exit_code == 0, r.output
+        assert not any("working copy" in w for w in json.loads(r.output)["warnings"])

@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,38 @@ def tokenizer_config_for_transformers4(cfg: dict[str, Any]) -> tuple[dict[str, A
             "tokenizer_config.json: extra_special_tokens list -> additional_special_tokens"
         )
     return out, notes
+
+
+def working_copy_warning(config: dict[str, Any], tokenizer_config: dict[str, Any] | None,
+                         names: Sequence[str], folder: Path | None = None) -> str | None:
+    """What ``plan`` says when a build would go through a working copy (None when it would
+    not): the transformers version that saved the checkpoint and the rewrites that apply.
+
+    Reads what the planner already has: config.json, tokenizer_config.json and the file list.
+    Whether a tokenizer.json is SentencePiece-style is read from ``folder`` when the files are
+    local (a folder, the offline cache); remotely tokenizer.json is not fetched to plan, so a
+    transformers 5 checkpoint without tokenizer.model is said to be checked after the pull.
+    """
+    notes = list(config_for_transformers4(config)[1])
+    if isinstance(tokenizer_config, dict):
+        notes += tokenizer_config_for_transformers4(tokenizer_config)[1]
+    version = str(config.get("transformers_version") or "")
+    saved_by_5 = version.split(".")[0] == "5"
+    if "tokenizer.json" in names and "tokenizer.model" not in names:
+        if folder is not None and (Path(folder) / "tokenizer.json").is_file():
+            from edgepack.build.spm_rebuild import needs_spm_model
+
+            if needs_spm_model(Path(folder)):
+                notes.append("tokenizer.model: rebuilt from tokenizer.json (SentencePiece)")
+        elif saved_by_5 and notes:
+            notes.append("tokenizer.model: rebuilt from tokenizer.json if that is "
+                         "SentencePiece-style (read after the pull)")
+    if not notes:
+        return None
+    who = f"saved by transformers {version}" if version else "written in transformers 5's format"
+    return (f"checkpoint {who}: the build converts a build-owned working copy in edgepack's "
+            f"cache (your files are not changed; recorded as source.working_copy), rewritten "
+            f"for transformers 4.57: " + "; ".join(notes))
 
 
 def plan_working_copy(source: Path) -> dict[str, tuple[bytes, list[str]]]:

@@ -30,7 +30,7 @@ header bytes of a local file); the device from a shipped profile id, a profile .
       "rationale": [str, ...],
       "rejected": [{"format", "quant", "ctx", "reason", "file"?}, ...],
       "speed_floor": {"tokens_per_second": float, "source": str, "met": bool},
-      "warnings": [str, ...],                   # low quality, floor not met
+      "warnings": [str, ...],   # low quality, floor not met, transformers-5 working copy
       "gguf_file": {"path", "files": [str], "quant", "quality_basis"},  # GGUF repos only
       "card": {"license", "license_name", "license_link", "base_model": [str], "datasets": [str],
                "language": [str], "pipeline_tag", "gated": "auto" | "manual" | null,
@@ -44,7 +44,10 @@ byte), 4 hub unreachable, 5 nothing fits / unsupported architecture.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from pathlib import Path
+from typing import Any
 
 import click
 
@@ -136,6 +139,13 @@ def plan(
         meta = read_model_metadata(ref, policy=policy)
         facts = model_facts(meta.config, meta.safetensors)
         result = plan_build(facts, profile, options, alternatives=list_profiles())
+        from edgepack.build.checkpoint_compat import working_copy_warning
+
+        compat = working_copy_warning(meta.config, meta.tokenizer_config,
+                                      [f.path for f in meta.files],
+                                      _local_folder(ref))
+        if compat:
+            result = dataclasses.replace(result, warnings=(*result.warnings, compat))
         src = {"ref": meta.ref.text, "repo_id": meta.repo_id, "sha": meta.sha}
         card = meta.card
     if as_json:
@@ -164,3 +174,15 @@ def plan(
         out.print(f"base model: {', '.join(card.base_model) or '-'}; datasets: "
                   f"{', '.join(card.datasets) or '-'}", markup=False, highlight=False)
 
+
+
+def _local_folder(ref: Any) -> Path | None:
+    """Where the model's files lie on disk: a local folder, or offline the cached snapshot
+    (over the network plan fetches no tokenizer.json, so there is none)."""
+    from edgepack.build.hub import cached_snapshot, hub_cache_dir, hub_endpoint, hub_offline
+
+    if ref.path is not None:
+        return Path(ref.path)
+    if not hub_offline():
+        return None
+    return cached_snapshot(ref, None, hub_endpoint(None), hub_cache_dir(None))
