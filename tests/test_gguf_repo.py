@@ -203,6 +203,15 @@ def test_offline_build_from_the_cache_and_a_missing_file_is_named(
     assert m["validation"]["reference"] == FILES["F16"] and m["validation"]["passed"]
     assert m["source"]["files"] == online["source"]["files"]
     assert m["card"]["license"] == "apache-2.0"  # the model card came from the cache too
+    assert any("offline: planned over the 2 GGUF file(s) in the local cache" in w
+               for w in m["plan"]["warnings"]), m["plan"]["warnings"]
+    # plan says the same, and that online the choice may differ
+    code, out = run("plan", REPO, "--device", "raspberry-pi-5-8gb", "--json")
+    assert code == 0, out
+    plan = json.loads(out)
+    # online a Pi 5 gets Q8_0 (test_plan_reads_only_headers_over_range), which is not cached
+    assert plan["gguf_file"]["path"] in (FILES["Q4_0"], FILES["F16"])
+    assert any("online the choice may differ" in w for w in plan["warnings"])
     # Q8_0 was only ever read by its header: it is not in the cache
     code, out = run("build", REPO, "--device", "raspberry-pi-4-4gb", "--quant", "Q8_0",
                     "--out", str(tmp_path / "missing"))

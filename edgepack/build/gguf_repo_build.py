@@ -49,7 +49,7 @@ def plan_gguf_repo(repo: GgufRepo, profile: DeviceProfile, *, fmt: str = "auto",
     options = PlanOptions(format=fmt, ctx=ctx, quant=quant,
                           min_tokens_per_second=min_tokens_per_second)
     try:
-        return plan_build(best.facts, profile, options, alternatives=alternatives,
+        plan = plan_build(best.facts, profile, options, alternatives=alternatives,
                           files=repo.choices)
     except UsageError as e:
         if not repo.offline or quant is None:
@@ -62,6 +62,14 @@ def plan_gguf_repo(repo: GgufRepo, profile: DeviceProfile, *, fmt: str = "auto",
             f"cached: {cached}",
             hint="build with one of the cached files, or pull it once online (unset "
                  "HF_HUB_OFFLINE)") from e
+    if repo.offline:
+        import dataclasses
+
+        note = (f"offline: planned over the {len(repo.choices)} GGUF file(s) in the local "
+                f"cache ({', '.join(c.path for c in repo.choices)}), not every file of the "
+                "repo; online the choice may differ")
+        plan = dataclasses.replace(plan, warnings=(*plan.warnings, note))
+    return plan
 
 
 def _available_memory() -> int:
