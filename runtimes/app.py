@@ -15,9 +15,9 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from edgepack.runtimes import generation
@@ -28,14 +28,13 @@ from edgepack.runtimes.access_log import (
     begin_usage,
     request_id,
 )
-from edgepack.runtimes.config import ServerConfig, effective_config
-from edgepack.runtimes.engine import CancelToken, Engine
-from edgepack.runtimes.lifecycle import BROKEN, READY, Lifecycle
+from edgepack.runtimes.config import ServerConfig
+from edgepack.runtimes.engine import Engine
+from edgepack.runtimes.lifecycle import READY
 from edgepack.runtimes.metrics import ServerMetrics
+from edgepack.runtimes.models import ModelSet, model_card
 from edgepack.runtimes.openai_schema import ApiError
 from edgepack.runtimes.page import basic_password, status_page
-from edgepack.runtimes.queue import Admission
-from edgepack.runtimes.worker import EngineWorker
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -53,15 +52,16 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 @dataclass
 class ServerState:
-    """Everything a request handler needs; one per app, on ``app.state.server``."""
+    """Everything the routes need; one per app, on ``app.state.server``.
+
+    ``config`` holds the server-wide settings (host, port, API key, body and connection
+    limits, drain): the first bundle's, with the device's overrides. Each model's own state
+    (engine, queue, lifecycle) is in ``models`` (runtimes/models.py).
+    """
 
     config: ServerConfig
-    engine: Engine
-    worker: EngineWorker
-    lifecycle: Lifecycle
+    models: ModelSet
     metrics: ServerMetrics
-    admission: Admission
-    active: set[CancelToken] = field(default_factory=set)  # generations with a live client
 
 
 def error_response(err: ApiError) -> JSONResponse:
@@ -77,56 +77,38 @@ def state_of(request: Request) -> ServerState:
 
 async def healthz(request: Request) -> Response:
     s = state_of(request)
-    return JSONResponse({"status": "ok", "phase": s.lifecycle.phase})
+    return JSONResponse({"status": "ok", "phase": s.models.phase})
 
 
 async def readyz(request: Request) -> Response:
+    """200 when every model is ready. One bundle: that model's status, as it always was;
+    several: ``{"status", "models": [one status per model]}``."""
     s = state_of(request)
-    lc, cfg = s.lifecycle, s.config
-    if lc.phase == READY:
-        return JSONResponse({
-            "status": "ready",
-            "model": cfg.model_name,
-            "sha256": cfg.model_sha256,
-            "quant": cfg.quant,
-            "bundle": cfg.bundle_name,
-            "bundle_version": cfg.bundle_version,
-            "n_ctx": lc.model.n_ctx if lc.model else cfg.n_ctx,
-            "load_seconds": round(lc.loaded_at, 3),
-            # sha256 is the digest of the bytes the engine loaded (hashed through the
-            # descriptor it loads from, runtimes/serve.py), not a copy of the manifest's.
-            "compute": cfg.compute,
-            "config": effective_config(cfg),
-        })
-    body: dict[str, Any] = {"status": lc.phase}
-    if lc.phase == BROKEN:
-        body["error"] = lc.error
-    return JSONResponse(body, status_code=503)
+    phase = s.models.phase
+    code = 200 if phase == READY else 503
+    if len(s.models) > 1:
+        return JSONResponse({"status": phase, "models": [m.status() for m in s.models]},
+                            status_code=code)
+    body = s.models.first.status()
+    if phase != READY:
+        body = {k: v for k, v in body.items() if k in ("status", "error")}
+    return JSONResponse(body, status_code=code)
 
 
 async def metrics(request: Request) -> Response:
     s = state_of(request)
-    s.metrics.ready.set(1 if s.lifecycle.phase == READY else 0)
+    s.metrics.ready.set(1 if s.models.phase == READY else 0)
     return Response(generate_latest(s.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 async def list_models(request: Request) -> Response:
     s = state_of(request)
-    return JSONResponse({"object": "list", "data": [_model_card(s.config)]})
+    return JSONResponse({"object": "list", "data": [model_card(m.config) for m in s.models]})
 
 
 async def get_model(request: Request) -> Response:
     s = state_of(request)
-    name = request.path_params["model"]
-    if name != s.config.model_name:
-        raise ApiError(f"model {name!r} not found; this server serves {s.config.model_name!r}",
-                       status=404, param="model", code="model_not_found")
-    return JSONResponse(_model_card(s.config))
-
-
-def _model_card(cfg: ServerConfig) -> dict[str, Any]:
-    return {"id": cfg.model_name, "object": "model", "created": 0, "owned_by": "edgepack",
-            "kind": cfg.model_kind, "quant": cfg.quant, "sha256": cfg.model_sha256}
+    return JSONResponse(model_card(s.models.route(request.path_params["model"]).config))
 
 
 # -- middleware ----------------------------------------------------------------------------
@@ -243,37 +225,31 @@ def create_app(
     config: ServerConfig,
     engine: Engine,
     environ: Mapping[str, str] | None = None,
+    *,
+    more: Sequence[tuple[ServerConfig, Engine]] = (),
 ) -> Starlette:
-    """Build the server app for ``engine`` (not yet loaded: the lifespan loads it)."""
+    """Build the server app for ``engine`` (and the ``more`` models served beside it).
+
+    Nothing is loaded yet: the lifespan loads every engine in the background. ``config`` also
+    gives the server-wide settings (API key, CORS, limits).
+    """
     environ = dict(os.environ if environ is None else environ)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         m = ServerMetrics()
-        m.model.info({"name": config.model_name, "kind": config.model_kind,
-                      "quant": config.quant, "sha256": config.model_sha256,
-                      "bundle_version": config.bundle_version})
-        worker = EngineWorker()
-        lc = Lifecycle(engine, worker, environ, config.load_delay_seconds,
-                       on_phase=lambda p: m.ready.set(1 if p == READY else 0))
-        app.state.server = ServerState(config, engine, worker, lc, m,
-                                       Admission(config.queue_size, m,
-                                                 slots=getattr(engine, "slots", 1)))
-        lc.start()
+        models = ModelSet([(config, engine), *more], m, environ)
+        app.state.server = ServerState(config, models, m)
+        models.start()
         try:
             yield
         finally:
-            lc.begin_drain()
-            await lc.stop()
+            models.begin_drain()
+            await models.stop()
             # Past the drain deadline: whatever still runs is stopped between two tokens.
-            for token in list(app.state.server.active):
-                token.cancel("shutdown")
-            # Queued jobs (if any) finish, then the engine is freed on its own thread.
-            try:
-                worker.call_blocking(engine.close)
-            except Exception:  # noqa: BLE001 - shutting down; nothing to report to
-                log.exception("closing the engine failed")
-            worker.close(timeout=5)
+            models.cancel_generations()
+            # Queued jobs (if any) finish, then each engine is freed on its own thread.
+            models.close()
 
     middleware = [Middleware(GuardMiddleware, api_key=config.api_key)]
     if config.cors_origins:

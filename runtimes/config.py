@@ -70,6 +70,11 @@ class ServerConfig:
     adjustments: tuple[str, ...] = ()
     config_file: str = ""  # the device-local override file, when one was read
     model_source: str = ""  # what the engine loads: the verified descriptor or the path
+    # The plan's memory figures (manifest "plan"), for the memory check at start
+    # (memory_budget.py): bytes the bundle needs, of which KV cache, for ctx x slots cells.
+    planned_bytes: int = 0
+    planned_kv_bytes: int = 0
+    planned_kv_cells: int = 0
 
     def with_overrides(self, **changes: Any) -> ServerConfig:
         """A copy with the non-None ``changes`` applied (command-line flags)."""
@@ -171,6 +176,7 @@ def load_server_config(
     man = manifest or {}
     man_model = man.get("model", {}) if isinstance(man.get("model"), dict) else {}
     man_bundle = man.get("bundle", {}) if isinstance(man.get("bundle"), dict) else {}
+    planned = _planned_memory(man.get("plan"))
     cors = _get(server, "cors_origins", list, [], where_s)
     delay = environ.get(TEST_HOOK_LOAD_DELAY, "")
     try:
@@ -209,9 +215,24 @@ def load_server_config(
         bundle_name=str(man_bundle.get("name", "")),
         bundle_version=str(man_bundle.get("version", "")),
         load_delay_seconds=load_delay,
+        planned_bytes=planned[0], planned_kv_bytes=planned[1], planned_kv_cells=planned[2],
     )
     validate_config(cfg)
     return cfg
+
+
+def _planned_memory(plan: Any) -> tuple[int, int, int]:
+    """(required bytes, KV cache bytes, KV cells = ctx x slots) from a manifest's plan;
+    zeros where the plan does not say (a bundle made without the planner)."""
+    if not isinstance(plan, dict) or not isinstance(plan.get("memory"), dict):
+        return 0, 0, 0
+
+    def whole(v: Any) -> int:
+        return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
+
+    mem = plan["memory"]
+    cells = whole(plan.get("ctx")) * (whole(plan.get("parallel")) or 1)
+    return whole(mem.get("required_bytes")), whole(mem.get("kv_cache_bytes")), cells
 
 
 def validate_config(cfg: ServerConfig) -> None:

@@ -1,6 +1,7 @@
 """The OpenAI generation routes: chat completions, completions, embeddings.
 
-Flow of one request: read the body (size-limited) → validate (400) → model name (404) →
+Flow of one request: read the body (size-limited) → validate (400) → the model it names
+(404 for any other, runtimes/models.py) →
 readiness (503) → tokenize and check the context (400, off the engine thread) → admission
 (429) → the engine worker streams events back → JSON or SSE. The engine worker, not this
 coroutine, releases the admission ticket when the engine is really done, so a client that
@@ -53,6 +54,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 if TYPE_CHECKING:
     from edgepack.runtimes.app import ServerState
+    from edgepack.runtimes.models import ModelState
     from edgepack.runtimes.queue import Ticket
 
 log = logging.getLogger("edgepack.serve")
@@ -87,16 +89,7 @@ async def read_json(request: Request, limit: int) -> Any:
                        code="invalid_json") from e
 
 
-def _check_model(s: ServerState, name: str) -> None:
-    if name != s.config.model_name:
-        raise ApiError(
-            f"model {name!r} not found; this server serves {s.config.model_name!r} "
-            "(see GET /v1/models)",
-            status=404, param="model", code="model_not_found",
-        )
-
-
-def _check_ready(s: ServerState) -> None:
+def _check_ready(s: ModelState) -> None:
     phase = s.lifecycle.phase
     if phase == READY:
         return
@@ -112,7 +105,7 @@ def _check_ready(s: ServerState) -> None:
                    status=503, type="server_error", code="engine_failed")
 
 
-async def _prepare(s: ServerState, fn: Callable[[], Constrained], param: str) -> Constrained:
+async def _prepare(s: ModelState, fn: Callable[[], Constrained], param: str) -> Constrained:
     # Tokenizing reads only the vocabulary, so it runs beside a generation (llama-server
     # does the same on its HTTP threads); a long prompt never blocks the event loop.
     try:
@@ -124,7 +117,7 @@ async def _prepare(s: ServerState, fn: Callable[[], Constrained], param: str) ->
 
 
 def _engine_events(
-    s: ServerState, job: Constrained, cancel: CancelToken,
+    s: ModelState, job: Constrained, cancel: CancelToken,
     ticket: Ticket, loop: asyncio.AbstractEventLoop,
 ) -> Callable[[], Iterator[Any]]:
     """The job the worker runs: marks the ticket, records metrics, releases the ticket."""
@@ -151,7 +144,7 @@ def _engine_events(
     return make
 
 
-def _guarded(s: ServerState, loop: asyncio.AbstractEventLoop, it: Iterator[Any]) -> Iterator[Any]:
+def _guarded(s: ModelState, loop: asyncio.AbstractEventLoop, it: Iterator[Any]) -> Iterator[Any]:
     # An exception inside the engine is not a bad request: the engine may be in any state,
     # so readiness turns 503 and the watchdog stops (systemd restarts the unit).
     try:
@@ -195,11 +188,11 @@ def _public_reason(reason: str) -> str:
 
 
 async def _generate(request: Request, chat: bool) -> Response:
-    s = _state(request)
+    server = _state(request)
     t0 = time.perf_counter()
-    body = await read_json(request, s.config.max_body_bytes)
+    body = await read_json(request, server.config.max_body_bytes)
     req = parse_chat(body) if chat else parse_completion(body)
-    _check_model(s, req.model)
+    s = server.models.route(req.model)
     _check_ready(s)
     engine = s.engine
     check_features(engine, req)
@@ -228,7 +221,7 @@ async def _generate(request: Request, chat: bool) -> Response:
 
 
 async def _complete(
-    s: ServerState, request: Request, chat: bool, events: AsyncIterator[Any],
+    s: ModelState, request: Request, chat: bool, events: AsyncIterator[Any],
     cancel: CancelToken, ident: str, created: int, t0: float, answer: Answer,
     params: SamplingParams,
 ) -> Response:
@@ -293,7 +286,7 @@ def _sse_data(payload: dict[str, Any]) -> bytes:
 
 
 async def _sse(
-    s: ServerState, req: GenerationRequest, chat: bool, events: AsyncIterator[Any],
+    s: ModelState, req: GenerationRequest, chat: bool, events: AsyncIterator[Any],
     cancel: CancelToken, ident: str, created: int, t0: float, answer: Answer,
 ) -> AsyncIterator[bytes]:
     """OpenAI's chunk stream. Leaving early (client gone) cancels the engine at once."""
@@ -381,10 +374,10 @@ async def completions(request: Request) -> Response:
 
 
 async def embeddings(request: Request) -> Response:
-    s = _state(request)
-    body = await read_json(request, s.config.max_body_bytes)
+    server = _state(request)
+    body = await read_json(request, server.config.max_body_bytes)
     req = parse_embedding(body)
-    _check_model(s, req.model)
+    s = server.models.route(req.model)
     if s.config.model_kind != "embedding":
         raise ApiError(f"model {req.model!r} is a {s.config.model_kind} model, not an "
                        "embedding model; use /v1/chat/completions or /v1/completions",

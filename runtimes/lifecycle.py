@@ -66,19 +66,23 @@ def watchdog_interval(environ: Mapping[str, str]) -> float | None:
 
 
 class Lifecycle:
-    """Owns the engine's phase and the background tasks that change it."""
+    """One model's phase and the background load that changes it.
+
+    systemd hears about the server as a whole (``runtimes/models.py``, ``ModelSet``): it is
+    ready when every model is, and the watchdog stops when any engine broke.
+    """
 
     def __init__(
         self,
         engine: Engine,
         worker: EngineWorker,
-        environ: Mapping[str, str],
         load_delay_seconds: float = 0.0,
         on_phase: Callable[[str], None] | None = None,
+        name: str = "",
     ) -> None:
         self.engine = engine
         self.worker = worker
-        self.environ = environ
+        self.name = name
         self.phase = LOADING
         self.error: str = ""
         self.error_exc: BaseException | None = None
@@ -86,7 +90,7 @@ class Lifecycle:
         self.loaded_at = 0.0
         self._load_delay = load_delay_seconds
         self._on_phase = on_phase
-        self._tasks: list[asyncio.Task[Any]] = []
+        self._task: asyncio.Task[Any] | None = None
         self.failed = asyncio.Event()
 
     def _set(self, phase: str) -> None:
@@ -96,11 +100,7 @@ class Lifecycle:
 
     def start(self) -> None:
         """Begin loading in the background (the HTTP server answers meanwhile)."""
-        self._tasks.append(asyncio.create_task(self._load(), name="edgepack-load"))
-        interval = watchdog_interval(self.environ)
-        if interval:
-            self._tasks.append(asyncio.create_task(self._watchdog(interval),
-                                                   name="edgepack-watchdog"))
+        self._task = asyncio.create_task(self._load(), name=f"edgepack-load {self.name}")
 
     async def _load(self) -> None:
         t0 = time.monotonic()
@@ -114,38 +114,29 @@ class Lifecycle:
             return
         self.loaded_at = time.monotonic() - t0
         if self.phase == LOADING:
+            log.info("%s loaded and warmed up in %.2f s; ready", self.name or "model",
+                     self.loaded_at)
             self._set(READY)
-            log.info("model loaded and warmed up in %.2f s; ready", self.loaded_at)
-            sd_notify("READY=1\nSTATUS=ready", self.environ)
 
     def mark_broken(self, e: BaseException) -> None:
-        """The engine failed: readiness 503 from now on, watchdog pings stop."""
+        """The engine failed: readiness 503 from now on."""
         self.error = e.render() if isinstance(e, EdgepackError) else f"{type(e).__name__}: {e}"
         self.error_exc = e
+        log.error("engine failed%s: %s", f" ({self.name})" if self.name else "", self.error)
         if self.phase != DRAINING:
             self._set(BROKEN)
-        log.error("engine failed: %s", self.error)
-        sd_notify(f"STATUS=engine failed: {self.error.splitlines()[0][:200]}", self.environ)
         self.failed.set()
 
     def begin_drain(self) -> None:
         """SIGTERM: readiness goes 503 and new generation requests are refused."""
         if self.phase != DRAINING:
             self._set(DRAINING)
-            sd_notify("STOPPING=1", self.environ)
-
-    async def _watchdog(self, interval: float) -> None:
-        while True:
-            if self.phase != BROKEN:
-                sd_notify("WATCHDOG=1", self.environ)
-            await asyncio.sleep(interval)
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
+        if self._task is not None:
+            self._task.cancel()
             try:
-                await t
+                await self._task
             except asyncio.CancelledError:
                 pass
-        self._tasks.clear()
+            self._task = None

@@ -62,7 +62,13 @@ class _DeviceCollector(Collector):
 
 
 class ServerMetrics:
-    """All the server's instruments, registered on ``self.registry``."""
+    """All the server's instruments, registered on ``self.registry``.
+
+    Per-model instruments carry a ``model`` label whose values are the models this server
+    loaded (a fixed set, so the label stays bounded); :meth:`for_model` hands one model's
+    children to the code that serves it. HTTP requests are counted by route only: the guard
+    that counts them runs before the body (and its ``model``) is read.
+    """
 
     def __init__(self, throttled_path: Path = PI_THROTTLED) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
@@ -71,26 +77,63 @@ class ServerMetrics:
         self.latency = Histogram("edgepack_request_duration_seconds",
                                  "Time from request to the end of the response", ["route"],
                                  buckets=_LATENCY_BUCKETS, registry=r)
+        self.ready = Gauge("edgepack_ready", "1 when /readyz answers 200 (every model ready)",
+                           registry=r)
+        m = ["model"]
         self.ttft = Histogram("edgepack_time_to_first_token_seconds",
-                              "Time from request to the first generated text",
+                              "Time from request to the first generated text", m,
                               buckets=_TTFT_BUCKETS, registry=r)
         self.queue_wait = Histogram("edgepack_queue_wait_seconds",
-                                    "Time a request waited for the engine",
+                                    "Time a request waited for the engine", m,
                                     buckets=_TTFT_BUCKETS, registry=r)
-        self.tokens_in = Counter("edgepack_prompt_tokens", "Prompt tokens read", registry=r)
-        self.tokens_out = Counter("edgepack_completion_tokens", "Tokens generated", registry=r)
+        self.tokens_in = Counter("edgepack_prompt_tokens", "Prompt tokens read", m, registry=r)
+        self.tokens_out = Counter("edgepack_completion_tokens", "Tokens generated", m,
+                                  registry=r)
         self.decode_rate = Gauge("edgepack_decode_tokens_per_second",
-                                 "Decode speed of the last finished generation", registry=r)
+                                 "Decode speed of the last finished generation", m, registry=r)
         self.generations = Counter("edgepack_generations",
-                                   "Finished generations by finish reason", ["reason"],
+                                   "Finished generations by finish reason", ["model", "reason"],
                                    registry=r)
         self.queue_depth = Gauge("edgepack_queue_depth",
-                                 "Requests admitted and waiting for the engine", registry=r)
+                                 "Requests admitted and waiting for the engine", m, registry=r)
         self.running = Gauge("edgepack_running_requests", "Requests the engine is working on",
-                             registry=r)
+                             m, registry=r)
         self.rejected = Counter("edgepack_rejected_requests",
-                                "Requests refused before reaching the engine", ["reason"],
-                                registry=r)
-        self.ready = Gauge("edgepack_ready", "1 when /readyz answers 200", registry=r)
-        self.model = Info("edgepack_model", "The served model", registry=r)
+                                "Requests refused before reaching the engine",
+                                ["model", "reason"], registry=r)
+        self.model_ready = Gauge("edgepack_model_ready", "1 when this model is loaded and ready",
+                                 m, registry=r)
+        self.model = Info("edgepack_model", "A served model", m, registry=r)
         r.register(_DeviceCollector(throttled_path))
+
+    def for_model(self, name: str) -> ModelMetrics:
+        """The instruments of model ``name`` (children labelled with it)."""
+        return ModelMetrics(self, name)
+
+
+class _Labelled:
+    """A labelled family with the model label filled in: ``.labels(reason)``."""
+
+    def __init__(self, family: Counter, model: str) -> None:
+        self._family = family
+        self._model = model
+
+    def labels(self, *rest: str) -> Counter:
+        return self._family.labels(self._model, *rest)
+
+
+class ModelMetrics:
+    """One model's instruments, with the names the serving code uses."""
+
+    def __init__(self, m: ServerMetrics, name: str) -> None:
+        self.ttft = m.ttft.labels(name)
+        self.queue_wait = m.queue_wait.labels(name)
+        self.tokens_in = m.tokens_in.labels(name)
+        self.tokens_out = m.tokens_out.labels(name)
+        self.decode_rate = m.decode_rate.labels(name)
+        self.queue_depth = m.queue_depth.labels(name)
+        self.running = m.running.labels(name)
+        self.ready = m.model_ready.labels(name)
+        self.info = m.model.labels(name)
+        self.generations = _Labelled(m.generations, name)
+        self.rejected = _Labelled(m.rejected, name)

@@ -57,10 +57,13 @@ async function poll() {
       edgepack_prompt_tokens_total: 'prompt tokens', edgepack_running_requests: 'running',
       edgepack_queue_depth: 'queued', edgepack_decode_tokens_per_second: 'last decode tok/s'};
     const out = [];
+    const sums = {};
     for (const row of m.split('\\n')) {
-      const [k, v] = row.split(' ');
-      if (k in want) out.push([want[k], Math.round(parseFloat(v) * 10) / 10]);
+      if (row.startsWith('#')) continue;
+      const name = row.split(/[{ ]/)[0]; const v = parseFloat(row.split(' ').pop());
+      if (name in want) sums[name] = (sums[name] || 0) + v;  // summed over the models
     }
+    for (const k in sums) out.push([want[k], Math.round(sums[k] * 10) / 10]);
     document.getElementById('metrics').innerHTML = out.map(([k, v]) =>
       '<dt>' + k + '</dt><dd data-metric="' + k + '">' + v + '</dd>').join('');
   } catch (e) { st.textContent = 'unreachable'; st.className = 'bad'; }
@@ -174,12 +177,15 @@ async def status_page(request: Request) -> HTMLResponse:
     """GET /: the page. Auth happened in the guard middleware, like for /v1."""
     from edgepack.manifest import load_manifest
 
-    config = request.app.state.server.config
+    server = request.app.state.server
+    # Several models: the page describes (and chats with) the first that can chat.
+    config = next((m.config for m in server.models if m.config.model_kind != "embedding"),
+                  server.config)
     try:
         manifest = load_manifest(config.bundle_dir)
     except Exception:  # noqa: BLE001 - the page still shows what server.toml says
         manifest = {}
-    auth = request.headers.get("authorization") if config.api_key else None
+    auth = request.headers.get("authorization") if server.config.api_key else None
     return HTMLResponse(render_page(manifest, config, auth),
                         headers={"Cache-Control": "no-store",
                                  "Content-Security-Policy": "default-src 'self'; "

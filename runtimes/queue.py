@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 
-from edgepack.runtimes.metrics import ServerMetrics
+from edgepack.runtimes.metrics import ModelMetrics
 from edgepack.runtimes.openai_schema import ApiError
 
 
@@ -41,7 +41,7 @@ class Ticket:
 class Admission:
     """Counts requests in the system and refuses those beyond 1 running + ``queue_size``."""
 
-    def __init__(self, queue_size: int, metrics: ServerMetrics, slots: int = 1) -> None:
+    def __init__(self, queue_size: int, metrics: ModelMetrics, slots: int = 1) -> None:
         self.capacity = slots + queue_size
         self.slots = slots
         self._metrics = metrics

@@ -1,8 +1,16 @@
-"""Run the server for a bundle: verify, configure, bind, serve, drain, exit.
+"""Run the server for one or more bundles: verify, configure, bind, serve, drain, exit.
 
-Exit codes (DESIGN.md): 0 after a clean drain, 6 when the bundle's files do not match its
-manifest (the server refuses to start), 7 when the engine cannot load or breaks before it
-is ready, 3 for a bad server.toml or flag.
+Exit codes (DESIGN.md): 0 after a clean drain, 6 when a bundle's files do not match its
+manifest (the server refuses to start), 7 when an engine cannot load or breaks before it
+is ready, or when the bundles' planned memory does not fit (memory_budget.py), 3 for a bad
+server.toml or flag (incl. two bundles with one model id), 2 for options that make no sense
+with several bundles.
+
+Several bundles (``edgepack serve A B``): each is verified and configured as it would be
+alone (its own server.toml, then the device's --config file, ``EDGEPACK_*`` and flags, which
+apply to every bundle); server-wide settings (host, port, API key, body and connection
+limits, drain) come from the first bundle's configuration. ``--ctx`` is refused there: a
+context belongs to one model.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import shutil
 import socket
 import sys
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -35,8 +43,9 @@ from edgepack.runtimes.connections import ConnectionLimits, fd_budget, uvicorn_o
 from edgepack.runtimes.engine import Engine, EngineError
 from edgepack.runtimes.engine_check import reconcile
 from edgepack.runtimes.local_config import local_config_path, read_local_config
+from edgepack.runtimes.memory_budget import check_memory
 
-from edgepack.errors import ConfigError, IntegrityError, RuntimeHealthError
+from edgepack.errors import ConfigError, IntegrityError, RuntimeHealthError, UsageError
 from edgepack.manifest import HeldFile, verify_and_hold
 
 log = logging.getLogger("edgepack.serve")
@@ -60,6 +69,7 @@ class ServeOptions:
     config: str | None = None
     cpu: bool = False
     providers: tuple[str, ...] | None = None
+    memory_budget: int | None = None  # bytes; the memory check's bound when lower
 
 
 def make_engine(cfg: ServerConfig) -> Engine:
@@ -197,26 +207,54 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def prepare_all(bundle_dirs: Sequence[str | os.PathLike[str]], opts: ServeOptions,
+                environ: Mapping[str, str]) -> list[ServerConfig]:
+    """``prepare`` each bundle; refuse what several bundles cannot share."""
+    if not bundle_dirs:
+        raise UsageError("no bundle to serve", hint="edgepack serve BUNDLE [BUNDLE...]")
+    if len(bundle_dirs) > 1 and opts.ctx is not None:
+        raise UsageError(
+            f"--ctx {opts.ctx} with {len(bundle_dirs)} bundles: a context belongs to one "
+            "model (an embedding model's is its maximum input)",
+            hint="serve without --ctx (each bundle's server.toml has its planned context)")
+    configs = [prepare(b, opts, environ) for b in bundle_dirs]
+    seen: dict[str, Path] = {}
+    for cfg in configs:
+        if cfg.model_name in seen:
+            raise ConfigError(
+                f"bundles {str(seen[cfg.model_name])!r} and {str(cfg.bundle_dir)!r} both "
+                f"serve model {cfg.model_name!r}; requests name the model, so ids must differ",
+                hint="serve one of them, or run a second server on another --port")
+        seen[cfg.model_name] = cfg.bundle_dir
+    return configs
+
+
 def run_server(
-    bundle_dir: str | os.PathLike[str],
+    bundle_dir: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     opts: ServeOptions,
     environ: Mapping[str, str] | None = None,
     announce: Callable[[str], None] | None = None,
 ) -> int:
-    """Serve until SIGTERM/SIGINT; return 0 after the drain.
+    """Serve one bundle (or several) until SIGTERM/SIGINT; return 0 after the drain.
 
-    Raises IntegrityError (6) for a tampered bundle, ConfigError (3) for bad settings and
-    RuntimeHealthError (7) when the engine cannot load.
+    Raises IntegrityError (6) for a tampered bundle, ConfigError (3) for bad settings,
+    UsageError (2) for options several bundles cannot share and RuntimeHealthError (7) when
+    the bundles do not fit in memory or an engine cannot load.
     """
     from edgepack.runtimes.app import create_app
 
+    bundles = ([bundle_dir] if isinstance(bundle_dir, (str, os.PathLike))
+               else list(bundle_dir))
     env = dict(os.environ if environ is None else environ)
     configure_logging(opts.log_level, opts.log_format)
     if opts.api_key is None and env.get("EDGEPACK_API_KEY"):
         opts = replace(opts, api_key=env["EDGEPACK_API_KEY"])
-    cfg = prepare(bundle_dir, opts, env)
-    engine = make_engine(cfg)
-    app = create_app(cfg, engine, env)
+    configs = prepare_all(bundles, opts, env)
+    for need in check_memory(configs, opts.memory_budget):
+        log.info("memory: %s needs %.0f MiB (%s)", need.model, need.bytes / 2**20, need.basis)
+    cfg = configs[0]
+    engines = [(c, make_engine(c)) for c in configs]
+    app = create_app(cfg, engines[0][1], env, more=engines[1:])
     limits = connection_limits(cfg)
     sock = bind_socket(cfg.host, cfg.port)
     port = sock.getsockname()[1]
@@ -229,13 +267,16 @@ def run_server(
         timeout_graceful_shutdown=int(cfg.drain_seconds) or None,
         **uvicorn_options(limits),
     ))
+    models = ", ".join(f"{c.model_name} ({c.model_kind}, {c.model_format})" for c in configs)
     (announce or _print)(
-        f"edgepack serve: {cfg.model_name} ({cfg.model_kind}, {cfg.model_format}) on "
+        f"edgepack serve: {models} on "
         f"http://{cfg.host}:{port}  api-key: {'on' if cfg.api_key else 'off'}  "
-        f"threads: {cfg.n_threads}  ctx: {cfg.n_ctx}  queue: {cfg.queue_size}  "
-        f"compute: {cfg.compute}{' (--cpu)' if opts.cpu else ''}"
+        + "  ".join(f"{'' if len(configs) == 1 else c.model_name + ': '}threads: "
+                    f"{c.n_threads}  ctx: {c.n_ctx}  queue: {c.queue_size}" for c in configs)
+        + f"  compute: {cfg.compute}{' (--cpu)' if opts.cpu else ''}"
     )
-    log.info("effective config: %s", json.dumps(effective_config(cfg), sort_keys=True))
+    for c in configs:
+        log.info("effective config: %s", json.dumps(effective_config(c), sort_keys=True))
     try:
         asyncio.run(server.serve(sockets=[sock]))
     finally:
@@ -260,7 +301,7 @@ class _Server(uvicorn.Server):
     def handle_exit(self, sig: int, frame: Any) -> None:
         state = _app_state(self.config)
         if state is not None:
-            state.lifecycle.begin_drain()
+            state.models.begin_drain()
             log.info("signal %s: draining (up to %s s for requests in flight)",
                      sig, state.config.drain_seconds)
             # uvicorn cancels what still runs at its graceful-shutdown deadline, which a client
@@ -283,7 +324,7 @@ class _Server(uvicorn.Server):
         if state is not None and not self.force_exit:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + float(state.config.drain_seconds)
-            while (state.admission.in_system > 0 and loop.time() < deadline
+            while (state.models.in_system > 0 and loop.time() < deadline
                    and not self.force_exit):
                 await asyncio.sleep(0.05)
             left = deadline - loop.time()
@@ -292,16 +333,17 @@ class _Server(uvicorn.Server):
 
     async def on_tick(self, counter: int) -> bool:
         state = _app_state(self.config)
-        if state is not None and state.lifecycle.failed.is_set() and state.lifecycle.model is None:
-            # It could not load: nothing to serve; exit 7 rather than run a broken server.
-            self.engine_error = state.lifecycle.error_exc
+        failure = state.models.load_failure() if state is not None else None
+        if failure is not None:
+            # A model could not load: the server cannot serve what it was asked to; exit 7
+            # rather than run a broken (or partial) server.
+            self.engine_error = failure
             return True
         return await super().on_tick(counter)
 
 
 def _stop_generations(state: Any) -> None:
-    for token in list(state.active):
-        token.cancel("shutdown")
+    state.models.cancel_generations()
 
 
 def _app_state(config: uvicorn.Config) -> Any:

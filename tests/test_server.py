@@ -195,9 +195,10 @@ def test_metrics_parse_and_count(client, chat_server):
     after = _metrics(chat_server.base_url)
     key = "edgepack_requests_total{route=/v1/completions,status=200}"
     assert after[key] == before.get(key, 0) + 1
-    assert after["edgepack_completion_tokens_total"] - before.get(
-        "edgepack_completion_tokens_total", 0) == 4
+    tokens = f"edgepack_completion_tokens_total{{model={MODEL}}}"
+    assert after[tokens] - before.get(tokens, 0) == 4
     assert after["edgepack_process_resident_memory_bytes"] > 50e6
     assert after["edgepack_ready"] == 1
-    assert after["edgepack_queue_depth"] == 0
-    assert after["edgepack_time_to_first_token_seconds_count"] >= 1
+    assert after[f"edgepack_model_ready{{model={MODEL}}}"] == 1
+    assert after[f"edgepack_queue_depth{{model={MODEL}}}"] == 0
+    assert after[f"edgepack_time_to_first_token_seconds_count{{model={MODEL}}}"] >= 1

@@ -1,4 +1,5 @@
-"""``edgepack serve BUNDLE``: run the on-device OpenAI-compatible server (parse, call, render).
+"""``edgepack serve BUNDLE [BUNDLE...]``: run the on-device OpenAI-compatible server (parse,
+call, render).
 
 Device side: imports only click here; the server (starlette, uvicorn, llama-cpp-python) is
 imported when the command runs. Every option also reads an ``EDGEPACK_*`` variable (shown in
@@ -21,7 +22,8 @@ def _providers(ctx: click.Context, param: click.Parameter, value: str | None
 
 
 @click.command("serve")
-@click.argument("bundle", type=click.Path(file_okay=False, path_type=str))
+@click.argument("bundles", nargs=-1, required=True, metavar="BUNDLE [BUNDLE...]",
+                type=click.Path(file_okay=False, path_type=str))
 @click.option("--host", default=None, envvar="EDGEPACK_HOST", show_envvar=True,
               help="Address to listen on (default: the config's, else 127.0.0.1, which keeps "
               "the server local to the device).")
@@ -46,11 +48,17 @@ def _providers(ctx: click.Context, param: click.Parameter, value: str | None
               "(default: server.toml's queue_size).")
 @click.option("--ctx", type=click.IntRange(16), default=None, envvar="EDGEPACK_CTX",
               show_envvar=True,
-              help="Context window in tokens (default: server.toml's n_ctx, from the plan).")
+              help="Context window in tokens (default: server.toml's n_ctx, from the plan). "
+              "One bundle only.")
+@click.option("--memory-budget-bytes", "memory_budget", default=None, type=click.IntRange(1),
+              metavar="N", envvar="EDGEPACK_MEMORY_BUDGET_BYTES", show_envvar=True,
+              help="Memory the models may use together (default: what the machine and the "
+              "cgroup have free). The bundles' planned memory is checked against it before "
+              "loading: exit 7 when it does not fit.")
 @click.option("--require-signature", "trusted_key", default=None, metavar="PUB",
               envvar="EDGEPACK_TRUSTED_KEY", show_envvar=True,
               type=click.Path(dir_okay=False, path_type=str),
-              help="Refuse to start (exit 6) unless BUNDLE carries a signature "
+              help="Refuse to start (exit 6) unless each BUNDLE carries a signature "
               "(provenance.intoto.jsonl, `edgepack sign`) by this ed25519 public key.")
 @click.option("--max-connections", type=click.IntRange(8), default=None,
               envvar="EDGEPACK_MAX_CONNECTIONS", show_envvar=True,
@@ -74,29 +82,39 @@ def _providers(ctx: click.Context, param: click.Parameter, value: str | None
               envvar="EDGEPACK_LOG_FORMAT", show_envvar=True,
               type=click.Choice(["plain", "json"]),
               help="Log lines as plain text or one JSON object per line.")
-def serve(bundle: str, host: str | None, port: int | None, api_key: str | None,
+def serve(bundles: tuple[str, ...], host: str | None, port: int | None, api_key: str | None,
           config_file: str | None, threads: int | None, queue_size: int | None,
-          ctx: int | None, trusted_key: str | None, max_connections: int | None, cpu: bool,
+          ctx: int | None, memory_budget: int | None, trusted_key: str | None,
+          max_connections: int | None, cpu: bool,
           providers: tuple[str, ...] | None, log_level: str, log_format: str) -> None:
-    """Serve BUNDLE with an OpenAI-compatible API.
+    """Serve BUNDLE (or several) with an OpenAI-compatible API.
 
-    The bundle is verified against its manifest first (exit 6 if any file differs or is a
-    link), and the engine loads the very bytes that were verified. The model loads in the
-    background: /healthz answers at once, /readyz turns 200 once the model has loaded and
-    answered a warm-up request, and reports the loaded model's sha256 and the effective
-    configuration. SIGTERM stops new work (/readyz 503), finishes requests in flight
-    (server.toml's drain_seconds) and exits 0. Exit 7 when the engine cannot load or lacks
-    what the bundle asks for (e.g. GPU offload; see --cpu).
+    Each bundle is verified against its manifest first (exit 6 if any file differs or is a
+    link), and the engine loads the very bytes that were verified. Before loading, the
+    bundles' planned memory is added up and checked against the memory available (exit 7
+    when it does not fit; see --memory-budget-bytes). The models load in the background: /healthz
+    answers at once, /readyz turns 200 once every model has loaded and answered a warm-up
+    request, and reports each loaded model's sha256 and effective configuration. SIGTERM
+    stops new work (/readyz 503), finishes requests in flight (server.toml's drain_seconds)
+    and exits 0. Exit 7 when an engine cannot load or lacks what a bundle asks for (e.g. GPU
+    offload; see --cpu).
+
+    Several bundles (e.g. a chat model and an embedding model for on-device RAG) share one
+    port: a request goes to the model its "model" field names (GET /v1/models lists them; any
+    other name is a 404). Engine options (--threads, --queue-size, --cpu, --providers, the
+    --config file) apply to each bundle; server options (host, port, key, limits) come from
+    the first bundle's server.toml and the flags.
 
     Routes: GET /v1/models, POST /v1/chat/completions, /v1/completions (stream: true gives
     SSE), /v1/embeddings, GET /healthz, /readyz, /metrics (Prometheus).
     """
     from edgepack.runtimes.serve import ServeOptions, run_server
 
-    # With a key, the server checks the signature over the manifest, then every file once
-    # against that manifest through the descriptors it loads from (runtimes/serve.py prepare).
-    run_server(bundle, ServeOptions(
+    # With a key, the server checks each bundle's signature over its manifest, then every
+    # file once against that manifest through the descriptors it loads from
+    # (runtimes/serve.py prepare).
+    run_server(bundles, ServeOptions(
         host=host, port=port, api_key=api_key, threads=threads, queue_size=queue_size, ctx=ctx,
         max_connections=max_connections, log_level=log_level, log_format=log_format,
-        config=config_file, cpu=cpu, providers=providers,
+        config=config_file, cpu=cpu, providers=providers, memory_budget=memory_budget,
         trusted_keys=(trusted_key,) if trusted_key else ()))
