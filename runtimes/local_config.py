@@ -36,6 +36,7 @@ _KEYS: dict[tuple[str, str], tuple[str, tuple[type, ...]]] = {
     ("engine", "n_threads"): ("n_threads", (int,)),
     ("engine", "n_batch"): ("n_batch", (int,)),
     ("engine", "n_gpu_layers"): ("n_gpu_layers", (int,)),
+    ("engine", "n_parallel"): ("n_parallel", (int,)),
     ("engine", "providers"): ("providers", (list,)),
     ("server", "host"): ("host", (str,)),
     ("server", "port"): ("port", (int,)),

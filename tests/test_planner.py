@@ -210,7 +210,9 @@ def test_encoder_goes_to_onnx_and_json_schema_is_stable():
         "rejected",
         "speed_floor",
         "warnings",
+        "parallel",
     ]
+    assert d["parallel"] == 1 and d["memory"]["kv_cache_slots"] == 1  # an encoder: no slots
     assert d["schema"] == 1 and d["device"]["digest"].startswith("sha256:")
 
 

@@ -38,7 +38,8 @@ REFERENCE_MEMORY_SHARE = 0.5
 def plan_gguf_repo(repo: GgufRepo, profile: DeviceProfile, *, fmt: str = "auto",
                    ctx: int | None = None, quant: str | None = None,
                    min_tokens_per_second: float | None = None,
-                   alternatives: Sequence[DeviceProfile] = ()) -> Plan:
+                   alternatives: Sequence[DeviceProfile] = (),
+                   parallel: int | None = None) -> Plan:
     """The plan for ``profile`` over the repo's files. Raises BuildError when it has none."""
     from edgepack.plan.planner import PlanOptions, plan_build
 
@@ -47,7 +48,7 @@ def plan_gguf_repo(repo: GgufRepo, profile: DeviceProfile, *, fmt: str = "auto",
                          hint="pick a repo with GGUF files or a safetensors checkpoint")
     best = min(repo.choices, key=lambda c: (c.kld, c.path))
     options = PlanOptions(format=fmt, ctx=ctx, quant=quant,
-                          min_tokens_per_second=min_tokens_per_second)
+                          min_tokens_per_second=min_tokens_per_second, parallel=parallel)
     try:
         plan = plan_build(best.facts, profile, options, alternatives=alternatives,
                           files=repo.choices)
@@ -128,7 +129,7 @@ def run_gguf_repo_build(req: BuildRequest, repo: GgufRepo, profiles: Sequence[De
         quant = per_device.get(ref_text) or per_device.get(profile.id) or req.quant
         plan = plan_gguf_repo(repo, profile, fmt=req.fmt, ctx=req.ctx, quant=quant,
                               min_tokens_per_second=req.min_tokens_per_second,
-                              alternatives=list_profiles())
+                              alternatives=list_profiles(), parallel=req.parallel)
         plans.append(plan)
         log(f"plan for {profile.id}: {plan.quant} from {_choice_of(repo, plan).path} "
             f"ctx {plan.ctx}")

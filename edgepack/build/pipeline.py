@@ -60,6 +60,7 @@ class BuildRequest:
     runtime: bool = False  # add runtime/ (offline wheels + install.sh) to each bundle
     allow_licenses: tuple[str, ...] = ()  # empty: no licence policy
     min_tokens_per_second: float | None = None  # None: the device class's interactive floor
+    parallel: int | None = None  # slots for GGUF decoders; None: the plan's choice
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,10 @@ def server_tables(
         # message when this onnxruntime lacks a provider named here.
         cuda = profile.accelerator.kind == "cuda"
         engine["providers"] = ["cuda", "cpu"] if cuda else ["cpu"]
+    else:
+        # Slots decoded together (runtimes/batch.py), sized by the plan: its memory figure
+        # holds the KV cache of every slot (plan/slots.py).
+        engine["n_parallel"] = plan.parallel
     return {
         "model": {"path": model_rel, "format": plan.format, "kind": kind, "name": name},
         "engine": {
@@ -248,7 +253,8 @@ def run_build(req: BuildRequest, log: Callable[[str], None] = lambda _m: None) -
     for ref_text, profile in zip(req.devices, profiles, strict=True):
         quant = per_device.get(ref_text) or per_device.get(profile.id) or req.quant
         options = PlanOptions(format=req.fmt, ctx=req.ctx, quant=quant,
-                              min_tokens_per_second=req.min_tokens_per_second)
+                              min_tokens_per_second=req.min_tokens_per_second,
+                              parallel=req.parallel)
         plan = plan_build(facts, profile, options, alternatives=list_profiles())
         plans.append(plan)
         log(f"plan for {profile.id}: {plan.format} {plan.quant} ctx {plan.ctx}")

@@ -68,6 +68,10 @@ def _parse_quants(values: tuple[str, ...]) -> tuple[str | None, tuple[tuple[str,
 @click.option("--min-tokens-per-second", "min_tps", type=click.FloatRange(min=0.0), default=None,
               help="Decode speed floor for the plan (default: the device class's interactive "
               "floor, 5 tok/s; 0 turns it off).")
+@click.option("--parallel", type=click.IntRange(min=1), default=None,
+              help="Slots a GGUF chat/completion bundle decodes together (server.toml "
+              "n_parallel; the plan's memory holds each slot's KV cache). Default: as many as "
+              "fit, up to one per core and 4; refused (exit 5) when it does not fit.")
 @click.option("--bundle-version", "version", default="1", show_default=True,
               help="Bundle version (integer or MAJOR.MINOR.PATCH); orders updates.")
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path),
@@ -101,9 +105,9 @@ def _parse_quants(values: tuple[str, ...]) -> tuple[str | None, tuple[tuple[str,
               "'license: other' its license_name); checked before any weight byte, exit 3 "
               "when refused. Comma-separated or repeated; @FILE reads a policy file (one id a "
               "line).")
-def build(model, devices, fmt, quants, ctx, min_tps, version, out, name, token, golden, no_golden,
-          min_agreement, max_kl, min_cosine, runtime, archive, overwrite, threads, as_json,
-          allow_licenses) -> None:
+def build(model, devices, fmt, quants, ctx, min_tps, parallel, version, out, name, token, golden,
+          no_golden, min_agreement, max_kl, min_cosine, runtime, archive, overwrite, threads,
+          as_json, allow_licenses) -> None:
     """Pull MODEL (org/name[@rev] or a folder), plan, convert, validate and bundle it."""
     from edgepack.build.pipeline import BuildRequest, parse_version_option, run_build
 
@@ -115,7 +119,7 @@ def build(model, devices, fmt, quants, ctx, min_tps, version, out, name, token, 
         golden=_parse_golden(golden, no_golden), min_agreement=min_agreement, max_kl=max_kl,
         min_cosine=min_cosine, archive=archive, overwrite=overwrite, threads=threads,
         allow_licenses=tuple(allow_licenses), min_tokens_per_second=min_tps,
-        runtime=runtime,
+        runtime=runtime, parallel=parallel,
     )
     from edgepack.cli.progress import StageReporter, hub_progress_bars
 

@@ -18,7 +18,8 @@ header bytes of a local file); the device from a shipped profile id, a profile .
       "engine": "llama.cpp" | "onnxruntime",
       "ctx": int, "threads": int, "batch": int, "ubatch": int,
       "gpu_layers": int,                        # 0 = CPU only
-      "memory": {"weights_bytes", "kv_cache_bytes", "compute_buffer_bytes",
+      "memory": {"weights_bytes", "kv_cache_bytes",  # KV: every slot's (see "parallel")
+                 "kv_cache_slots", "compute_buffer_bytes",
                  "output_buffer_bytes", "runtime_overhead_bytes", "required_bytes",
                  "repack_page_cache_bytes", "expected_peak_rss_bytes",
                  "tensor_types": {ggml type: count}, "fallback_tensors",
@@ -31,15 +32,18 @@ header bytes of a local file); the device from a shipped profile id, a profile .
       "rejected": [{"format", "quant", "ctx", "reason", "file"?}, ...],
       "speed_floor": {"tokens_per_second": float, "source": str, "met": bool},
       "warnings": [str, ...],   # low quality, floor not met, transformers-5 working copy
+      "parallel": int,          # slots decoded together (server.toml n_parallel); 1 unless a
+                                # GGUF decoder
       "gguf_file": {"path", "files": [str], "quant", "quality_basis"},  # GGUF repos only
       "card": {"license", "license_name", "license_link", "base_model": [str], "datasets": [str],
                "language": [str], "pipeline_tag", "gated": "auto" | "manual" | null,
                "readme_sha256", "license_files": [{"path", "sha256", "size"}]}
     }
 
-Exit codes: 2 bad option (unknown --quant, --ctx above the model's maximum), 3 unknown device
-or a licence that ``--allow-license`` refuses (decided on the model card, before any weight
-byte), 4 hub unreachable, 5 nothing fits / unsupported architecture.
+Exit codes: 2 bad option (unknown --quant, --ctx above the model's maximum, --parallel for a
+model without slots), 3 unknown device or a licence that ``--allow-license`` refuses (decided
+on the model card, before any weight byte), 4 hub unreachable, 5 nothing fits (incl. the
+--parallel slots asked) / unsupported architecture.
 """
 
 from __future__ import annotations
@@ -89,6 +93,14 @@ import click
     "class's interactive floor, 5 tok/s = reading speed, which picks the fastest option of "
     "Q4 quality when nothing reaches it; 0 turns it off).",
 )
+@click.option(
+    "--parallel",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Slots for a GGUF chat/completion model, decoded together (KV cache for each in the "
+    "memory plan). Default: as many as fit, up to one per core and 4; exit 5 when the number "
+    "asked does not fit.",
+)
 @click.option("--allow-license", "allow_licenses", multiple=True, metavar="LIST",
               envvar="EDGEPACK_ALLOW_LICENSE", show_envvar=True,
               help="Licences the model may have, by model-card id (apache-2.0,mit); exit 3 "
@@ -103,6 +115,7 @@ def plan(
     ctx: int | None,
     quant: str | None,
     min_tps: float | None,
+    parallel: int | None,
     allow_licenses: tuple[str, ...],
     as_json: bool,
 ) -> None:
@@ -120,7 +133,8 @@ def plan(
         from edgepack.build.preflight import check_quant
 
         fmt = check_quant(quant, fmt)
-    options = PlanOptions(format=fmt, ctx=ctx, quant=quant, min_tokens_per_second=min_tps)
+    options = PlanOptions(format=fmt, ctx=ctx, quant=quant, min_tokens_per_second=min_tps,
+                          parallel=parallel)
     from edgepack.build.gguf_repo import probe_gguf_repo
     from edgepack.build.hub import parse_model_ref
 
@@ -132,7 +146,8 @@ def plan(
         from edgepack.build.gguf_repo_build import plan_gguf_repo
 
         result = plan_gguf_repo(repo, profile, fmt=fmt, ctx=ctx, quant=quant,
-                                min_tokens_per_second=min_tps, alternatives=list_profiles())
+                                min_tokens_per_second=min_tps, alternatives=list_profiles(),
+                                parallel=parallel)
         src = {"ref": ref.text, "repo_id": repo.repo_id, "sha": repo.sha}
         card = repo.card
     else:

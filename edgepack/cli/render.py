@@ -44,6 +44,8 @@ def render_plan(plan: Plan, console: Console) -> None:
     if plan.gguf_file is not None:
         head.add_row("repo file", plan.gguf_file["path"])
     head.add_row("context", f"{plan.ctx} tokens")
+    if plan.format == "gguf" and plan.model.get("family") == "decoder":
+        head.add_row("parallel slots", f"{plan.parallel} (KV cache for each)")
     head.add_row("threads / batch / ubatch", f"{plan.threads} / {plan.batch} / {plan.ubatch}")
     head.add_row("GPU layers", str(plan.gpu_layers))
     decode = "n/a (encoder)" if e.decode_tps is None else f"~{e.decode_tps:,.1f} tok/s"
@@ -55,7 +57,8 @@ def render_plan(plan: Plan, console: Console) -> None:
     mem.add_column("size", justify="right")
     for label, value in (
         ("weights", e.weights_bytes),
-        ("KV cache" + (" (f16)" if plan.format == "gguf" else ""), e.kv_bytes),
+        ("KV cache" + (" (f16)" if plan.format == "gguf" else "")
+         + (f", {e.slots} slots x {plan.ctx}" if e.slots > 1 else ""), e.kv_bytes),
         ("compute buffers", e.compute_bytes),
         ("output buffer", e.output_bytes),
         ("runtime overhead", e.overhead_bytes),

@@ -116,6 +116,7 @@ class Estimate:
     quality_value: float
     tensor_types: dict[str, int] = field(default_factory=dict)
     fallback_tensors: int = 0
+    slots: int = 1  # sequences with KV cache of their own (plan/slots.py); kv_bytes counts all
 
     @property
     def required_bytes(self) -> int:
@@ -137,6 +138,7 @@ class Estimate:
         return {
             "weights_bytes": self.weights_bytes,
             "kv_cache_bytes": self.kv_bytes,
+            "kv_cache_slots": self.slots,
             "compute_buffer_bytes": self.compute_bytes,
             "output_buffer_bytes": self.output_bytes,
             "runtime_overhead_bytes": self.overhead_bytes,

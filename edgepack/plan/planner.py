@@ -46,6 +46,7 @@ from edgepack.plan.estimate import (
 )
 from edgepack.plan.facts import ModelFacts
 from edgepack.plan.quants import FILE_TYPES, FILE_TYPES_BY_NAME, ONNX_QUANTS, file_type
+from edgepack.plan.slots import choose_slots
 
 PLAN_SCHEMA = 1
 DEFAULT_CTX = 4096
@@ -85,6 +86,7 @@ class PlanOptions:
     ctx: int | None = None
     quant: str | None = None
     min_tokens_per_second: float | None = None
+    parallel: int | None = None  # slots (GGUF decoders); None: as many as fit (plan/slots.py)
 
 
 @dataclass(frozen=True)
@@ -160,6 +162,7 @@ class Plan:
     low_quality: bool = False
     speed_floor: dict[str, Any] | None = None
     gguf_file: dict[str, Any] | None = None
+    parallel: int = 1  # sequences the server decodes together (server.toml n_parallel)
 
     def to_dict(self) -> dict[str, Any]:
         e = self.estimate
@@ -197,6 +200,7 @@ class Plan:
             # additions to schema 1 (new keys after the old ones)
             "speed_floor": self.speed_floor,
             "warnings": list(self.warnings),
+            "parallel": self.parallel,
             **extra,
         }
 
@@ -489,6 +493,14 @@ def plan_build(
             f"context {ctx}: min(model maximum {facts.max_context}, default {DEFAULT_CTX})"
         )
     rationale.append(f"{profile.cpu.cores} threads: one per physical core")
+    if fmt == "gguf" and facts.family == "decoder":
+        est, why_slots = choose_slots(est, profile, budget, options.parallel)
+        rationale.append(why_slots)
+    elif options.parallel not in (None, 1):
+        raise UsageError(
+            f"--parallel {options.parallel}: parallel slots are for GGUF chat and completion "
+            f"models; this plan is {fmt} for a{'n' if facts.family == 'encoder' else ''} "
+            f"{facts.family}", hint="drop --parallel")
     layers = gpu_offload(c.facts or facts, profile, est) if fmt == "gguf" else 0
     if layers:
         which = "all" if layers == facts.n_layer + 1 else f"{layers} of {facts.n_layer + 1}"
@@ -534,6 +546,7 @@ def plan_build(
         low_quality=c.low,
         speed_floor={"tokens_per_second": floor, "source": floor_source,
                      "met": speed >= floor},
+        parallel=est.slots,
         gguf_file=None if c.file is None else {
             "path": c.file, "files": list(c.files), "quant": q,
             "quality_basis": c.kld_basis,
