@@ -1,7 +1,8 @@
 """Tool calls end to end: real chat templates, real llama.cpp, real HTTP, the ``openai`` client.
 
-Two chat families (``support.tool_models``): Qwen2.5's ``<tool_call>`` blocks and Llama 3.1's
-bare JSON call. The weights are random, so every call here is grammar-forced
+Three chat families (``support.tool_models``): Qwen2.5's ``<tool_call>`` blocks, Llama 3.1's
+bare JSON call and Mistral's ``[TOOL_CALLS]`` list (Mistral Nemo's template, which also checks
+that every call id is 9 alphanumerics). The weights are random, so every call here is grammar-forced
 (``tool_choice`` required or named); the forced call must still be a valid call of a tool
 offered, with arguments that follow its schema.
 """
@@ -9,6 +10,7 @@ offered, with arguments that follow its schema.
 from __future__ import annotations
 
 import json
+import re
 
 import openai
 import pytest
@@ -33,7 +35,7 @@ ARG_VALUES = {"get_weather": {"city": {"Paris", "Oslo", "Lima"},
 QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
-@pytest.fixture(scope="module", params=["qwen25", "llama31"])
+@pytest.fixture(scope="module", params=["qwen25", "llama31", "mistral"])
 def family(request, tmp_path_factory):
     name = f"tiny-{request.param}"
     bundle = make_test_bundle(tmp_path_factory.mktemp(name) / "bundle",
@@ -86,6 +88,10 @@ def test_forced_call_round_trip(family):
     assert len(choice.message.tool_calls) == 1
     call = choice.message.tool_calls[0]
     _check_call(call)
+    if model == "tiny-mistral":
+        # Mistral's call carries its own id (the forcing grammar asks for 9 alphanumerics);
+        # the template refuses any other id when the history comes back.
+        assert re.fullmatch(r"[a-zA-Z0-9]{9}", call.id), call.id
     # The call and the tool's result go back through the model's own template.
     history = [*QUESTION, choice.message.model_dump(exclude_none=True),
                {"role": "tool", "tool_call_id": call.id, "content": '{"celsius": 21}'}]

@@ -6,7 +6,9 @@ Each is the tiny random-weight Llama (``models.build_tiny_llama``: SmolLM2's tok
 fetched from (https://github.com/ggml-org/llama.cpp/tree/master/models/templates):
 
 - ``qwen25``: ``Qwen-Qwen2.5-7B-Instruct.jinja`` (``<tool_call>`` JSON blocks),
-- ``llama31``: ``meta-llama-Llama-3.1-8B-Instruct.jinja`` (a bare JSON call, ``ipython`` role).
+- ``llama31``: ``meta-llama-Llama-3.1-8B-Instruct.jinja`` (a bare JSON call, ``ipython`` role),
+- ``mistral``: ``mistralai-Mistral-Nemo-Instruct-2407.jinja`` (``[TOOL_CALLS]`` and a JSON list
+  of calls whose ids are 9 alphanumerics, ``[TOOL_RESULTS]`` for the results).
 
 Random weights say nothing useful, but a grammar-forced call is valid whatever the weights,
 which is what the server's tool-call path needs to be tested end to end.
@@ -23,6 +25,7 @@ from support.models import _cached_build, build_gguf, build_tiny_llama, converte
 TEMPLATES = {
     "qwen25": "Qwen-Qwen2.5-7B-Instruct.jinja",
     "llama31": "meta-llama-Llama-3.1-8B-Instruct.jinja",
+    "mistral": "mistralai-Mistral-Nemo-Instruct-2407.jinja",
 }
 TOOL_MODEL_VERSION = "1"
 
