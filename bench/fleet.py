@@ -66,10 +66,11 @@ def run_fleet(tmp: Path, repo, nginx_url: str, n: int, rounds: int, gguf: Path) 
     from support.ota import STANDIN, make_bundle
 
     from edgepack.ota.agent.broker import parse_broker
+    from edgepack.ota.agent.config import AgentConfig
     from edgepack.ota.agent.health import SubprocessLauncher
     from edgepack.ota.agent.report import MqttReporter, device_status
     from edgepack.ota.agent.state import StateDir
-    from edgepack.ota.agent.updater import Agent, AgentConfig
+    from edgepack.ota.agent.updater import Agent
 
     broker = Broker(tmp / "mosquitto", _free_port()).start()
     sub = Subscriber(broker.url)

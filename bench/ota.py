@@ -50,9 +50,10 @@ from support.ota import (  # noqa: E402
 )
 from support.smollm import shipped_smollm_gguf  # noqa: E402
 
+from edgepack.ota.agent.config import AgentConfig  # noqa: E402
 from edgepack.ota.agent.health import SubprocessLauncher  # noqa: E402
 from edgepack.ota.agent.state import StateDir  # noqa: E402
-from edgepack.ota.agent.updater import Agent, AgentConfig  # noqa: E402
+from edgepack.ota.agent.updater import Agent  # noqa: E402
 from edgepack.ota.repo import init_repo  # noqa: E402
 
 

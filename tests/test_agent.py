@@ -23,11 +23,12 @@ from tuf.api.metadata import Metadata
 from edgepack.cli.main import cli
 from edgepack.errors import FetchError, IntegrityError
 from edgepack.manifest import verify_bundle
+from edgepack.ota.agent.config import AgentConfig
 from edgepack.ota.agent.fetcher import DeadlineExceeded
 from edgepack.ota.agent.health import SubprocessLauncher
 from edgepack.ota.agent.installer import NoSpaceError
 from edgepack.ota.agent.state import StateDir
-from edgepack.ota.agent.updater import Agent, AgentConfig
+from edgepack.ota.agent.updater import Agent
 from edgepack.ota.release import rollout_bucket
 from edgepack.ota.repo import Expiry, init_repo
 

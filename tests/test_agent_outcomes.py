@@ -20,10 +20,11 @@ from support.ota import STANDIN, make_bundle, random_model
 from edgepack.cli.main import cli
 from edgepack.errors import UsageError
 from edgepack.manifest import canonical_json, verify_bundle
+from edgepack.ota.agent.config import AgentConfig
 from edgepack.ota.agent.health import SubprocessLauncher
 from edgepack.ota.agent.loop import backoff_delay
 from edgepack.ota.agent.state import StateDir
-from edgepack.ota.agent.updater import Agent, AgentConfig
+from edgepack.ota.agent.updater import Agent
 from edgepack.ota.release import channel_doc, channel_target, rollout_bucket
 from edgepack.ota.repo import init_repo
 

@@ -176,8 +176,9 @@ def test_stop_swap_start_needs_a_restart_command(tmp_path, nginx):
     """Without a way to stop the running server, an update that does not fit beside it is
     refused with a configuration error (exit 3); nothing is switched."""
     from edgepack.errors import ConfigError
+    from edgepack.ota.agent.config import AgentConfig
     from edgepack.ota.agent.state import StateDir
-    from edgepack.ota.agent.updater import Agent, AgentConfig
+    from edgepack.ota.agent.updater import Agent
 
     dev = Device(tmp_path, nginx)
     state = StateDir(dev.state)

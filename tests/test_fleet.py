@@ -25,10 +25,11 @@ from support.ota import STANDIN, make_bundle, random_model
 
 from edgepack.cli.main import cli
 from edgepack.ota.agent.broker import parse_broker
+from edgepack.ota.agent.config import AgentConfig
 from edgepack.ota.agent.health import SubprocessLauncher
 from edgepack.ota.agent.report import MqttReporter, device_status, health_figures
 from edgepack.ota.agent.state import StateDir
-from edgepack.ota.agent.updater import Agent, AgentConfig
+from edgepack.ota.agent.updater import Agent
 from edgepack.ota.repo import init_repo
 
 FLEET = "test"

@@ -13,9 +13,10 @@ from support.ota import STANDIN, make_bundle, random_model
 
 from edgepack.cli.main import cli
 from edgepack.manifest import verify_bundle
+from edgepack.ota.agent.config import AgentConfig
 from edgepack.ota.agent.health import SubprocessLauncher
 from edgepack.ota.agent.state import StateDir
-from edgepack.ota.agent.updater import Agent, AgentConfig
+from edgepack.ota.agent.updater import Agent
 from edgepack.ota.release import parse_chunk_index, rollout_bucket
 from edgepack.ota.repo import init_repo
 

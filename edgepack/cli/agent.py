@@ -135,10 +135,11 @@ def _agent_run(repo_url, state_dir, channel, device_id, groups, once, as_json, i
                retry_min, deadline, gap_timeout, health_window, restart_command, serve_url,
                memory_budget_bytes, broker, fleet, broker_username, broker_password,
                broker_ca, broker_cert, broker_key, progress_every) -> None:
+    from edgepack.ota.agent.config import AgentConfig
     from edgepack.ota.agent.loop import AgentStopped, StopSignal, run_forever
     from edgepack.ota.agent.outcome import exit_code
     from edgepack.ota.agent.state import StateDir
-    from edgepack.ota.agent.updater import Agent, AgentConfig
+    from edgepack.ota.agent.updater import Agent
     from edgepack.ota.release import check_channel, check_group
 
     flat_groups = tuple(check_group(g) for item in groups for g in item.split())

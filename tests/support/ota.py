@@ -90,7 +90,8 @@ sys.path.insert(0, {support!r})
 from pathlib import Path
 from edgepack.ota.agent.health import SubprocessLauncher
 from edgepack.ota.agent.state import StateDir
-from edgepack.ota.agent.updater import Agent, AgentConfig
+from edgepack.ota.agent.config import AgentConfig
+from edgepack.ota.agent.updater import Agent
 launcher = SubprocessLauncher({launcher!r})
 agent = Agent(StateDir(Path({state!r})), AgentConfig({url!r}, {channel!r}, health_window=20),
               launcher=launcher)

@@ -1,7 +1,7 @@
 """The journal of the update in progress, and the crash-test hook.
 
 The journal is one JSON file written atomically before each step that changes what the
-device would run. On start the agent reads it and finishes or rolls back (``Agent.recover``):
+device would run. On start the agent reads it and finishes or rolls back (``Switchover.recover``):
 
     fetching   staging/<v> is being filled     -> keep partial files, resume next cycle
     staged     slots/<v> is complete, verified -> run the health gate again

@@ -11,6 +11,9 @@ Device side: standard library only.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 from edgepack.errors import EXIT_CONFIG, EXIT_OK, EXIT_RUNTIME, ConfigError
 
 UP_TO_DATE = "up-to-date"
@@ -38,6 +41,17 @@ OUTCOMES: dict[str, tuple[int, str]] = {
     FAILED: (-1, "no update could be fetched or verified: the error's own exit code "
              "(4 fetch/network, 6 integrity/signature, 3 configuration)"),
 }
+
+
+@dataclass
+class CycleResult:
+    """How one agent cycle ended: an outcome above, the version it concerns, and why."""
+
+    result: str
+    version: int | str | None = None
+    reason: str | None = None
+    bytes_downloaded: int = 0
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 def exit_code(outcome: str) -> int:
