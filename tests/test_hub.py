@@ -13,8 +13,8 @@ from edgepack.build.hub import (
     parse_model_ref,
     pull_model,
     read_model_metadata,
-    resolve_revision,
 )
+from edgepack.build.hub_client import resolve_revision
 from edgepack.build.model_files import (
     check_disk_space,
     select_files,

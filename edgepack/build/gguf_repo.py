@@ -21,20 +21,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
-from edgepack.build.hub import (
+from edgepack.build.hub import PulledModel
+from edgepack.build.hub_cache import cached_snapshot, download_snapshot, verify_and_hash, write_ref
+from edgepack.build.hub_client import (
     ModelRef,
-    PulledModel,
     RepoFile,
-    cached_snapshot,
-    download_snapshot,
     hub_cache_dir,
     hub_endpoint,
     hub_offline,
     ranged_get,
     remote_card,
     repo_info,
-    verify_and_hash,
-    write_ref,
 )
 from edgepack.build.model_card import LicensePolicy, ModelCard, card_from_folder
 from edgepack.errors import BuildError, FetchError

@@ -140,7 +140,7 @@ def run_gguf_repo_build(req: BuildRequest, repo: GgufRepo, profiles: Sequence[De
     wanted += [p for ref, _why in references.values() if ref is not None for p in ref.files]
     sizes = {f.path: f.size or 0 for f in repo.files}
     if repo.folder is None:
-        from edgepack.build.hub import hub_cache_dir
+        from edgepack.build.hub_client import hub_cache_dir
 
         cache = hub_cache_dir()
         cache.mkdir(parents=True, exist_ok=True)

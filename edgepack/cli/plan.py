@@ -194,7 +194,8 @@ def plan(
 def _local_folder(ref: Any) -> Path | None:
     """Where the model's files lie on disk: a local folder, or offline the cached snapshot
     (over the network plan fetches no tokenizer.json, so there is none)."""
-    from edgepack.build.hub import cached_snapshot, hub_cache_dir, hub_endpoint, hub_offline
+    from edgepack.build.hub_cache import cached_snapshot
+    from edgepack.build.hub_client import hub_cache_dir, hub_endpoint, hub_offline
 
     if ref.path is not None:
         return Path(ref.path)
