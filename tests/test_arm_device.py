@@ -13,45 +13,20 @@ minutes on two cores; cached by version and CPU in the shared build cache).
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import signal
-import socket
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 from click.testing import CliRunner
-from support.arm import fresh_root, popen_arm, require_emulator, run_arm, same_path_bind
+from support.arm import arm_server, fresh_root, require_emulator, run_arm, same_path_bind
 
 from edgepack.cli.main import cli
 
 pytestmark = pytest.mark.slow
 DEVICE = "raspberry-pi-5-8gb"
 NAME = f"smollm2-135m-instruct-{DEVICE}"
-
-
-def _alive_in(pgid: int, wait: float = 30) -> bool:
-    """Whether a process of group ``pgid`` still exists after up to ``wait`` seconds (killed
-    emulator processes are reaped by init, not at once)."""
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return False
-        if time.monotonic() > deadline:
-            return True
-        time.sleep(0.5)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -102,30 +77,14 @@ def test_readme_deploy_on_an_emulated_pi5(pi5_archive, tmp_path):
     assert "already holds this runtime pack" in again.stderr
 
     # README step 4: start it as the install said, and ask it.
-    port = _free_port()
-    log = tmp_path / "serve.log"
     # The state dir at its host path too (support.arm.same_path_bind: proot's faccessat2 gap
     # would otherwise fail click's readability check of the guest path).
     bind, state = same_path_bind(root, "/var/lib/edgepack")
-    out = open(log, "wb")  # noqa: SIM115 - closed below, after the process
-    proc = popen_arm(root, ["/opt/edgepack/bin/edgepack", "serve", f"{state}/current",
-                            "--port", str(port)], out, binds=[bind])
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 1800
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/readyz", timeout=10).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(3)
-        print(f"[arm] ready after {time.monotonic() - t0 - took:.0f} s")
+    with arm_server(root, f"{state}/current", tmp_path / "serve.log", binds=[bind]) as server:
+        print(f"[arm] ready after {server.ready_s:.0f} s")
         from openai import OpenAI
 
-        client = OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=900)
+        client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=900)
         question = "What is the capital of France?"
         reply = client.chat.completions.create(
             model=client.models.list().data[0].id, temperature=0, max_tokens=16,
@@ -133,18 +92,6 @@ def test_readme_deploy_on_an_emulated_pi5(pi5_archive, tmp_path):
         answer = reply.choices[0].message.content or ""
         print(f"[arm] user: {question}\n[arm] emulated Pi 5: {answer}")
         assert "Paris" in answer
-    finally:
-        # The whole session: proot may exit on SIGTERM while its emulated child serves on.
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=120)
-        except Exception:  # noqa: BLE001 - never leave the emulator behind
-            pass
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        out.close()
-        assert not _alive_in(proc.pid), "the emulated server outlived the test"
 
     # README step 5: provision the update agent with the repository's root (offline).
     repo = tmp_path / "repo"

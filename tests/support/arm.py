@@ -9,16 +9,24 @@ runs on its own copy, so installs never leak between tests.
 Programs run with ``proot -0 -q 'qemu-aarch64-static -cpu cortex-a76' -r ROOT``: proot
 translates paths and fakes root, and runs every Arm executable through qemu, so neither
 binfmt_misc nor a mount is needed. ``offline=True`` adds ``unshare -n``: no network at all.
+Every program sees a Pi 5's /proc/cpuinfo and device-tree model (``device_binds``), not the
+host's. Without ``offline`` the device shares the host's loopback (an update repository or a
+server on 127.0.0.1 is reachable both ways).
 Debian packages: mmdebstrap, proot, qemu-user-static (``.ci/run`` installs them).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
+import signal
+import socket
 import subprocess
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -27,9 +35,13 @@ import pytest
 from support.programs import require_program
 
 SUITE = "bookworm"
+# base-files: /etc/os-release (Debian 12), which every Raspberry Pi OS has and detect reads.
 PACKAGES = ("python3", "python3-venv", "dash", "coreutils", "libc-bin", "libstdc++6",
-            "libgomp1", "passwd", "ca-certificates")
+            "libgomp1", "passwd", "ca-certificates", "base-files")
 CPU = "cortex-a76"
+# What a Pi 5's kernel shows in /proc, which qemu user mode cannot: see device_binds().
+PI5_CPUINFO = Path(__file__).parents[1] / "data" / "cpuinfo" / "raspberry-pi-5.txt"
+PI5_MODEL = b"Raspberry Pi 5 Model B Rev 1.0\x00"
 TOOLS = ("mmdebstrap", "proot", "qemu-aarch64-static")
 _DEFAULT_MIRROR = "http://deb.debian.org/debian"
 
@@ -105,11 +117,28 @@ def fresh_root(dest: Path) -> Path:
     return dest
 
 
+def device_binds() -> list[str]:
+    """A Raspberry Pi 5's /proc/cpuinfo and /proc/device-tree/model over the host's.
+
+    Under qemu user mode /proc is the host's kernel's, so programs would read this x86
+    machine's cpuinfo: onnxruntime's CPU probe (pytorch/cpuinfo) dies of SIGSEGV at import on
+    it, and ``profiles detect`` would see an Intel board. The Pi 5's own cpuinfo (the one
+    tests/test_detect.py parses) and board model make the emulated device read as one.
+    """
+    model = cache_dir() / "pi5-device-tree-model"
+    if not model.is_file() or model.read_bytes() != PI5_MODEL:
+        model.parent.mkdir(parents=True, exist_ok=True)
+        tmp = model.with_name(f".{model.name}.{os.getpid()}")
+        tmp.write_bytes(PI5_MODEL)
+        os.replace(tmp, model)
+    return [f"{PI5_CPUINFO}:/proc/cpuinfo", f"{model}:/proc/device-tree/model"]
+
+
 def arm_command(root: Path, argv: Sequence[str], *, offline: bool = False,
                 cwd: str = "/", binds: Sequence[str] = ()) -> list[str]:
     cmd = ["proot", "-0", "-q", f"qemu-aarch64-static -cpu {CPU}", "-r", str(root),
            "-w", cwd, "-b", "/dev", "-b", "/proc", "-b", "/sys"]
-    for b in binds:
+    for b in [*device_binds(), *binds]:
         cmd += ["-b", b]
     cmd += list(argv)
     return ["unshare", "-n", *cmd] if offline else cmd
@@ -160,3 +189,69 @@ def python_version_in(root: Path) -> str:
     return proc.stdout.strip()
 
 
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def alive_in(pgid: int, wait: float = 30) -> bool:
+    """Whether a process of group ``pgid`` still exists after up to ``wait`` seconds (killed
+    emulator processes are reaped by init, not at once)."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        if time.monotonic() > deadline:
+            return True
+        time.sleep(0.5)
+
+
+@dataclass
+class ArmServer:
+    url: str
+    ready_s: float  # from the start of the emulated process to /readyz 200
+    log: Path
+
+
+@contextlib.contextmanager
+def arm_server(root: Path, bundle: str, log: Path, *, binds: Sequence[str] = (),
+               timeout: float = 1800,
+               edgepack: str = "/opt/edgepack/bin/edgepack") -> Iterator[ArmServer]:
+    """``edgepack serve BUNDLE`` inside the emulated device on a free loopback port, until
+    ``/readyz`` answers 200; on exit its whole session is stopped (proot may exit on SIGTERM
+    while its emulated child serves on) and the test fails if any of it outlives that."""
+    import httpx
+
+    port = free_port()
+    out = open(log, "wb")  # noqa: SIM115 - closed below, after the process
+    t0 = time.monotonic()
+    proc = popen_arm(root, [edgepack, "serve", bundle, "--port", str(port)], out, binds=binds)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = t0 + timeout
+        while True:
+            assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
+            try:
+                if httpx.get(f"{url}/readyz", timeout=10).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(2)
+        yield ArmServer(url, time.monotonic() - t0, log)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        out.close()
+        assert not alive_in(proc.pid), "the emulated server outlived the test"

@@ -176,7 +176,8 @@ class ServerProcess:
         raise RuntimeError(f"server not ready after {timeout} s\n{self.log()}")
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:  # after stop()
+            self._log.flush()
         return self.log_path.read_text(errors="replace")[-4000:]
 
     def stop(self) -> int:
