@@ -32,6 +32,8 @@ from edgepack.ota.release import rollout_bucket
 log = logging.getLogger("edgepack.agent")
 
 MAX_PENDING_EVENTS = 256
+# Seconds close() waits, once connected, for the broker to take the offline state.
+ACK_TIMEOUT = 10.0
 
 
 class Reporter(Protocol):
@@ -146,6 +148,7 @@ class MqttReporter:
         self._lock = threading.Lock()
         self._connected = False
         self._up = threading.Event()  # set while connected
+        self._down = threading.Event()  # set by each disconnect the network thread sees
         self._will_key: tuple | None = None
         self.published = 0  # messages handed to the broker connection (for benchmarks)
         self.started_at = now_iso()
@@ -206,6 +209,7 @@ class MqttReporter:
         with self._lock:
             self._connected = False
         self._up.clear()
+        self._down.set()
 
     def _publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
         try:
@@ -256,18 +260,25 @@ class MqttReporter:
 
     def close(self, why: str = "agent stopped", timeout: float = 3.0) -> None:
         """Mark the device offline (retained) and disconnect. Waits at most ``timeout`` s for
-        a connection still being made (``agent run --once`` is over in well under a second)
-        and for the broker to acknowledge, so queued reports go out when the broker is there
-        and exit is never held up for long when it is not."""
+        a connection still being made (``agent run --once`` is over in well under a second);
+        once connected, up to ``ACK_TIMEOUT`` s for the broker to acknowledge the offline state
+        and for the disconnect to go out behind it, so queued reports go out when the broker is
+        there and exit is never held up for long when it is not."""
         try:
             self._up.wait(timeout)
             if self._connected:
                 info = self._client.publish(self.state_topic,
                                             self._offline(self._state(), why), qos=1,
                                             retain=True)
-                deadline = time.monotonic() + timeout
+                deadline = time.monotonic() + ACK_TIMEOUT
                 while not info.is_published() and time.monotonic() < deadline:
                     time.sleep(0.02)
+                # Let the network thread send DISCONNECT behind the offline state and see the
+                # connection end: stopping the loop first can drop both, and the broker would
+                # keep the retained "online" state of a device that stopped cleanly.
+                self._down.clear()
+                self._client.disconnect()
+                self._down.wait(max(0.0, deadline - time.monotonic()))
         except Exception as e:  # noqa: BLE001
             log.debug("MQTT close failed: %s", e)
         from edgepack.ota.agent.broker import close_client
