@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from edgepack.errors import BuildError
@@ -82,13 +82,9 @@ class TensorFact:
 
 
 @dataclass(frozen=True)
-class ModelFacts:
-    """What the planner knows about a model. ``family`` is ``decoder`` or ``encoder``."""
+class ModelSizes:
+    """The sizes a model's config.json or GGUF metadata states (``vocab_size`` 0: not stated)."""
 
-    architecture: str
-    model_type: str
-    family: str
-    n_params: int
     n_layer: int
     hidden_size: int
     n_head: int
@@ -97,8 +93,34 @@ class ModelFacts:
     ffn_size: int
     vocab_size: int
     max_context: int
+
+
+@dataclass(frozen=True)
+class ModelFacts(ModelSizes):
+    """What the planner knows about a model: its stated sizes, and what it is and holds.
+    ``family`` is ``decoder`` or ``encoder``."""
+
+    architecture: str
+    model_type: str
+    family: str
+    n_params: int
     tied_embeddings: bool
     tensors: tuple[TensorFact, ...]
+
+    @classmethod
+    def from_sizes(cls, sizes: ModelSizes, tensors: tuple[TensorFact, ...], *,
+                   architecture: str, model_type: str, family: str,
+                   tied_embeddings: bool) -> ModelFacts:
+        """The facts a reader (config.json + safetensors, or a GGUF header) found:
+        ``n_params`` is the sum over ``tensors``, and a ``vocab_size`` of 0 (not stated) is
+        the row count of the token embedding (0 without one)."""
+        stated = {f.name: getattr(sizes, f.name) for f in fields(ModelSizes)}
+        if not stated["vocab_size"]:
+            embd = next((t for t in tensors if t.gguf_name == "token_embd.weight"), None)
+            stated["vocab_size"] = embd.shape[0] if embd else 0
+        return cls(**stated, architecture=architecture, model_type=model_type, family=family,
+                   n_params=sum(t.n_params for t in tensors),
+                   tied_embeddings=tied_embeddings, tensors=tensors)
 
     @property
     def n_gqa(self) -> int:
@@ -198,11 +220,18 @@ def model_facts(config: Mapping[str, Any], tensors: Mapping[str, Mapping[str, An
             f"num_attention_heads ({e})",
             hint="check that the folder or repo holds a complete Hugging Face config.json",
         ) from e
-    n_kv = int(_cfg(config, "num_key_value_heads", default=n_head) or n_head)
-    head_dim = int(_cfg(config, "head_dim", default=0) or hidden // n_head)
-    ffn = int(_cfg(config, "intermediate_size", "n_inner", default=4 * hidden) or 4 * hidden)
-    vocab = int(_cfg(config, "vocab_size", default=0) or 0)
-    max_ctx = int(_cfg(config, "max_position_embeddings", "n_positions", default=2048) or 2048)
+    sizes = ModelSizes(
+        n_layer=n_layer,
+        hidden_size=hidden,
+        n_head=n_head,
+        n_kv_head=int(_cfg(config, "num_key_value_heads", default=n_head) or n_head),
+        head_dim=int(_cfg(config, "head_dim", default=0) or hidden // n_head),
+        ffn_size=int(_cfg(config, "intermediate_size", "n_inner", default=4 * hidden)
+                     or 4 * hidden),
+        vocab_size=int(_cfg(config, "vocab_size", default=0) or 0),
+        max_context=int(_cfg(config, "max_position_embeddings", "n_positions", default=2048)
+                        or 2048),
+    )
     gemma = model_type.startswith("gemma")
 
     seen: dict[str, TensorFact] = {}
@@ -224,22 +253,5 @@ def model_facts(config: Mapping[str, Any], tensors: Mapping[str, Mapping[str, An
         for t in sorted(seen.values(), key=lambda t: t.name)
         if not (tied and t.gguf_name == "output.weight")  # a tied lm_head is not stored twice
     )
-    if not vocab:
-        embd = next((t for t in facts_tensors if t.gguf_name == "token_embd.weight"), None)
-        vocab = embd.shape[0] if embd else 0
-    return ModelFacts(
-        architecture=str(archs[0]),
-        model_type=model_type,
-        family=family,
-        n_params=sum(t.n_params for t in facts_tensors),
-        n_layer=n_layer,
-        hidden_size=hidden,
-        n_head=n_head,
-        n_kv_head=n_kv,
-        head_dim=head_dim,
-        ffn_size=ffn,
-        vocab_size=vocab,
-        max_context=max_ctx,
-        tied_embeddings=tied,
-        tensors=facts_tensors,
-    )
+    return ModelFacts.from_sizes(sizes, facts_tensors, architecture=str(archs[0]),
+                                 model_type=model_type, family=family, tied_embeddings=tied)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgepack.errors import BuildError
-from edgepack.plan.facts import SUPPORTED_TYPES, ModelFacts, TensorFact
+from edgepack.plan.facts import SUPPORTED_TYPES, ModelFacts, ModelSizes, TensorFact
 from edgepack.plan.quants import FILE_TYPES_BY_NAME, GGML_TYPES
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
@@ -285,31 +285,23 @@ def gguf_model_facts(header: GgufHeader, tensors: Sequence[GgufTensorInfo] | Non
             f"{name} lacks {arch}.embedding_length / block_count / attention.head_count",
             hint="the GGUF was written by an old or unusual converter; pick another file",
         ) from e
-    n_kv = int(key("attention.head_count_kv", n_head) or n_head)
-    head_dim = int(key("attention.key_length", 0) or hidden // max(1, n_head))
-    ffn = int(key("feed_forward_length", 4 * hidden) or 4 * hidden)
+    sizes = ModelSizes(
+        n_layer=n_layer,
+        hidden_size=hidden,
+        n_head=n_head,
+        n_kv_head=int(key("attention.head_count_kv", n_head) or n_head),
+        head_dim=int(key("attention.key_length", 0) or hidden // max(1, n_head)),
+        ffn_size=int(key("feed_forward_length", 4 * hidden) or 4 * hidden),
+        # 0: the token embedding's rows (ModelFacts.from_sizes)
+        vocab_size=int(key("vocab_size", 0) or md.get("tokenizer.ggml.tokens.__len__", 0)),
+        max_context=int(key("context_length", 2048) or 2048),
+    )
     infos = tuple(tensors if tensors is not None else header.tensors)
-    embd = next((t for t in infos if t.name == "token_embd.weight"), None)
-    vocab = int(key("vocab_size", 0) or md.get("tokenizer.ggml.tokens.__len__", 0)
-                or (embd.shape[-1] if embd else 0))
     facts = tuple(
         TensorFact(t.name, tuple(reversed(t.shape)), t.type, t.name, t.shape)
         for t in sorted(infos, key=lambda t: t.name)
     )
     family = "encoder" if model_type in ("bert", "nomic_bert") else "decoder"
-    return ModelFacts(
-        architecture=str(md.get("general.name") or arch),
-        model_type=model_type,
-        family=family,
-        n_params=sum(t.n_params for t in facts),
-        n_layer=n_layer,
-        hidden_size=hidden,
-        n_head=n_head,
-        n_kv_head=n_kv,
-        head_dim=head_dim,
-        ffn_size=ffn,
-        vocab_size=vocab,
-        max_context=int(key("context_length", 2048) or 2048),
-        tied_embeddings=family == "decoder" and not any(t.name == "output.weight" for t in infos),
-        tensors=facts,
-    )
+    tied = family == "decoder" and not any(t.name == "output.weight" for t in infos)
+    return ModelFacts.from_sizes(sizes, facts, architecture=str(md.get("general.name") or arch),
+                                 model_type=model_type, family=family, tied_embeddings=tied)
