@@ -205,7 +205,8 @@ def main() -> None:
     embed_rows = []
     ref = None
     for variant, key in (("pytorch-fp32", "minilm"), ("ort-fp32", "minilm_fp32"),
-                         ("ort-int8 per-channel", "minilm_int8"), ("ort-fp16", "minilm_fp16")):
+                         ("ort-int8 (8-bit MatMulNBits)", "minilm_int8"),
+                         ("ort-fp16", "minilm_fp16")):
         row = {"variant": variant, "size_mb": _size(Path(paths[key])) / 1e6}
         for threads in (1, 2):
             r = _child(["embed", variant, paths[key], paths["minilm_tok"], str(threads),
@@ -243,7 +244,9 @@ def _write(out: Path, embed_rows: list[dict], llm_rows: list[dict], args) -> Non
         f"- date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"- machine: {platform.machine()}, {os.cpu_count()} logical CPUs, "
         f"{platform.processor() or platform.platform()}; load average at the end "
-        f"{load[0]:.1f} (the machine was shared with other jobs: treat latencies as rough)",
+        f"{load[0]:.1f}"
+        + (" (other jobs shared the machine: treat latencies as rough)"
+           if load[0] > (os.cpu_count() or 1) else " (the benchmark's own processes included)"),
         f"- onnxruntime {onnxruntime.__version__}, python {platform.python_version()}",
         f"- command: `python bench/onnx.py --reps {args.reps}`",
         "",

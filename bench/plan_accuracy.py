@@ -165,8 +165,10 @@ def main() -> int:
         "x threads) during that generation (below 1: other jobs took the cores)",
         "- targets: memory within +-10 %, decode within +-25 %",
         f"- load average {load_start:.1f} at the start and {load_end:.1f} at the end, on "
-        f"{os.cpu_count()} CPUs: the machine was shared with other engineers' jobs, so decode "
-        "timings are noisy",
+        f"{os.cpu_count()} CPUs"
+        + (": other jobs shared the machine, so decode timings are noisy (see CPU share)"
+           if max(load_start, load_end) > (os.cpu_count() or 1) else
+           " (the benchmark's own processes included)"),
         "",
         "| model | quant | ctx | threads | est. peak RSS MiB | measured MiB (spread) | error | "
         "est. decode tok/s | measured tok/s (spread) | error | CPU share |",

@@ -32,7 +32,7 @@ def test_minilm_int8_for_a_pi_fp16_for_a_jetson_served_embeddings_match(
     code, text = run(
         "build", MINILM, "--device", "raspberry-pi-5-8gb", "--device", "jetson-orin-nano-8gb",
         "--out", str(out),
-    )  # no --quant: the plan picks int8 per-channel for the Pi's CPU, fp16 for the Jetson GPU
+    )  # no --quant: the plan picks int8 for the Pi's CPU, fp16 for the Jetson GPU
     assert code == 0, text
     assert text.count("exporting to ONNX") == 1  # one export serves both devices
     pi = verify_bundle(out / "all-minilm-l6-v2-raspberry-pi-5-8gb")

@@ -181,7 +181,7 @@ def test_encoder_goes_to_onnx_and_json_schema_is_stable():
     }
     plan = plan_build(model_facts(cfg, tensors), load_profile("raspberry-pi-4-4gb"))
     d = plan.to_dict()
-    # A CPU device gets int8 per-channel, not fp32 (issue #7's per-device-class policy).
+    # A CPU device gets int8, not fp32 (issue #7's per-device-class policy).
     assert (d["format"], d["quant"], d["ctx"], d["speed"]["decode_tokens_per_second"]) == (
         "onnx",
         "int8",

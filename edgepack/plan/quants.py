@@ -251,8 +251,9 @@ class OnnxQuant:
     rank: int
 
 
-# int8: onnxruntime.quantization.quantize_dynamic, per-channel, one fp32 scale per output
-# channel. int4: MatMulNBitsQuantizer, block_size 32, symmetric (no zero points), fp32 scales;
+# int8: 8-bit MatMulNBits weights (block 32) and per-channel int8 embedding tables
+# (build/onnx_quantize.py); sized here as one byte per weight plus scales.
+# int4: MatMulNBitsQuantizer, block_size 32, symmetric (no zero points), fp32 scales;
 # it only rewrites MatMul weights, so embeddings stay fp32.
 ONNX_QUANTS: tuple[OnnxQuant, ...] = (
     OnnxQuant("fp32", 4.0, 0, 0, 0),
