@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import logging
 import queue
 import threading
 from collections import deque
@@ -126,6 +127,10 @@ class BatchedLlamaEngine(LlamaEngine):
             raise EngineError(f"batched decoding serves chat and completion models, not {s.kind}")
         if not Path(s.model_path).is_file():
             raise EngineError(f"model file {s.model_path} does not exist")
+        # llama-cpp-python prints every llama.cpp log line (about 1,000 at a context's first
+        # graph) unless its logger is raised, which Llama(verbose=False) does and the low-level
+        # objects used here do not: errors only, as the one-sequence engine gets.
+        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
         try:
             mparams = llama_cpp.llama_model_default_params()
             mparams.n_gpu_layers = s.n_gpu_layers

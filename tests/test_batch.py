@@ -47,6 +47,13 @@ def test_readiness_reports_the_slots(batched_server):
     assert httpx.get(batched_server.base_url + "/readyz").status_code == 200
 
 
+def test_llama_cpp_stays_quiet_in_the_log(batched_server):
+    """llama.cpp's own log (about 1,000 lines per context) stays out of the server's stderr,
+    as it does for the one-sequence engine: an operator's journal gets edgepack's lines."""
+    log = batched_server.log_path.read_text(errors="replace")
+    assert "llama_context:" not in log and "llama_graph_n_input_tensors" not in log, log[-2000:]
+
+
 def test_four_concurrent_streams_match_single_stream(batched_server, chat_server):
     single = _client(chat_server)
     alone = [_stream_text(single, p) for p in PROMPTS]
