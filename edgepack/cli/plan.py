@@ -12,7 +12,10 @@ header bytes of a local file); the device from a shipped profile id, a profile .
       "model": {"architecture", "model_type", "family": "decoder" | "encoder", "n_params",
                 "n_layer", "hidden_size", "n_head", "n_kv_head", "head_dim", "ffn_size",
                 "vocab_size", "max_context", "tied_embeddings", "n_tensors"},
-      "device": {"id", "name", "digest": "sha256:...", "effective_bandwidth_gbps"},
+      "device": {"id", "name", "digest": "sha256:...", "effective_bandwidth_gbps",
+                 # GGUF plans: what the CPU decode estimate used and where it came from
+                 "decode_gflops", "compute_basis": "measured: ..." | "nominal: ...",
+                 "bandwidth_basis": "measured" | "theoretical x derating"},
       "format": "gguf" | "onnx",
       "quant": "Q4_K_M" | ... | "int8" | ...,    # llama.cpp file type or ONNX weight format
       "engine": "llama.cpp" | "onnxruntime",

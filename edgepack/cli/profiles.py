@@ -6,7 +6,9 @@ JSON output (``--json``), stable:
 - ``show`` and ``detect``: ``PROFILE``;
 
 where PROFILE is the profile's schema-1 data (see edgepack.device.profile) plus
-``"derived": {"usable_gib", "effective_bandwidth_gbps", "bandwidth_basis", "digest"}``.
+``"derived": {"usable_gib", "effective_bandwidth_gbps", "bandwidth_basis", "decode_gflops",
+"compute_basis", "digest"}`` (``decode_gflops``: llama.cpp's measured Q8_0 decode rate at
+``cpu.cores`` threads, null when the profile has no measurement).
 """
 
 from __future__ import annotations
@@ -58,6 +60,11 @@ def _render_details(profile: DeviceProfile) -> None:
         f"  usable memory: {derived['usable_gib']} GiB; planning bandwidth: "
         f"{derived['effective_bandwidth_gbps']} GB/s ({derived['bandwidth_basis']})"
     )
+    if derived["decode_gflops"] is not None:
+        click.echo(f"  decode compute: {derived['decode_gflops']} GFLOPS at "
+                   f"{profile.cpu.cores} threads ({derived['compute_basis']})")
+    else:
+        click.echo(f"  decode compute: {derived['compute_basis']}")
     for key, value in flatten_profile(profile).items():
         if key in ("schema", "id", "name"):
             continue
@@ -149,14 +156,18 @@ def _save(profile: DeviceProfile, path: Path) -> DeviceProfile:
 @profiles.command("detect")
 @click.option("--json", "as_json", is_flag=True, help="Print the detected profile as JSON.")
 @click.option(
-    "--measure", is_flag=True, help="Measure memory bandwidth (a bounded copy test, about 2 s)."
+    "--measure",
+    is_flag=True,
+    help="Measure memory bandwidth (a bounded copy test, about 2 s) and llama.cpp's Q8_0 "
+    "decode rate at 1 thread and all cores (a synthetic model, a few seconds; skipped, with "
+    "the reason in its source, without the GGUF runtime).",
 )
 @click.option(
     "--measure-seconds",
     type=click.FloatRange(min=0.1, max=60.0),
     default=2.0,
     show_default=True,
-    help="Time budget of --measure.",
+    help="Time budget of --measure's bandwidth test.",
 )
 @click.option(
     "--save",

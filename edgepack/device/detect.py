@@ -29,11 +29,13 @@ import re
 import socket
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 from edgepack.device.catalog import list_profiles
+from edgepack.device.compute_probe import measure_decode_gflops, with_measured_compute
 from edgepack.device.profile import (
     ARM_ISA,
     X86_ISA,
@@ -305,10 +307,17 @@ def build_profile(
     facts: HostFacts,
     *,
     measured_gbps: float | None = None,
+    measured_compute: Mapping[int, float] | None = None,
+    compute_how: str = "",
     now: datetime | None = None,
     profile_id: str = "local",
 ) -> DeviceProfile:
-    """The profile of the machine described by ``facts`` (pure; see the module docstring)."""
+    """The profile of the machine described by ``facts`` (pure; see the module docstring).
+
+    ``measured_compute`` ({threads: GFLOPS} from
+    :func:`~edgepack.device.compute_probe.measure_decode_gflops`) fills
+    ``cpu.measured_decode_gflops`` (at ``cores`` threads) and ``..._1t``; ``compute_how`` says
+    how it was obtained, or why it is absent."""
     when = (now or datetime.now(timezone.utc)).strftime("%Y-%m-%dT%H:%M:%SZ")
     stamp = f"detected on {facts.hostname} at {when} by edgepack profiles detect"
     info = parse_cpuinfo(facts.cpuinfo, facts.arch)
@@ -345,6 +354,8 @@ def build_profile(
     )
     for key in ("cpu.model", "cpu.cores", "cpu.threads"):
         sources[key] = f"psutil and /proc/cpuinfo; {stamp}"
+    if measured_compute or compute_how:
+        cpu = with_measured_compute(cpu, measured_compute or {}, compute_how, stamp, sources)
     sources["cpu.isa"] = (
         f"/proc/cpuinfo {'Features' if facts.arch == 'aarch64' else 'flags'}; {stamp}"
     )
@@ -480,27 +491,16 @@ def measure_bandwidth(seconds: float = 2.0, *, size_bytes: int = 256 * 1024 * 10
 
 
 def detect_profile(measure: bool = False, *, seconds: float = 2.0) -> DeviceProfile:
-    """The profile of this machine; with ``measure``, measure bandwidth for ``seconds``."""
+    """The profile of this machine; with ``measure``, measure bandwidth for ``seconds`` and
+    llama.cpp's decode compute rate at 1 thread and all physical cores (a few seconds more;
+    absent, with the reason in its source, where the GGUF runtime is not installed)."""
     facts = gather_host_facts()
-    measured = measure_bandwidth(seconds) if measure else None
-    return build_profile(facts, measured_gbps=measured)
-
-
-def local_profile() -> DeviceProfile:
-    """The profile ``--device local`` plans for: this machine with its memory bandwidth
-    measured (once, then cached; see :mod:`edgepack.device.bandwidth_cache`), unless a shipped
-    profile of the same board already carries a published measurement."""
-    from edgepack.device.bandwidth_cache import cached_bandwidth
-
-    facts = gather_host_facts()
-    profile = build_profile(facts)
-    if profile.memory.measured_bandwidth_gbps is not None:
-        return profile
-    gbps, how = cached_bandwidth(facts, measure_bandwidth)
-    profile = build_profile(facts, measured_gbps=gbps)
-    sources = dict(profile.sources)
-    sources["memory.measured_bandwidth_gbps"] += f" ({how})"
-    return replace(profile, sources=sources)
+    if not measure:
+        return build_profile(facts)
+    measured = measure_bandwidth(seconds)
+    rates, how = measure_decode_gflops((1, facts.physical_cores))
+    return build_profile(facts, measured_gbps=measured, measured_compute=rates,
+                         compute_how=how)
 
 
 def with_id(profile: DeviceProfile, profile_id: str) -> DeviceProfile:

@@ -19,6 +19,10 @@ A profile is one TOML file, ``device_profiles/<id>.toml`` for the shipped ones. 
     peak_gflops_fp32 = 153.6            # > 0: cores x GHz x FP32 FLOP/cycle (arithmetic in sources)
     target = "cortex-a76"               # optional: the compiler's -mcpu name for this core
                                         # (what the runtime pack compiles llama.cpp for)
+    measured_decode_gflops = 16.9       # optional, > 0: llama.cpp Q8_0 decode on `cores`
+                                        # threads, 2 x params x tok/s (edgepack.device.
+                                        # compute_probe; written by detect --measure, local)
+    measured_decode_gflops_1t = 9.8     # optional, > 0: the same on 1 thread
 
     [memory]
     total_gib = 8.0                     # > 0
@@ -67,7 +71,7 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 SCHEMA_VERSION = 1
@@ -119,6 +123,8 @@ SOURCED_FIELDS = (
     "accelerator.cuda_cores",
     "storage.read_mbps",
     "cpu.target",
+    "cpu.measured_decode_gflops",
+    "cpu.measured_decode_gflops_1t",
     "software.os",
     "software.python",
     "software.libc",
@@ -150,6 +156,8 @@ KNOWN_FIELDS = (
     "preferences.formats",
     "preferences.engines",
     "cpu.target",
+    "cpu.measured_decode_gflops",
+    "cpu.measured_decode_gflops_1t",
     "software.os",
     "software.python",
     "software.libc",
@@ -165,6 +173,9 @@ class CpuSpec:
     isa: tuple[str, ...]
     peak_gflops_fp32: float
     target: str | None = None  # gcc/clang -mcpu name, e.g. cortex-a76
+    # llama.cpp's measured Q8_0 decode rate, GFLOPS, on `cores` threads and on 1 thread
+    measured_decode_gflops: float | None = None
+    measured_decode_gflops_1t: float | None = None
 
     def has(self, flag: str) -> bool:
         """True when the CPU implements ISA extension ``flag`` (a name from ISA_FLAGS)."""
@@ -242,8 +253,9 @@ class DeviceProfile:
             "isa": list(self.cpu.isa),
             "peak_gflops_fp32": self.cpu.peak_gflops_fp32,
         }
-        if self.cpu.target is not None:
-            cpu["target"] = self.cpu.target
+        for key in ("target", "measured_decode_gflops", "measured_decode_gflops_1t"):
+            if getattr(self.cpu, key) is not None:
+                cpu[key] = getattr(self.cpu, key)
         memory: dict[str, Any] = {
             "total_gib": self.memory.total_gib,
             "os_reserve_gib": self.memory.os_reserve_gib,
@@ -316,6 +328,42 @@ def effective_bandwidth_gbps(profile: DeviceProfile) -> float:
     return round(m.bandwidth_gbps * BANDWIDTH_DERATING, 3)
 
 
+def decode_gflops_at(cpu: CpuSpec, threads: int) -> float | None:
+    """llama.cpp's measured Q8_0 decode rate on ``threads`` threads, GFLOPS, or None when the
+    profile has no measurement. A figure measured at that thread count wins; between 1 and
+    ``cores`` threads the two measurements are interpolated linearly; with one figure only,
+    it is scaled by threads / its thread count. More threads than cores get the cores' figure
+    (llama.cpp gains nothing from a second hardware thread per core)."""
+    points = {n: g for n, g in ((1, cpu.measured_decode_gflops_1t),
+                                (cpu.cores, cpu.measured_decode_gflops)) if g is not None}
+    if not points:
+        return None
+    t = max(1, min(threads, cpu.cores))
+    if t in points:
+        return points[t]
+    if len(points) == 2:
+        g1, gn = points[1], points[cpu.cores]
+        return g1 + (gn - g1) * (t - 1) / (cpu.cores - 1)
+    ((n, g),) = points.items()
+    return g * t / n
+
+
+def with_threads(profile: DeviceProfile, threads: int) -> DeviceProfile:
+    """``profile`` as seen by an engine restricted to ``threads`` threads (1 <= threads <=
+    cores): the nominal peak scales with the threads, the measured decode rate follows
+    :func:`decode_gflops_at` (measured per-thread figures before proportional scaling)."""
+    cpu = profile.cpu
+    if not 1 <= threads <= cpu.cores:
+        raise ValueError(f"threads must be within 1..{cpu.cores}, got {threads}")
+    measured = decode_gflops_at(cpu, threads)
+    return replace(profile, cpu=replace(
+        cpu,
+        cores=threads,
+        peak_gflops_fp32=cpu.peak_gflops_fp32 * threads / cpu.cores,
+        measured_decode_gflops=measured,
+    ))
+
+
 def derived_figures(profile: DeviceProfile) -> dict[str, Any]:
     """Figures computed from a profile, for --json output (never read back)."""
     return {
@@ -324,6 +372,11 @@ def derived_figures(profile: DeviceProfile) -> dict[str, Any]:
         "bandwidth_basis": "measured"
         if profile.memory.measured_bandwidth_gbps is not None
         else f"theoretical x {BANDWIDTH_DERATING}",
+        "decode_gflops": decode_gflops_at(profile.cpu, profile.cpu.cores),
+        "compute_basis": "measured (llama.cpp Q8_0 decode)"
+        if profile.cpu.measured_decode_gflops is not None
+        or profile.cpu.measured_decode_gflops_1t is not None
+        else "nominal peak (the planner applies its fraction)",
         "digest": profile_digest(profile),
     }
 

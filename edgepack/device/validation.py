@@ -197,7 +197,7 @@ class Validator:
     def cpu(self, data: Any) -> CpuSpec:
         t = self.table(
             data, "cpu", ("arch", "model", "cores", "threads", "isa", "peak_gflops_fp32",
-                          "target")
+                          "target", "measured_decode_gflops", "measured_decode_gflops_1t")
         )
         arch = self.string(t, "arch", "cpu.arch", ARCHES)
         cores = self.number(t, "cores", "cpu.cores", integer=True)
@@ -216,6 +216,10 @@ class Validator:
             isa=isa,
             peak_gflops_fp32=self.number(t, "peak_gflops_fp32", "cpu.peak_gflops_fp32"),
             target=self.target(t) if "target" in t else None,
+            measured_decode_gflops=self.number(
+                t, "measured_decode_gflops", "cpu.measured_decode_gflops", optional=True),
+            measured_decode_gflops_1t=self.number(
+                t, "measured_decode_gflops_1t", "cpu.measured_decode_gflops_1t", optional=True),
         )
 
     def target(self, t: Mapping[str, Any]) -> str:

@@ -27,14 +27,28 @@ The (n_head + 1) x n_ctx term is the attention scores plus mask without flash at
 (9 heads) only. The 68 MiB runtime is the interpreter + llama_cpp import (46 MiB) plus tokenizer
 tables and allocator slack (22 MiB).
 
-Speed: decode time per token = max(bytes read / (eta x bandwidth), 2 x params / (eta_c x peak
-FLOPS)) + n_layer x tau, where tau is the per-layer fixed cost (thread sync, op dispatch) that
-makes small models overhead-bound. Prompt tok/s = eta_pp x peak FLOPS / (2 x params).
+Speed: decode time per token = max(bytes read / (eta x bandwidth), 2 x params / compute rate)
++ n_layer x tau, where tau is the per-layer fixed cost (thread sync, op dispatch) that makes
+small models overhead-bound. Prompt tok/s = eta_pp x peak FLOPS / (2 x params).
+
+The compute rate (:func:`decode_compute_gflops`) is, in order of preference:
+
+1. measured: ``cpu.measured_decode_gflops`` / ``..._1t`` of the profile, llama.cpp itself
+   decoding a synthetic Q8_0 Llama on this machine (:mod:`edgepack.device.compute_probe`;
+   ``profiles detect --measure`` and ``--device local`` fill it), at the thread count the plan
+   uses (:func:`edgepack.device.profile.decode_gflops_at`). Only Q8_0-class dot-product kernels
+   are measured: a mostly repacked model (Q4_0/Q4_K on AVX2, Q4-Q8 on Arm dotprod) gets the
+   measured rate x ETA_COMPUTE_REPACK / ETA_COMPUTE_DOT, and on Arm with dotprod, where the Q8_0
+   probe itself runs repacked kernels, a non-repacked model gets the inverse. The probe's own
+   per-layer cost (8 layers) is inside its rate, < 2 % of its step time.
+2. nominal: ETA_COMPUTE_* x ``cpu.peak_gflops_fp32`` (shipped profiles; a detect without
+   --measure). These fractions were fitted on one x86 VM (see the constants) and do not carry
+   across hosts: on this VM's successor Q8_0 decode reached 13 % of the peak, not 23 %, and
+   nominal estimates were 33-76 % high (bench/results/plan_accuracy.md).
 
 Speed constants: ETA_COMPUTE_* were fitted on the build machine in the runs where llama.cpp got
 most of its CPU (see the constants); ETA_DECODE, TAU_CPU, the prompt and GPU figures are
 engineering defaults, not validated: the only machine here is a 2-vCPU VM shared with other jobs
-(load average 5-12 during the runs), where decode speed tracked the load more than the model
 (bench/results/plan_accuracy.md). Re-fit them with bench/plan_accuracy.py on an idle machine or
 a real device; the memory model above does not depend on them.
 """
@@ -46,6 +60,7 @@ from typing import Any
 
 from edgepack.device.profile import (
     DeviceProfile,
+    decode_gflops_at,
     effective_bandwidth_gbps,
 )
 from edgepack.plan.facts import ModelFacts
@@ -162,6 +177,55 @@ class Estimate:
 def _has_dot(profile: DeviceProfile) -> bool:
     isa = set(profile.cpu.isa)
     return bool(isa & {"avx2", "dotprod", "i8mm", "avx512_vnni", "avx_vnni"})
+
+
+def _eta_compute(profile: DeviceProfile, repacked: bool) -> float:
+    if repacked:
+        return ETA_COMPUTE_REPACK
+    return ETA_COMPUTE_DOT if _has_dot(profile) else ETA_COMPUTE_NO_DOT
+
+
+def decode_compute_gflops(profile: DeviceProfile, *, repacked: bool = False) -> tuple[float, str]:
+    """(GFLOPS a compute-bound llama.cpp decode step reaches on ``profile``'s CPU with
+    ``profile.cpu.cores`` threads, the basis in words), for a model whose quantized matrices
+    are mostly ``repacked`` or not. See the module docstring: the measured rate when the
+    profile has one (Q8_0-class kernels; repacked models scaled by the ETA ratio), else a
+    fitted fraction of the nominal peak."""
+    cpu = profile.cpu
+    eta = _eta_compute(profile, repacked)
+    measured = decode_gflops_at(cpu, cpu.cores)
+    if measured is None:
+        return eta * cpu.peak_gflops_fp32, (
+            f"nominal: {eta:g} x {cpu.peak_gflops_fp32:g} GFLOPS fp32 peak (a fraction fitted "
+            "on another CPU; measure with profiles detect --measure or --device local)")
+    probe_eta = _eta_compute(profile, "Q8_0" in repack_types(profile))
+    basis = (f"measured: llama.cpp Q8_0 decode {measured:g} GFLOPS at {cpu.cores} "
+             f"thread{'s' if cpu.cores > 1 else ''}")
+    if eta != probe_eta:
+        basis += (f", x {eta:g}/{probe_eta:g} for {'repacked' if repacked else 'non-repacked'}"
+                  " kernels")
+    return measured * eta / probe_eta, basis
+
+
+def speed_basis(profile: DeviceProfile, est: Estimate) -> dict[str, Any]:
+    """Where a GGUF CPU decode estimate's figures came from, for plan output: the compute
+    rate used for ``est`` and its basis, the memory bandwidth and its basis."""
+    repacked = mostly_repacked(est.tensor_types, repack_types(profile))
+    gflops, basis = decode_compute_gflops(profile, repacked=repacked)
+    measured_bw = profile.memory.measured_bandwidth_gbps is not None
+    return {
+        "decode_gflops": round(gflops, 2),
+        "compute_basis": basis,
+        "effective_bandwidth_gbps": effective_bandwidth_gbps(profile),
+        "bandwidth_basis": "measured" if measured_bw else "theoretical x derating",
+    }
+
+
+def mostly_repacked(counts: dict[str, int], repack: frozenset[str]) -> bool:
+    """True when at least half of the quantized tensors are of a type llama.cpp repacks."""
+    quantized = sum(v for k, v in counts.items() if k not in ("F32", "F16", "BF16"))
+    repacked = sum(v for k, v in counts.items() if k in repack)
+    return bool(quantized) and repacked * 2 >= quantized
 
 
 def repack_types(profile: DeviceProfile) -> frozenset[str]:
@@ -321,16 +385,11 @@ def _speeds(
         prompt = 0.3 * tflops * 1e12 / flops_per_token
         return 1.0 / t_decode, prompt
     peak = profile.cpu.peak_gflops_fp32 * 1e9
-    quantized = sum(v for k, v in counts.items() if k not in ("F32", "F16", "BF16"))
-    repacked = sum(v for k, v in counts.items() if k in repack)
-    mostly_repacked = bool(quantized) and repacked * 2 >= quantized
-    eta_c = ETA_COMPUTE_DOT if _has_dot(profile) else ETA_COMPUTE_NO_DOT
-    if mostly_repacked:
-        eta_c = ETA_COMPUTE_REPACK
+    repacked = mostly_repacked(counts, repack)
     t_mem = read / (ETA_DECODE * bw)
-    t_comp = flops_per_token / (eta_c * peak)
+    t_comp = flops_per_token / (decode_compute_gflops(profile, repacked=repacked)[0] * 1e9)
     t_decode = max(t_mem, t_comp) + facts.n_layer * TAU_CPU
-    eta_pp = ETA_PROMPT_REPACK if mostly_repacked else ETA_PROMPT
+    eta_pp = ETA_PROMPT_REPACK if repacked else ETA_PROMPT
     return 1.0 / t_decode, eta_pp * peak / flops_per_token
 
 

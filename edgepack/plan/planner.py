@@ -43,6 +43,7 @@ from edgepack.plan.estimate import (
     estimate_onnx,
     gpu_offload,
     repacks_q4_0,
+    speed_basis,
 )
 from edgepack.plan.facts import ModelFacts
 from edgepack.plan.quants import FILE_TYPES, FILE_TYPES_BY_NAME, ONNX_QUANTS, file_type
@@ -474,13 +475,20 @@ def plan_build(
             + " reaches it here; this is the fastest such option (a smaller model would be "
             "faster; --min-tokens-per-second 0 prefers quality)"
         )
-    bw_source = profile.sources.get("memory.measured_bandwidth_gbps", "")
-    if "while busy" in bw_source:
-        warnings.append(
-            f"memory bandwidth ({effective_bandwidth_gbps(profile):g} GB/s) was {bw_source}; "
-            "speed estimates and the choice they drive are pessimistic: plan again when the "
-            "machine is idle"
-        )
+    basis = speed_basis(profile, est) if fmt == "gguf" else {}
+    for key, what in (("memory.measured_bandwidth_gbps", "memory bandwidth "
+                       f"({effective_bandwidth_gbps(profile):g} GB/s)"),
+                      ("cpu.measured_decode_gflops", "llama.cpp's decode compute rate")):
+        source = profile.sources.get(key, "")
+        if "while busy" in source:
+            warnings.append(
+                f"{what} was {source}; speed estimates and the choice they drive are "
+                "pessimistic: plan again when the machine is idle")
+    if basis and facts.family == "decoder" and not gpu_offload(c.facts or facts, profile, est):
+        rationale.append(
+            f"decode estimate from a compute rate of {basis['decode_gflops']:g} GFLOPS "
+            f"({basis['compute_basis']}) and {basis['effective_bandwidth_gbps']:g} GB/s of "
+            f"memory bandwidth ({basis['bandwidth_basis']})")
     requested = ladder[0]
     if ctx != requested:
         rationale.append(
@@ -529,6 +537,7 @@ def plan_build(
             "name": profile.name,
             "digest": profile_digest(profile),
             "effective_bandwidth_gbps": effective_bandwidth_gbps(profile),
+            **{k: v for k, v in basis.items() if k != "effective_bandwidth_gbps"},
         },
         format=fmt,
         quant=q,

@@ -1,0 +1,206 @@
+"""Measure the decode compute rate of llama.cpp's Q8_0 kernels on this machine.
+
+A constant fraction of a nominal FLOPS peak does not carry across CPUs: llama.cpp's Q8_0 decode
+reached 23 % of the profile's peak on one x86 VM and 13 % on its successor (bench/results/
+plan_accuracy.md). :func:`measure_decode_gflops` therefore runs llama.cpp itself: it writes a
+synthetic random-weight Llama GGUF with Q8_0 matrices (``gguf.GGUFWriter``, blocks made with
+``gguf.quants.quantize``), loads it with llama-cpp-python and decodes single tokens at each
+thread count asked for. Effective GFLOPS = 2 x matrix parameters x tokens/s (the attention over
+a context of a few dozen tokens adds < 0.1 %).
+
+Size: :data:`PROBE_SHAPE` gives 90 M matrix parameters (96 MB of Q8_0). At the ~10 GFLOPS per
+thread measured here a thread reads ~5 GB/s, below what one core's copy test reaches, so one
+thread is compute-bound; the weights are larger than the last-level cache of the CPUs edgepack
+targets (2 MB on a Pi 5, 8-36 MB on desktop x86) and than the share of a big server L3 one VM
+sees, so they stream from DRAM like a real model's. Smaller is misleading: on this project's
+2-vCPU Xeon VM (260 MB L3 shared with other VMs) a 23 M-parameter probe measured ~21 GFLOPS on
+one thread and ~42 on two, cache-resident, where 57-183 M-parameter probes measured 12-13 and
+22-25 and the 135 M-1 B models of the accuracy table decode at 9-10 and 16-19. The file goes to
+/dev/shm when it has room (no SD-card write on a Pi), else the temp dir, and is deleted.
+
+Time: writing ~0.1 s here; each thread count decodes up to :data:`CHUNKS` chunks of
+:data:`CHUNK_TOKENS` tokens and stops early once it has spent :data:`BUDGET_SECONDS`; the
+figure is the fastest chunk (as the bandwidth test keeps its best copy: another job's burst
+slows a chunk, never speeds one up). About 2 s on this VM.
+
+Without llama_cpp or gguf (a device without the GGUF runtime), or when llama.cpp fails to load
+the probe, the result is None with the reason: never an exception. Device-side: imports nothing
+from the build side.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from edgepack.device.profile import CpuSpec
+
+# (hidden, layers, heads, kv heads, ffn, vocab): Llama-style blocks with grouped-query attention.
+PROBE_SHAPE = (1024, 8, 16, 4, 2816, 256)
+CHUNK_TOKENS = 8
+CHUNKS = 4
+BUDGET_SECONDS = 1.5
+WARMUP_TOKENS = 4
+
+
+def probe_params(shape: tuple[int, ...] = PROBE_SHAPE) -> int:
+    """Parameters in the probe's matrices that every decoded token multiplies (all blocks and
+    the output projection; the token embedding is a row lookup)."""
+    hidden, layers, heads, kv, ffn, vocab = shape
+    kv_dim = kv * hidden // heads
+    return layers * (2 * hidden * hidden + 2 * kv_dim * hidden + 3 * ffn * hidden) + vocab * hidden
+
+
+def write_probe_gguf(path: Path, shape: tuple[int, ...] = PROBE_SHAPE, seed: int = 0) -> int:
+    """Write the synthetic Q8_0 Llama to ``path``; returns :func:`probe_params`.
+
+    Each matrix repeats a 64-row tile of N(0, 0.02) weights quantized by ``gguf.quants``: the
+    values do not change the speed, and tiling keeps writing 96 MB to a fraction of a second.
+    The vocabulary is a byte-level SentencePiece-style table of ``vocab`` tokens.
+    """
+    import gguf
+    import numpy as np
+    from gguf.quants import quantize
+
+    hidden, layers, heads, kv, ffn, vocab = shape
+    head_dim = hidden // heads
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("edgepack-compute-probe")
+    w.add_context_length(256)
+    w.add_embedding_length(hidden)
+    w.add_block_count(layers)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_rope_dimension_count(head_dim)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    w.add_tokenizer_model("llama")
+    w.add_token_list([b"<unk>", b"<s>", b"</s>"]
+                     + [f"<0x{i:02X}>".encode() for i in range(vocab - 3)])
+    w.add_token_scores([0.0] * vocab)
+    w.add_token_types([int(gguf.TokenType.UNKNOWN)] + [int(gguf.TokenType.CONTROL)] * 2
+                      + [int(gguf.TokenType.BYTE)] * (vocab - 3))
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    rng = np.random.default_rng(seed)
+    tiles = {n: quantize(rng.standard_normal((64, n), dtype=np.float32) * 0.02, q8)
+             for n in {hidden, ffn}}
+
+    def matrix(name: str, rows: int, cols: int) -> None:
+        w.add_tensor(name, np.tile(tiles[cols], (-(-rows // 64), 1))[:rows], raw_dtype=q8)
+
+    ones = np.ones(hidden, dtype=np.float32)
+    matrix("token_embd.weight", vocab, hidden)
+    for i in range(layers):
+        p = f"blk.{i}."
+        w.add_tensor(p + "attn_norm.weight", ones)
+        matrix(p + "attn_q.weight", hidden, hidden)
+        matrix(p + "attn_k.weight", kv * head_dim, hidden)
+        matrix(p + "attn_v.weight", kv * head_dim, hidden)
+        matrix(p + "attn_output.weight", hidden, hidden)
+        w.add_tensor(p + "ffn_norm.weight", ones)
+        matrix(p + "ffn_gate.weight", ffn, hidden)
+        matrix(p + "ffn_up.weight", ffn, hidden)
+        matrix(p + "ffn_down.weight", hidden, ffn)
+    w.add_tensor("output_norm.weight", ones)
+    matrix("output.weight", vocab, hidden)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return probe_params(shape)
+
+
+@contextlib.contextmanager
+def _scratch_dir(need_bytes: int) -> Iterator[Path]:
+    shm = Path("/dev/shm")
+    base: str | None = None
+    try:
+        roomy = shm.is_dir() and shutil.disk_usage(shm).free > 2 * need_bytes
+        base = str(shm) if roomy and os.access(shm, os.W_OK) else None
+    except OSError:
+        base = None
+    with tempfile.TemporaryDirectory(prefix="edgepack-compute-", dir=base) as d:
+        yield Path(d)
+
+
+def _tokens_per_second(llm: Any) -> float:
+    """Fastest of up to CHUNKS chunks of CHUNK_TOKENS single-token decode steps."""
+    llm.eval([1] + list(range(3, 3 + WARMUP_TOKENS - 1)))  # first pass pages the weights in
+    best = float("inf")
+    start = time.perf_counter()
+    token = 10
+    for _ in range(CHUNKS):
+        t0 = time.perf_counter()
+        for _ in range(CHUNK_TOKENS):
+            llm.eval([token])
+            token += 1
+        best = min(best, time.perf_counter() - t0)
+        if time.perf_counter() - start >= BUDGET_SECONDS:
+            break
+    return CHUNK_TOKENS / best
+
+
+METHOD = (
+    f"llama.cpp Q8_0 decode of a synthetic {probe_params() / 1e6:.0f} M-parameter Llama "
+    f"(edgepack.device.compute_probe: fastest of {CHUNKS} x {CHUNK_TOKENS} tokens, "
+    "2 x parameters x tok/s)"
+)
+
+
+def measure_decode_gflops(threads: Sequence[int]) -> tuple[dict[int, float] | None, str]:
+    """({thread count: effective decode GFLOPS}, how) of llama.cpp's Q8_0 kernels, or
+    (None, why not) when the GGUF runtime is missing or cannot run the probe."""
+    try:
+        import gguf  # noqa: F401
+        import llama_cpp
+    except ImportError as e:
+        return None, f"not measured: the GGUF runtime is not importable here ({e})"
+    counts = sorted({int(t) for t in threads if int(t) > 0})
+    if not counts:
+        return None, "not measured: no thread count given"
+    params = probe_params()
+    n_ctx = WARMUP_TOKENS + CHUNKS * CHUNK_TOKENS + 8
+    rates: dict[int, float] = {}
+    t_start = time.perf_counter()
+    try:
+        with _scratch_dir(params * 34 // 32) as d:
+            path = d / "probe-q8_0.gguf"
+            write_probe_gguf(path)
+            for n in counts:
+                llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=WARMUP_TOKENS,
+                                      n_threads=n, n_threads_batch=n, verbose=False)
+                try:
+                    rates[n] = round(2 * params * _tokens_per_second(llm) / 1e9, 2)
+                finally:
+                    llm.close()
+    except (OSError, ValueError, RuntimeError) as e:
+        return None, f"not measured: llama.cpp could not run the compute probe ({e})"
+    took = time.perf_counter() - t_start
+    return rates, (f"measured now with llama-cpp-python {llama_cpp.__version__} "
+                   f"({took:.1f} s)")
+
+
+def with_measured_compute(cpu: CpuSpec, rates: Mapping[int, float], how: str, stamp: str,
+                          sources: dict[str, str]) -> CpuSpec:
+    """``cpu`` with the measured decode rates at its core count and at 1 thread (a 1-core CPU
+    gets the first only), each with its source in ``sources``; without rates, the source
+    says why (``how``)."""
+    at_cores = rates.get(cpu.cores)
+    at_one = rates.get(1) if cpu.cores > 1 else None
+    for name, n, value in (("measured_decode_gflops", cpu.cores, at_cores),
+                           ("measured_decode_gflops_1t", 1, at_one)):
+        if value is not None:
+            sources[f"cpu.{name}"] = f"{METHOD} at {n} thread(s); {how}; {stamp}"
+    if at_cores is None and at_one is None and how:
+        sources["cpu.measured_decode_gflops"] = f"{how}; {stamp}"
+    return replace(cpu, measured_decode_gflops=at_cores, measured_decode_gflops_1t=at_one)

@@ -1,0 +1,290 @@
+"""llama.cpp's measured decode compute rate: the probe (real llama.cpp on a synthetic GGUF), its
+cache, the profile fields, and the estimate and plan that use it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+
+import pytest
+from click.testing import CliRunner
+from support.configs import CONFIGS, synth_tensors
+
+from edgepack.cli.main import cli
+from edgepack.device.catalog import load_profile_ref
+from edgepack.device.compute_probe import (
+    PROBE_SHAPE,
+    measure_decode_gflops,
+    probe_params,
+    write_probe_gguf,
+)
+from edgepack.device.detect import build_profile, gather_host_facts
+from edgepack.device.measure_cache import MAX_AGE_SECONDS, cached_compute
+from edgepack.device.profile import (
+    decode_gflops_at,
+    effective_bandwidth_gbps,
+    profile_to_toml,
+    with_threads,
+)
+from edgepack.device.validation import parse_profile_dict
+from edgepack.errors import ProfileError
+from edgepack.plan.estimate import (
+    ETA_DECODE,
+    TAU_CPU,
+    decode_compute_gflops,
+    estimate_gguf,
+)
+from edgepack.plan.facts import model_facts
+from edgepack.plan.planner import PlanOptions, plan_build
+
+STAMP = "test"
+
+
+def _measured(profile, all_cores: float | None, one: float | None, how: str = "measured now"):
+    """``profile`` with measured decode rates, sourced as detect writes them."""
+    sources = dict(profile.sources)
+    cpu = dataclasses.replace(profile.cpu, measured_decode_gflops=all_cores,
+                              measured_decode_gflops_1t=one)
+    for key, value in (("cpu.measured_decode_gflops", all_cores),
+                       ("cpu.measured_decode_gflops_1t", one)):
+        if value is not None:
+            sources[key] = how
+    return dataclasses.replace(profile, cpu=cpu, sources=sources)
+
+
+def test_the_probe_gguf_loads_in_llama_cpp_with_the_parameters_it_counts(tmp_path):
+    import gguf
+    import llama_cpp
+
+    path = tmp_path / "probe.gguf"
+    params = write_probe_gguf(path)
+    hidden, layers, vocab = PROBE_SHAPE[0], PROBE_SHAPE[1], PROBE_SHAPE[-1]
+    reader = gguf.GGUFReader(str(path))
+    matrices = [t for t in reader.tensors if len(t.shape) == 2]
+    assert {t.tensor_type for t in matrices} == {gguf.GGMLQuantizationType.Q8_0}
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=1, verbose=False)
+    try:
+        # llama.cpp also counts the embedding table and the norm vectors; the probe counts
+        # the matrices a token multiplies
+        norms = (2 * layers + 1) * hidden
+        assert params == probe_params()
+        assert llm._model.n_params() == params + vocab * hidden + norms
+        llm.eval([1, 5, 6])
+        assert llm.n_tokens == 3
+    finally:
+        llm.close()
+
+
+def test_the_probe_measures_a_positive_rate_per_thread_count_here():
+    facts = gather_host_facts()
+    rates, how = measure_decode_gflops((1, facts.physical_cores))
+    assert rates is not None, how
+    assert set(rates) == {1, facts.physical_cores}
+    assert all(g > 0 for g in rates.values())
+    assert how.startswith("measured now with llama-cpp-python")
+    profile = build_profile(facts, measured_compute=rates, compute_how=how)
+    assert decode_gflops_at(profile.cpu, profile.cpu.cores) == rates[facts.physical_cores]
+
+
+def test_without_the_gguf_runtime_the_measurement_is_absent_with_a_reason(monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # `import llama_cpp` raises ImportError
+    rates, how = measure_decode_gflops((1, 2))
+    assert rates is None
+    assert how.startswith("not measured: the GGUF runtime is not importable here")
+    profile = build_profile(gather_host_facts(), measured_compute=rates, compute_how=how)
+    assert profile.cpu.measured_decode_gflops is None
+    assert profile.cpu.measured_decode_gflops_1t is None
+    assert profile.sources["cpu.measured_decode_gflops"].startswith("not measured")
+    assert "nominal" in decode_compute_gflops(profile)[1]
+
+
+def test_compute_cache_measures_once_per_machine_and_never_stores_a_busy_or_absent_figure(
+    tmp_path,
+):
+    env = {"EDGEPACK_HOME": str(tmp_path)}
+    facts = gather_host_facts()
+    calls: list[int] = []
+    result: dict[str, object] = {"rates": None}
+
+    def measure():  # counts calls; the real probe is tested above
+        calls.append(1)
+        rates = result["rates"] or {1: 10.0 + len(calls), 2: 20.0 + len(calls)}
+        return rates, "measured now with llama-cpp-python x (1.0 s)"
+
+    def compute(f, now, busy=None):
+        return cached_compute(f, measure, environ=env, now=now, busy=lambda: busy)
+
+    assert compute(facts, 1000.0) == ({1: 11.0, 2: 21.0},
+                                      "measured now with llama-cpp-python x (1.0 s)")
+    rates, how = compute(facts, 2000.0)
+    assert (rates, len(calls)) == ({1: 11.0, 2: 21.0}, 1) and "cached in" in how
+    stored = json.loads((tmp_path / "compute.json").read_text())
+    assert list(stored.values())[0]["value"] == {"1": 11.0, "2": 21.0}
+    assert compute(facts, 1001.0 + MAX_AGE_SECONDS)[0] == {1: 12.0, 2: 22.0}  # expired
+    other = dataclasses.replace(facts, physical_cores=facts.physical_cores + 8)
+    assert compute(other, 2000.0 + MAX_AGE_SECONDS)[0] == {1: 13.0, 2: 23.0}
+    assert len(calls) == 3
+    # measured while other jobs hold the CPUs: used once, not stored
+    value, how = compute(facts, 10 * MAX_AGE_SECONDS, busy="load average 9.0 on 2 CPUs")
+    assert value == {1: 14.0, 2: 24.0}
+    assert "while busy (load average 9.0 on 2 CPUs): not cached" in how
+    assert compute(facts, 10 * MAX_AGE_SECONDS)[0] == {1: 15.0, 2: 25.0}
+    # an unusable stored entry is measured again
+    stored = json.loads((tmp_path / "compute.json").read_text())
+    for entry in stored.values():
+        entry["value"] = {"1": -3}
+    (tmp_path / "compute.json").write_text(json.dumps(stored))
+    assert compute(facts, 10 * MAX_AGE_SECONDS)[0] == {1: 16.0, 2: 26.0}
+
+
+def test_an_absent_measurement_is_not_cached(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    env = {"EDGEPACK_HOME": str(tmp_path)}
+    rates, how = cached_compute(gather_host_facts(), lambda: measure_decode_gflops((1,)),
+                                environ=env)
+    assert rates is None and how.startswith("not measured")
+    assert not (tmp_path / "compute.json").exists()
+
+
+def test_measured_fields_round_trip_through_toml_and_json(tmp_path):
+    base = load_profile_ref("laptop-x86-16gb")
+    p = _measured(base, 41.5, 12.25, "llama.cpp Q8_0 decode of a synthetic model; test")
+    path = tmp_path / "laptop-x86-16gb.toml"
+    path.write_text(profile_to_toml(p))
+    loaded = load_profile_ref(str(path))
+    assert loaded == p and loaded.sources == p.sources
+    assert (loaded.cpu.measured_decode_gflops, loaded.cpu.measured_decode_gflops_1t) == (
+        41.5, 12.25)
+    assert parse_profile_dict(json.loads(json.dumps(p.to_dict()))) == p
+
+
+@pytest.mark.parametrize(
+    ("key", "bad", "expected"),
+    [
+        ("measured_decode_gflops", -4.0, "a finite number > 0"),
+        ("measured_decode_gflops_1t", 0, "a finite number > 0"),
+        ("measured_decode_gflops", "fast", "a number"),
+        ("measured_decode_gflops_1t", True, "a number"),
+    ],
+)
+def test_bad_measured_compute_is_named_with_value_and_expectation(key, bad, expected):
+    data = _measured(load_profile_ref("laptop-x86-16gb"), 41.5, 12.25).to_dict()
+    data["cpu"][key] = bad
+    with pytest.raises(ProfileError) as e:
+        parse_profile_dict(data, origin="lab.toml")
+    msg = str(e.value)
+    assert f"field 'cpu.{key}' is {bad!r}; expected {expected}" in msg and "lab.toml" in msg
+
+
+def test_measured_compute_needs_a_source():
+    data = _measured(load_profile_ref("laptop-x86-16gb"), 41.5, None).to_dict()
+    del data["sources"]["cpu.measured_decode_gflops"]
+    with pytest.raises(ProfileError, match="sources.cpu.measured_decode_gflops"):
+        parse_profile_dict(data)
+
+
+def test_shipped_profiles_carry_no_measured_compute():
+    from edgepack.device.catalog import list_profiles
+
+    for p in list_profiles():
+        assert p.cpu.measured_decode_gflops is None and p.cpu.measured_decode_gflops_1t is None
+
+
+def test_thread_scaling_prefers_measured_figures_over_proportional_scaling():
+    base = load_profile_ref("laptop-x86-16gb")  # 8 cores
+    assert base.cpu.cores == 8
+    both = _measured(base, 50.0, 10.0)
+    assert decode_gflops_at(both.cpu, 8) == 50.0 and decode_gflops_at(both.cpu, 1) == 10.0
+    assert decode_gflops_at(both.cpu, 16) == 50.0  # no more than the cores' figure
+    assert decode_gflops_at(both.cpu, 4) == pytest.approx(10.0 + 40.0 * 3 / 7)
+    only_all = _measured(base, 48.0, None)
+    assert decode_gflops_at(only_all.cpu, 2) == 12.0  # proportional from the one figure
+    one = with_threads(both, 1)
+    assert (one.cpu.cores, one.cpu.measured_decode_gflops) == (1, 10.0)
+    assert one.cpu.peak_gflops_fp32 == pytest.approx(base.cpu.peak_gflops_fp32 / 8)
+    assert decode_gflops_at(one.cpu, one.cpu.cores) == 10.0
+    assert with_threads(base, 2).cpu.measured_decode_gflops is None
+    with pytest.raises(ValueError):
+        with_threads(base, 9)
+
+
+def _smollm_facts():
+    cfg = CONFIGS["SmolLM2-135M"]
+    return model_facts(cfg, synth_tensors(cfg))
+
+
+def test_the_estimate_uses_the_measured_rate_in_the_direction_expected():
+    facts = _smollm_facts()
+    base = load_profile_ref("laptop-x86-16gb")
+    nominal = estimate_gguf(facts, base, "Q8_0", 512).decode_tps
+    nominal_rate = decode_compute_gflops(base)[0]
+    slow = estimate_gguf(facts, _measured(base, nominal_rate / 4, None), "Q8_0", 512).decode_tps
+    fast = estimate_gguf(facts, _measured(base, nominal_rate * 4, None), "Q8_0", 512).decode_tps
+    assert slow is not None and nominal is not None and fast is not None
+    assert slow < nominal <= fast
+    # at 4 x the rate the memory bound takes over: no faster than streaming the weights
+    est = estimate_gguf(facts, base, "Q8_0", 512)
+    assert 1 / fast - facts.n_layer * TAU_CPU == pytest.approx(
+        est.bytes_per_token / (ETA_DECODE * effective_bandwidth_gbps(base) * 1e9))
+    # at a quarter of the rate the step is compute-bound: 2 x params / the measured rate
+    step = 1 / slow - facts.n_layer * TAU_CPU
+    assert step == pytest.approx(2 * facts.n_params / (nominal_rate / 4 * 1e9))
+    # a repacked Q4_0 (AVX2) gets the measured Q8_0 rate x ETA_COMPUTE_REPACK / ETA_COMPUTE_DOT
+    measured = _measured(base, 20.0, None)
+    rate, basis = decode_compute_gflops(measured, repacked=True)
+    assert rate == pytest.approx(20.0 * 0.39 / 0.23)
+    assert basis.startswith("measured: llama.cpp Q8_0 decode 20 GFLOPS at 8 threads")
+    assert "repacked" in basis
+
+
+def test_on_arm_with_dotprod_the_q8_0_probe_is_the_repacked_kernel():
+    pi5 = _measured(load_profile_ref("raspberry-pi-5-8gb"), 8.0, 2.5)
+    assert decode_compute_gflops(pi5, repacked=True)[0] == 8.0
+    assert decode_compute_gflops(pi5, repacked=False)[0] == pytest.approx(8.0 * 0.23 / 0.39)
+
+
+def test_the_plan_says_where_its_compute_figure_came_from():
+    facts = _smollm_facts()
+    base = load_profile_ref("laptop-x86-16gb")
+    opts = PlanOptions(quant="Q8_0")
+    nominal = plan_build(facts, base, opts).to_dict()
+    assert nominal["device"]["compute_basis"].startswith("nominal: 0.23 x ")
+    assert any("compute rate of" in r and "nominal" in r for r in nominal["rationale"])
+    busy = "llama.cpp ...; measured now (1 s) while busy (load average 9.0 on 8 CPUs): not cached"
+    plan = plan_build(facts, _measured(base, 20.0, 4.0, busy), opts).to_dict()
+    assert plan["device"]["decode_gflops"] == 20.0
+    assert plan["device"]["compute_basis"] == (
+        "measured: llama.cpp Q8_0 decode 20 GFLOPS at 8 threads")
+    assert any("compute rate of 20 GFLOPS (measured" in r for r in plan["rationale"])
+    assert any("decode compute rate was" in w and "idle" in w for w in plan["warnings"])
+    assert plan["speed"]["decode_tokens_per_second"] != nominal["speed"][
+        "decode_tokens_per_second"]
+
+
+def test_plan_cli_prints_the_compute_basis(tiny_llama_dir, tmp_path):
+    p = _measured(load_profile_ref("laptop-x86-16gb"), 33.0, 7.0, "a measurement; test")
+    path = tmp_path / "lab.toml"
+    path.write_text(profile_to_toml(dataclasses.replace(p, id="lab")))
+    r = CliRunner().invoke(cli, ["plan", str(tiny_llama_dir), "--device", str(path)])
+    assert r.exit_code == 0, r.output
+    assert "compute rate of 33 GFLOPS" in " ".join(r.output.split())
+    r = CliRunner().invoke(cli, ["plan", str(tiny_llama_dir), "--device", str(path), "--json"])
+    assert json.loads(r.output)["device"]["compute_basis"].startswith("measured: llama.cpp")
+
+
+def test_profiles_detect_measure_json_includes_the_measured_compute_and_its_source():
+    r = CliRunner().invoke(cli, ["profiles", "detect", "--measure", "--measure-seconds", "0.3",
+                                 "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.output)
+    cores = data["cpu"]["cores"]
+    assert data["cpu"]["measured_decode_gflops"] > 0
+    source = data["sources"]["cpu.measured_decode_gflops"]
+    assert source.startswith("llama.cpp Q8_0 decode of a synthetic")
+    assert f"at {cores} thread(s); measured now" in source
+    if cores > 1:
+        assert data["cpu"]["measured_decode_gflops_1t"] > 0
+        assert "at 1 thread(s)" in data["sources"]["cpu.measured_decode_gflops_1t"]
+    assert data["derived"]["decode_gflops"] == data["cpu"]["measured_decode_gflops"]
+    assert data["derived"]["compute_basis"].startswith("measured")
