@@ -13,15 +13,16 @@ thread measured here a thread reads ~5 GB/s, below what one core's copy test rea
 thread is compute-bound; the weights are larger than the last-level cache of the CPUs edgepack
 targets (2 MB on a Pi 5, 8-36 MB on desktop x86) and than the share of a big server L3 one VM
 sees, so they stream from DRAM like a real model's. Smaller is misleading: on this project's
-2-vCPU Xeon VM (260 MB L3 shared with other VMs) a 23 M-parameter probe measured ~21 GFLOPS on
-one thread and ~42 on two, cache-resident, where 57-183 M-parameter probes measured 12-13 and
-22-25 and the 135 M-1 B models of the accuracy table decode at 9-10 and 16-19. The file goes to
+2-vCPU Xeon VM (260 MB L3 shared with other VMs) 23-34 M-parameter probes measured up to 22
+GFLOPS on one thread and 43 on two, cache-resident, where 57-300 M-parameter probes measured
+9-13 and 16-25 (runs minutes apart on a shared machine) and the 135 M-1 B models of the accuracy
+table decode at 9-10 and 16-19 (bench/results/plan_accuracy.md). The file goes to
 /dev/shm when it has room (no SD-card write on a Pi), else the temp dir, and is deleted.
 
 Time: writing ~0.1 s here; each thread count decodes up to :data:`CHUNKS` chunks of
 :data:`CHUNK_TOKENS` tokens and stops early once it has spent :data:`BUDGET_SECONDS`; the
 figure is the fastest chunk (as the bandwidth test keeps its best copy: another job's burst
-slows a chunk, never speeds one up). About 2 s on this VM.
+slows a chunk, never speeds one up). 1.2-1.3 s on this VM when idle (1 and 2 threads).
 
 Without llama_cpp or gguf (a device without the GGUF runtime), or when llama.cpp fails to load
 the probe, the result is None with the reason: never an exception. Device-side: imports nothing
