@@ -288,3 +288,14 @@ def test_profiles_detect_measure_json_includes_the_measured_compute_and_its_sour
         assert "at 1 thread(s)" in data["sources"]["cpu.measured_decode_gflops_1t"]
     assert data["derived"]["decode_gflops"] == data["cpu"]["measured_decode_gflops"]
     assert data["derived"]["compute_basis"].startswith("measured")
+
+
+def test_a_rate_measured_on_a_busy_machine_says_so_and_the_plan_warns():
+    from edgepack.device.detect import detect_profile
+
+    profile = detect_profile(measure=True, seconds=0.2, busy=lambda: "load average 9.0 on 2 CPUs")
+    source = profile.sources["cpu.measured_decode_gflops"]
+    assert "while busy (load average 9.0 on 2 CPUs): likely below the idle figure" in source
+    plan = plan_build(_smollm_facts(), profile, PlanOptions(quant="Q8_0"))
+    assert any("decode compute rate was" in w and "plan again when the machine is idle" in w
+               for w in plan.warnings)

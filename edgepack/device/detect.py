@@ -29,13 +29,14 @@ import re
 import socket
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 from edgepack.device.catalog import list_profiles
 from edgepack.device.compute_probe import measure_decode_gflops, with_measured_compute
+from edgepack.device.measure_cache import machine_busy
 from edgepack.device.profile import (
     ARM_ISA,
     X86_ISA,
@@ -490,15 +491,24 @@ def measure_bandwidth(seconds: float = 2.0, *, size_bytes: int = 256 * 1024 * 10
     return round(2 * size / best / 1e9, 3)
 
 
-def detect_profile(measure: bool = False, *, seconds: float = 2.0) -> DeviceProfile:
+def detect_profile(
+    measure: bool = False,
+    *,
+    seconds: float = 2.0,
+    busy: Callable[[], str | None] = machine_busy,
+) -> DeviceProfile:
     """The profile of this machine; with ``measure``, measure bandwidth for ``seconds`` and
     llama.cpp's decode compute rate at 1 thread and all physical cores (a few seconds more;
-    absent, with the reason in its source, where the GGUF runtime is not installed)."""
+    absent, with the reason in its source, where the GGUF runtime is not installed). A rate
+    measured while ``busy()`` names other jobs on the CPUs says so in its source."""
     facts = gather_host_facts()
     if not measure:
         return build_profile(facts)
     measured = measure_bandwidth(seconds)
     rates, how = measure_decode_gflops((1, facts.physical_cores))
+    why_busy = busy() if rates is not None else None
+    if why_busy is not None:
+        how += f" while busy ({why_busy}): likely below the idle figure"
     return build_profile(facts, measured_gbps=measured, measured_compute=rates,
                          compute_how=how)
 
