@@ -36,15 +36,22 @@ def request_id(headers: list[tuple[bytes, bytes]]) -> str:
 
 # One mutable slot per request, set by the middleware: a route (or the streaming task it
 # spawns, which inherits the context) fills it without the middleware passing it along.
-_USAGE: contextvars.ContextVar[dict[str, int] | None] = contextvars.ContextVar(
+_USAGE: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
     "edgepack_usage", default=None)
 
 
-def begin_usage() -> dict[str, int]:
-    """A fresh token-count slot for the request running in this context."""
-    slot: dict[str, int] = {}
+def begin_usage() -> dict[str, Any]:
+    """A fresh slot (token counts, the model served) for the request in this context."""
+    slot: dict[str, Any] = {}
     _USAGE.set(slot)
     return slot
+
+
+def note_model(label: str) -> None:
+    """Record which model the current request went to (a metrics label; no-op outside one)."""
+    slot = _USAGE.get()
+    if slot is not None:
+        slot["model"] = label
 
 
 def note_usage(prompt_tokens: int, completion_tokens: int | None = None) -> None:
@@ -57,7 +64,7 @@ def note_usage(prompt_tokens: int, completion_tokens: int | None = None) -> None
 
 
 def access_record(scope: MutableMapping[str, Any], route: str, status: int, started: float,
-                  rid: str, usage: dict[str, int] | None = None) -> dict[str, Any]:
+                  rid: str, usage: dict[str, Any] | None = None) -> dict[str, Any]:
     """The fields of one access-log line."""
     usage = usage or {}
     tokens_in, tokens_out = usage.get("prompt_tokens"), usage.get("completion_tokens")

@@ -31,7 +31,7 @@ from edgepack.runtimes.access_log import (
 from edgepack.runtimes.config import ServerConfig
 from edgepack.runtimes.engine import Engine
 from edgepack.runtimes.lifecycle import READY
-from edgepack.runtimes.metrics import ServerMetrics
+from edgepack.runtimes.metrics import NO_MODEL, ServerMetrics
 from edgepack.runtimes.models import ModelSet, model_card
 from edgepack.runtimes.openai_schema import ApiError
 from edgepack.runtimes.page import basic_password, status_page
@@ -132,7 +132,8 @@ def route_template(app: Any, scope: Scope) -> str:
 
 
 class GuardMiddleware:
-    """API key for /v1/*, request id, request metrics by route template, the access log.
+    """API key for /v1/*, request id, request metrics by route template (and model), the access
+    log.
 
     Pure ASGI (streams pass through untouched).
     """
@@ -175,8 +176,9 @@ class GuardMiddleware:
         finally:
             state: ServerState | None = getattr(scope["app"].state, "server", None)
             if state is not None:
-                state.metrics.requests.labels(route, str(status["code"])).inc()
-                state.metrics.latency.labels(route).observe(time.perf_counter() - t0)
+                model = usage.get("model", NO_MODEL)  # a served id, or a fixed value
+                state.metrics.requests.labels(route, str(status["code"]), model).inc()
+                state.metrics.latency.labels(route, model).observe(time.perf_counter() - t0)
             if access_log.isEnabledFor(logging.INFO):
                 access_log.info("request", extra={
                     "access": access_record(scope, route, status["code"], t0, rid, usage)})

@@ -19,6 +19,12 @@ from prometheus_client.registry import Collector
 # Source: https://www.raspberrypi.com/documentation/computers/os.html#get_throttled
 PI_THROTTLED = Path("/sys/devices/platform/soc/soc:firmware/get_throttled")
 
+# The request metrics' model label for a request that named no model, and for one that named
+# a model this server does not serve. Empty is what PromQL reads as "no label"; the other is
+# fixed too (a model served under that very id would share its series).
+NO_MODEL = ""
+UNKNOWN_MODEL = "(unknown)"
+
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
 
@@ -66,17 +72,20 @@ class ServerMetrics:
 
     Per-model instruments carry a ``model`` label whose values are the models this server
     loaded (a fixed set, so the label stays bounded); :meth:`for_model` hands one model's
-    children to the code that serves it. HTTP requests are counted by route only: the guard
-    that counts them runs before the body (and its ``model``) is read.
+    children to the code that serves it. HTTP requests and their duration are counted by route,
+    status and model: the model a request was routed to (runtimes/models.py notes it), else
+    :data:`NO_MODEL` for a request that named none (``/healthz``, ``/v1/models``, a body
+    refused before its ``model`` was read) and :data:`UNKNOWN_MODEL` for one that named a model
+    this server does not serve (404): never the client's string, so the label stays bounded.
     """
 
     def __init__(self, throttled_path: Path = PI_THROTTLED) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter("edgepack_requests", "HTTP requests by route and status",
-                                ["route", "status"], registry=r)
+        self.requests = Counter("edgepack_requests", "HTTP requests by route, status and model",
+                                ["route", "status", "model"], registry=r)
         self.latency = Histogram("edgepack_request_duration_seconds",
-                                 "Time from request to the end of the response", ["route"],
-                                 buckets=_LATENCY_BUCKETS, registry=r)
+                                 "Time from request to the end of the response",
+                                 ["route", "model"], buckets=_LATENCY_BUCKETS, registry=r)
         self.ready = Gauge("edgepack_ready", "1 when /readyz answers 200 (every model ready)",
                            registry=r)
         m = ["model"]

@@ -18,6 +18,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgepack.runtimes.access_log import note_model
 from edgepack.runtimes.config import ServerConfig, effective_config
 from edgepack.runtimes.engine import CancelToken, Engine
 from edgepack.runtimes.lifecycle import (
@@ -29,7 +30,7 @@ from edgepack.runtimes.lifecycle import (
     sd_notify,
     watchdog_interval,
 )
-from edgepack.runtimes.metrics import ModelMetrics, ServerMetrics
+from edgepack.runtimes.metrics import UNKNOWN_MODEL, ModelMetrics, ServerMetrics
 from edgepack.runtimes.openai_schema import ApiError
 from edgepack.runtimes.queue import Admission
 from edgepack.runtimes.worker import EngineWorker
@@ -112,6 +113,7 @@ class ModelSet:
     def route(self, name: str) -> ModelState:
         """The model a request names; ApiError 404 ``model_not_found`` for any other name."""
         state = self._by_name.get(name)
+        note_model(UNKNOWN_MODEL if state is None else name)  # the request metrics' label
         if state is None:
             served = ", ".join(repr(n) for n in self._by_name)
             raise ApiError(

@@ -193,7 +193,7 @@ def test_metrics_parse_and_count(client, chat_server):
     before = _metrics(chat_server.base_url)
     client.completions.create(model=MODEL, prompt="Hi", max_tokens=4, temperature=0)
     after = _metrics(chat_server.base_url)
-    key = "edgepack_requests_total{route=/v1/completions,status=200}"
+    key = f"edgepack_requests_total{{model={MODEL},route=/v1/completions,status=200}}"
     assert after[key] == before.get(key, 0) + 1
     tokens = f"edgepack_completion_tokens_total{{model={MODEL}}}"
     assert after[tokens] - before.get(tokens, 0) == 4
