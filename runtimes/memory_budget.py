@@ -9,9 +9,10 @@ bound as the update agent's option of that name), whichever is least. When they 
 the server refuses with exit 7 instead of loading until the kernel's OOM killer picks a
 process.
 
-A setting that changes the KV cache (``--ctx``, ``n_parallel``) rescales the plan's KV
-figure to the cells actually allocated. A bundle made without the planner has no figure: its
-model files' size stands in, a lower bound, and the log says so.
+A setting that changes the KV cache (``--ctx``, ``n_parallel``, either of them in the
+device-local config file, for every model or per model) rescales the plan's KV figure to
+the cells actually allocated. A bundle made without the planner has no figure: its model
+files' size stands in, a lower bound, and the log says so.
 """
 
 from __future__ import annotations
@@ -117,6 +118,7 @@ def check_memory(configs: Sequence[ServerConfig], budget: int | None) -> list[Ne
             f"not enough memory: {what} {total / MIB:,.0f} MiB together, {bound} is "
             f"{room / MIB:,.0f} MiB ({each})",
             hint="serve fewer bundles in this process, free memory, lower the context "
-            "(--ctx) or slots (n_parallel), or build smaller bundles for this device",
+            "(--ctx; with several bundles a per-model n_ctx in the --config file) or slots "
+            "(n_parallel), or build smaller bundles for this device",
         )
     return needs

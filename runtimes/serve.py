@@ -7,10 +7,11 @@ server.toml or flag (incl. two bundles with one model id), 2 for options that ma
 with several bundles.
 
 Several bundles (``edgepack serve A B``): each is verified and configured as it would be
-alone (its own server.toml, then the device's --config file, ``EDGEPACK_*`` and flags, which
-apply to every bundle); server-wide settings (host, port, API key, body and connection
-limits, drain) come from the first bundle's configuration. ``--ctx`` is refused there: a
-context belongs to one model.
+alone (its own server.toml, then the device's --config file with its
+``[models."<id>".engine]`` table for that model, ``EDGEPACK_*`` and flags, which apply to every
+bundle); server-wide settings (host, port, API key, body and connection limits, drain) come
+from the first bundle's configuration. ``--ctx`` is refused there: a context belongs to one
+model (the file's per-model n_ctx sets each).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import uvicorn
 from edgepack.runtimes.access_log import configure_logging
@@ -42,7 +43,7 @@ from edgepack.runtimes.config import (
 from edgepack.runtimes.connections import ConnectionLimits, fd_budget, uvicorn_options
 from edgepack.runtimes.engine import Engine, EngineError
 from edgepack.runtimes.engine_check import reconcile
-from edgepack.runtimes.local_config import local_config_path, read_local_config
+from edgepack.runtimes.local_config import LocalConfig, local_config_path, read_local_config
 from edgepack.runtimes.memory_budget import check_memory
 
 from edgepack.errors import ConfigError, IntegrityError, RuntimeHealthError, UsageError
@@ -102,14 +103,23 @@ def make_engine(cfg: ServerConfig) -> Engine:
     )
 
 
+def read_local(opts: ServeOptions, environ: Mapping[str, str]) -> LocalConfig | None:
+    """The device-local config file (--config, $EDGEPACK_CONFIG or the default), if any."""
+    path = local_config_path(opts.config, environ)
+    return None if path is None else read_local_config(path)
+
+
 def prepare(bundle_dir: str | os.PathLike[str], opts: ServeOptions,
-            environ: Mapping[str, str]) -> ServerConfig:
+            environ: Mapping[str, str],
+            local: LocalConfig | None | Literal["read"] = "read") -> ServerConfig:
     """Verify the bundle (IntegrityError → exit 6) and build the effective config.
 
     The model file(s) and server.toml stay open on the descriptors they were hashed through,
     and the engine loads from those (``/proc/self/fd/N``): a file swapped after the check is
     never what runs (issue #13). Layers, lowest first: the bundle's server.toml, the
-    device-local config file, ``EDGEPACK_*`` variables and flags; then the engine check.
+    device-local config file (``local``; "read" reads it here) with this model's
+    ``[models."<id>".engine]`` over its ``[engine]``, ``EDGEPACK_*`` variables and flags; then
+    the engine check.
     """
     root = Path(bundle_dir)
     signed = None
@@ -132,9 +142,10 @@ def prepare(bundle_dir: str | os.PathLike[str], opts: ServeOptions,
         os.close(held.pop(SERVER_TOML).fd)
     cfg = load_server_config(root, manifest, environ, text=toml_text)
     cfg = _load_from_held(cfg, held)
-    local = local_config_path(opts.config, environ)
-    if local is not None:
-        cfg = cfg.with_overrides(config_file=str(local), **read_local_config(local))
+    if local == "read":
+        local = read_local(opts, environ)
+    if isinstance(local, LocalConfig):
+        cfg = cfg.with_overrides(config_file=str(local.path), **local.for_model(cfg.model_name))
     cfg = cfg.with_overrides(host=opts.host, port=opts.port, api_key=opts.api_key,
                              n_threads=opts.threads, queue_size=opts.queue_size, n_ctx=opts.ctx,
                              max_connections=opts.max_connections)
@@ -216,8 +227,13 @@ def prepare_all(bundle_dirs: Sequence[str | os.PathLike[str]], opts: ServeOption
         raise UsageError(
             f"--ctx {opts.ctx} with {len(bundle_dirs)} bundles: a context belongs to one "
             "model (an embedding model's is its maximum input)",
-            hint="serve without --ctx (each bundle's server.toml has its planned context)")
-    configs = [prepare(b, opts, environ) for b in bundle_dirs]
+            hint="serve without --ctx (each bundle's server.toml has its planned context), "
+            'or set a context per model in the --config file: [models."<model id>".engine] '
+            "n_ctx = N")
+    local = read_local(opts, environ)
+    configs = [prepare(b, opts, environ, local) for b in bundle_dirs]
+    if local is not None:
+        local.check_served([c.model_name for c in configs])
     seen: dict[str, Path] = {}
     for cfg in configs:
         if cfg.model_name in seen:

@@ -20,7 +20,7 @@ import openai
 import pytest
 from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
-from support.bundles import minilm_folder, serve_bundle
+from support.bundles import make_test_bundle, minilm_folder, serve_bundle
 
 from edgepack.cli.main import cli
 
@@ -112,7 +112,8 @@ def test_readiness_per_model_and_metrics_labelled_by_model(both):
     for name in (CHAT, EMBED):
         assert samples[("edgepack_model_ready", (("model", name),))] == 1
     assert samples[("edgepack_prompt_tokens_total", (("model", EMBED),))] > 0
-    models = {dict(k[1]).get("model") for k in samples if dict(k[1]).get("model")}
+    models = {dict(k[1]).get("model") for k in samples
+              if dict(k[1]).get("model") and not k[0].startswith("edgepack_request")}
     assert models == {CHAT, EMBED}  # the label's values: the loaded models, nothing else
 
 
@@ -168,3 +169,163 @@ def test_what_several_bundles_cannot_share_is_refused(chat_bundle, embed_bundle)
     p = _serve(str(chat_bundle), str(chat_bundle))
     _, err = p.communicate(timeout=120)
     assert p.returncode == 3 and f"both serve model {CHAT!r}" in err
+
+
+# -- per-model settings in the device-local config file (issue #14) ---------------------------
+
+
+def _config(tmp_path, text: str) -> str:
+    path = tmp_path / "server.toml"
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def _by_model(server) -> dict:
+    return {m["model"]: m for m in httpx.get(server.base_url + "/readyz").json()["models"]}
+
+
+def test_per_model_tables_reach_each_engine(chat_bundle, embed_bundle, tmp_path):
+    """[models."ID".engine] sets one model's context and threads; [engine] the rest."""
+    config = _config(tmp_path, f"""
+[engine]
+n_threads = 2
+n_ctx = 512
+
+[models.{EMBED}.engine]
+n_ctx = 64
+n_threads = 1
+""")
+    server = serve_bundle(chat_bundle, str(embed_bundle), "--config", config)
+    try:
+        models = _by_model(server)
+        # n_ctx as the engines report it (llama.cpp's and the ONNX tokenizer's window).
+        assert (models[CHAT]["n_ctx"], models[EMBED]["n_ctx"]) == (512, 64)
+        assert models[CHAT]["config"]["n_threads"] == 2
+        assert models[EMBED]["config"]["n_threads"] == 1
+        assert models[EMBED]["config"]["config_file"] == config
+        text = "word " * 100  # ~100 tokens for both tokenizers: over 64, under 512
+        r = httpx.post(server.base_url + "/v1/embeddings", timeout=120,
+                       json={"model": EMBED, "input": text})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["code"] == "context_length_exceeded"
+        assert "context is 64" in r.json()["error"]["message"]
+        r = httpx.post(server.base_url + "/v1/completions", timeout=120, json={
+            "model": CHAT, "prompt": text, "max_tokens": 1})
+        assert r.status_code == 200, r.text
+        assert [m.id for m in _client(server).models.list().data] == [CHAT, EMBED]
+    finally:
+        assert server.stop() == 0
+
+
+def _start_line(*args: str, env: dict | None = None) -> str:
+    """The server's start line (settled before any model loads); the server is then stopped."""
+    p = subprocess.Popen([sys.executable, "-m", "edgepack", "serve", *args, "--port", "0"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, **(env or {})})
+    try:
+        return p.stdout.readline()
+    finally:
+        p.terminate()
+        p.communicate(timeout=60)
+
+
+def test_flags_and_variables_win_over_per_model_tables(chat_bundle, embed_bundle, tmp_path):
+    config = _config(tmp_path, f"""
+[engine]
+n_threads = 2
+[models.{CHAT}.engine]
+n_threads = 1
+n_ctx = 256
+""")
+    bundles = (str(chat_bundle), str(embed_bundle), "--config", config)
+    line = _start_line(*bundles)
+    assert f"{CHAT}: threads: 1  ctx: 256" in line and f"{EMBED}: threads: 2" in line, line
+    # The command line is the most explicit layer: --threads applies to every model, over
+    # the per-model table as over [engine]; what the flag does not name stays per model.
+    line = _start_line(*bundles, "--threads", "2")
+    assert f"{CHAT}: threads: 2  ctx: 256" in line and f"{EMBED}: threads: 2" in line, line
+    line = _start_line(*bundles, env={"EDGEPACK_THREADS": "2"})
+    assert f"{CHAT}: threads: 2  ctx: 256" in line, line
+
+
+@pytest.mark.parametrize(("text", "expect"), [
+    ('[models."gpt-4o".engine]\nn_ctx = 1024\n',
+     ["'gpt-4o'", "does not serve", repr(CHAT), repr(EMBED)]),
+    (f'[models.{CHAT}.server]\nport = 9000\n', ["server-wide", "[server]"]),
+    (f'[models.{CHAT}.engine]\nn_ctx = "big"\n', [f'[models."{CHAT}".engine] n_ctx', "int"]),
+    (f'[models.{CHAT}.engine]\ncontext = 1024\n', ["context is not a setting", "n_ctx"]),
+])
+def test_bad_per_model_tables_are_config_errors(chat_bundle, embed_bundle, tmp_path, text,
+                                                 expect):
+    p = _serve(str(chat_bundle), str(embed_bundle), "--config", _config(tmp_path, text))
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 3, err
+    assert out == ""  # refused before binding or loading anything
+    for part in expect:
+        assert part in err, err
+
+
+def test_ctx_refusal_points_at_the_per_model_table(chat_bundle, embed_bundle):
+    p = _serve(str(chat_bundle), str(embed_bundle), "--ctx", "1024")
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 2
+    assert '[models."<model id>".engine] n_ctx' in err, err
+
+
+def test_memory_check_uses_each_models_own_context(chat_bundle, embed_bundle, tmp_path):
+    """A per-model n_ctx rescales that model's planned KV cache in the check for all models."""
+    # llama.cpp's F16 KV cache for SmolLM2-135M (30 layers, 3 KV heads of 64) at ctx 2048.
+    kv = 2 * 30 * 3 * 64 * 2 * 2048
+    weights = next((chat_bundle / "model").glob("*.gguf")).stat().st_size
+    planned = make_test_bundle(tmp_path / "planned", engine={"n_ctx": 2048}, plan_memory={
+        "required_bytes": weights + kv, "kv_cache_bytes": kv})
+    _, embed = _needs(chat_bundle, embed_bundle)
+    budget = str(weights + kv // 2 + embed)  # fits only with the chat model at ctx 1024
+    p = _serve(str(planned), str(embed_bundle), "--memory-budget-bytes", budget)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 7, err
+    assert "not enough memory" in err
+    half = _config(tmp_path, f"[models.{CHAT}.engine]\nn_ctx = 1024\n")
+    p = _serve(str(planned), str(embed_bundle), "--memory-budget-bytes", budget,
+               "--config", half, "--log-level", "info")
+    try:
+        assert "http://127.0.0.1:" in p.stdout.readline()
+    finally:
+        p.terminate()
+        _, err = p.communicate(timeout=60)
+    assert "rescaled from 2048 to 1024 cells (ctx 1024" in err, err
+
+
+# -- request metrics per model ----------------------------------------------------------------
+
+
+def _requests(server) -> dict:
+    out = {}
+    for family in text_string_to_metric_families(httpx.get(server.base_url + "/metrics").text):
+        for s in family.samples:
+            if s.name in ("edgepack_requests_total", "edgepack_request_duration_seconds_count"):
+                out[(s.name, s.labels["route"], s.labels.get("status"), s.labels["model"])] = (
+                    s.value)
+    return out
+
+
+def test_request_metrics_carry_the_model(both):
+    before = _requests(both)
+    client = _client(both)
+    client.completions.create(model=CHAT, prompt="1, 2, 3,", max_tokens=2, temperature=0)
+    client.embeddings.create(model=EMBED, input=["one"])
+    client.embeddings.create(model=EMBED, input=["two"])
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model="attacker-chosen-" + "x" * 40, input=["hi"])
+    assert httpx.get(both.base_url + "/healthz").status_code == 200
+    after = _requests(both)
+    delta = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+    total, count = "edgepack_requests_total", "edgepack_request_duration_seconds_count"
+    assert delta[(total, "/v1/completions", "200", CHAT)] == 1
+    assert delta[(total, "/v1/embeddings", "200", EMBED)] == 2
+    assert delta[(total, "/v1/embeddings", "404", "(unknown)")] == 1
+    assert delta[(total, "/healthz", "200", "")] == 1
+    assert delta[(count, "/v1/embeddings", None, EMBED)] == 2
+    assert delta[(count, "/v1/completions", None, CHAT)] == 1
+    # Bounded: the served ids and the two fixed values, never what a client sent.
+    assert {k[3] for k in after} <= {CHAT, EMBED, "", "(unknown)"}

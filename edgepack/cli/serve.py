@@ -37,7 +37,8 @@ def _providers(ctx: click.Context, param: click.Parameter, value: str | None
 @click.option("--config", "config_file", default=None, envvar="EDGEPACK_CONFIG",
               show_envvar=True, type=click.Path(dir_okay=False, path_type=str),
               help="Device-local settings layered over the bundle's server.toml ([engine] and "
-              "[server] tables; default /etc/edgepack/server.toml when it exists).")
+              "[server] tables, [models.\"<model id>\".engine] for one model; default "
+              "/etc/edgepack/server.toml when it exists).")
 @click.option("--threads", type=click.IntRange(1), default=None, envvar="EDGEPACK_THREADS",
               show_envvar=True,
               help="CPU threads for the engine (default: server.toml's n_threads; capped at "
@@ -49,7 +50,7 @@ def _providers(ctx: click.Context, param: click.Parameter, value: str | None
 @click.option("--ctx", type=click.IntRange(16), default=None, envvar="EDGEPACK_CTX",
               show_envvar=True,
               help="Context window in tokens (default: server.toml's n_ctx, from the plan). "
-              "One bundle only.")
+              "One bundle only (several: n_ctx per model in the --config file).")
 @click.option("--memory-budget-bytes", "memory_budget", default=None, type=click.IntRange(1),
               metavar="N", envvar="EDGEPACK_MEMORY_BUDGET_BYTES", show_envvar=True,
               help="Memory the models may use together (default: what the machine and the "
@@ -102,8 +103,9 @@ def serve(bundles: tuple[str, ...], host: str | None, port: int | None, api_key:
     Several bundles (e.g. a chat model and an embedding model for on-device RAG) share one
     port: a request goes to the model its "model" field names (GET /v1/models lists them; any
     other name is a 404). Engine options (--threads, --queue-size, --cpu, --providers, the
-    --config file) apply to each bundle; server options (host, port, key, limits) come from
-    the first bundle's server.toml and the flags.
+    --config file's [engine]) apply to each bundle, its [models."<model id>".engine] tables to
+    one model (flags win over them); server options (host, port, key, limits) come from the
+    first bundle's server.toml and the flags.
 
     Routes: GET /v1/models, POST /v1/chat/completions, /v1/completions (stream: true gives
     SSE), /v1/embeddings, GET /healthz, /readyz, /metrics (Prometheus).

@@ -58,8 +58,12 @@ def make_test_bundle(
     quant: str = "Q4_1",
     engine: Mapping[str, Any] | None = None,
     server: Mapping[str, Any] | None = None,
+    plan_memory: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write a bundle around ``gguf`` (default: the shipped SmolLM2 Q4_1) into ``dest``."""
+    """Write a bundle around ``gguf`` (default: the shipped SmolLM2 Q4_1) into ``dest``.
+
+    ``plan_memory`` adds figures to the manifest's ``plan.memory`` (e.g. ``required_bytes``
+    and ``kv_cache_bytes`` for the memory check at start)."""
     gguf = gguf or shipped_smollm_gguf()
     dest.mkdir(parents=True, exist_ok=True)
     rel = f"model/{name}-{quant}.gguf"
@@ -81,7 +85,7 @@ def make_test_bundle(
         "model": {"name": name, "format": "gguf", "kind": kind, "path": rel,
                   "sha256": model_entry.sha256, "quant": quant},
         "plan": {"ctx": tables["engine"]["n_ctx"], "threads": tables["engine"]["n_threads"],
-                 "gpu_layers": 0, "memory": {"total_bytes": 400 * 2**20}},
+                 "gpu_layers": 0, "memory": {"total_bytes": 400 * 2**20, **(plan_memory or {})}},
         "validation": {},
         "edgepack_version": "test",
     }
