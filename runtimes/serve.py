@@ -149,7 +149,15 @@ def prepare(bundle_dir: str | os.PathLike[str], opts: ServeOptions,
     cfg = cfg.with_overrides(host=opts.host, port=opts.port, api_key=opts.api_key,
                              n_threads=opts.threads, queue_size=opts.queue_size, n_ctx=opts.ctx,
                              max_connections=opts.max_connections)
-    validate_config(cfg)
+    try:
+        validate_config(cfg)
+    except ConfigError as e:
+        # Serving several bundles, say which one and where its values can come from.
+        sources = "the bundle's server.toml" + (f", {cfg.config_file}" if cfg.config_file
+                                                else "") + ", EDGEPACK_* variables or flags"
+        raise ConfigError(f"model {cfg.model_name!r} ({root}): {e.message}",
+                          hint=e.hint or f"its settings come from {sources}; fix the value "
+                          "there") from e
     return reconcile(cfg, cpu=opts.cpu, providers=opts.providers)
 
 

@@ -254,6 +254,9 @@ n_ctx = 256
     (f'[models.{CHAT}.server]\nport = 9000\n', ["server-wide", "[server]"]),
     (f'[models.{CHAT}.engine]\nn_ctx = "big"\n', [f'[models."{CHAT}".engine] n_ctx', "int"]),
     (f'[models.{CHAT}.engine]\ncontext = 1024\n', ["context is not a setting", "n_ctx"]),
+    # a well-typed value no engine can run with: the error names the model and the file
+    (f'[models.{EMBED}.engine]\nn_ctx = 8\n', [f"model {EMBED!r}", "n_ctx = 8 is too small",
+                                              "server.toml, EDGEPACK_* variables"]),
 ])
 def test_bad_per_model_tables_are_config_errors(chat_bundle, embed_bundle, tmp_path, text,
                                                  expect):
