@@ -61,6 +61,21 @@ class BuildError(EdgepackError):
     exit_code = EXIT_BUILD
 
 
+class ValidationFailed(BuildError):
+    """A converted model loaded and ran but missed a check against its original (agreement,
+    KL, cosine, a golden prompt). ``checks`` names the failed checks, ``summary`` their figures.
+
+    Only this failure lets ``build`` step up to a higher precision; conversion, disk and
+    network errors stay plain BuildError/FetchError.
+    """
+
+    def __init__(self, message: str, *, checks: tuple[str, ...], summary: str,
+                 hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.checks = checks
+        self.summary = summary
+
+
 class IntegrityError(EdgepackError):
     """A file does not match its manifest digest, or metadata is not trusted."""
 

@@ -121,6 +121,34 @@ def test_smollm2_two_devices_two_quants_one_build(local_hub, smollm2_dir, tmp_pa
         del llm
 
 
+def test_gguf_step_up_climbs_the_planners_ladder_and_lists_every_failed_attempt(
+    local_hub, tiny_llama_dir, tmp_path
+):
+    """No --quant: the planner's choice fails validation, so the build steps up through the
+    planner's GGUF table to its top (F16) and, when nothing passes, fails with exit 5 naming
+    every attempt and the existing hint. A random-weight model cannot answer the golden
+    question at any precision, so this is the all-fail path (no GGUF case where a tiny model
+    fails low and passes high was found); the SmolLM2 ONNX test covers the step-up success."""
+    local_hub.add_repo("edgepack-test/tiny-llama", tiny_llama_dir)
+    code, text = run("build", "edgepack-test/tiny-llama", "--device", "laptop-x86-16gb",
+                     "--golden", "What is the capital of France?=>Paris", *RANDOM,
+                     "--out", str(tmp_path / "out"))
+    assert code == 5, text
+    assert "plan for laptop-x86-16gb: gguf Q8_0" in text
+    assert "Q8_0 failed validation: golden prompt 'What is the capital of France?'" in text
+    assert "trying F16 (fits: " in text
+    flat = " ".join(text.split())
+    assert "no gguf quantization for laptop-x86-16gb passed validation, stepping up from the " \
+           "planned Q8_0: Q8_0 (golden): golden prompt" in flat, text
+    assert "; F16 (golden): golden prompt" in flat, text
+    assert "--no-golden" in flat  # the validation's own hint, as without the step-up
+    assert not (tmp_path / "out" / "tiny-llama-laptop-x86-16gb").exists()
+    code, text = run("build", "edgepack-test/tiny-llama", "--device", "laptop-x86-16gb",
+                     "--quant", "Q8_0", "--golden", "What is the capital of France?=>Paris",
+                     *RANDOM, "--out", str(tmp_path / "out"))
+    assert code == 5 and "trying" not in text and "stepping up" not in text, text
+
+
 def test_build_is_reproducible_and_survives_offline(
     local_hub, tiny_llama_dir, tmp_path, monkeypatch
 ):

@@ -135,30 +135,69 @@ def test_onnx_chat_build_asks_golden_prompts_and_names_the_failed_check(
 
 
 
-def test_smollm2_onnx_chat_bundle_stores_and_answers_its_golden_prompt(
+def test_smollm2_onnx_chat_bundle_steps_up_from_int8_and_answers_its_golden_prompt(
     local_hub, smollm2_dir, tmp_path
 ):
-    """The real SmolLM2-135M-Instruct to ONNX with the default golden prompt: validation asks
-    it, the manifest stores it (the update agent's health gate asks what is stored), and the
-    served bundle answers it.
+    """The real SmolLM2-135M-Instruct to ONNX with the default golden prompt and no --quant for
+    the laptop: the planner picks int8, int8 fails the golden prompt, and the build steps up
+    (fp16 passed over on a CPU, as the planner advises) to fp32, which another device asked for
+    by name and which is therefore quantized once. The manifest records the failed int8 attempt
+    and its reason; validation asks the golden prompt, the manifest stores it (the update
+    agent's health gate asks what is stored), and the served bundle answers it.
 
-    fp32, because this model's first answer token is a near tie: "The" leads "L" by 0.08
+    int8 fails because this model's first answer token is a near tie: "The" leads "L" by 0.08
     logits in PyTorch/onnxruntime fp32, and weight-only int8 (logits within 1.3 of fp32, 97 %
     top-1 agreement over the prompt) flips it and answers "L'Étoile, ..." -- a property of the
-    135M model, which the failure case below covers, not of the bundle path tested here."""
+    135M model, which the explicit --quant int8 case below fails on."""
     repo = "HuggingFaceTB/SmolLM2-135M-Instruct"
     local_hub.add_repo(repo, smollm2_dir)
     out = tmp_path / "out"
-    code, text = run("build", repo, "--format", "onnx", "--quant", "fp32",
-                     "--device", "laptop-x86-16gb", "--out", str(out))
+    code, text = run("build", repo, "--format", "onnx", "--device", "intel-n100-16gb",
+                     "--device", "laptop-x86-16gb", "--quant", "intel-n100-16gb=fp32",
+                     "--out", str(out))
     assert code == 0, text
+    text = " ".join(text.split())  # the progress log wraps long lines
+    assert "plan for laptop-x86-16gb: onnx int8" in text  # the planner's own choice
+    assert "int8 failed validation: golden prompt 'What is the capital of France?'" in text
+    assert "trying fp32 (fits: " in text, text
+    # fp32 already built for the N100 serves the laptop: one fp32 quantization, one int8.
+    assert text.count("quantizing the ONNX graph (fp32)") == 1, text
+    assert text.count("quantizing the ONNX graph (int8)") == 1, text
     bundle = out / "smollm2-135m-instruct-laptop-x86-16gb"
     m = verify_bundle(bundle)
     assert m["model"]["format"] == "onnx" and m["model"]["kind"] == "chat"
+    assert m["model"]["quant"] == "fp32" and m["plan"]["quant"] == "fp32"
+    int8, fp16 = m["plan"]["step_up"]
+    assert int8["quant"] == "int8" and int8["failed"] == ["golden"], int8
+    assert "answered" in int8["message"] and "without 'Paris'" in int8["message"]
+    assert fp16["quant"] == "fp16" and fp16["failed"] == ["skipped"], fp16
+    assert any("stepped up by the build from the planner's int8" in r
+               for r in m["plan"]["rationale"])
+    n100 = verify_bundle(out / "smollm2-135m-instruct-intel-n100-16gb")
+    assert "step_up" not in n100["plan"]  # asked for fp32 by name: nothing was stepped up
+    assert n100["model"]["sha256"] == m["model"]["sha256"]
     assert m["golden_prompts"] == [
         {"prompt": "What is the capital of France?", "expect": "Paris"}]
     golden = m["validation"]["details"]["golden"]
     assert [g["prompt"] for g in golden] == ["What is the capital of France?"]
     assert golden[0]["passed"] and "Paris" in golden[0]["answer"], golden
+    code, shown = run("inspect", str(bundle))
+    assert code == 0 and "stepped up  from int8 (golden" in shown, shown
     assert "Paris" in served_answer(bundle, "smollm2-135m-instruct",
                                     "What is the capital of France?")
+
+
+def test_smollm2_onnx_with_quant_int8_fails_as_asked_without_stepping_up(
+    local_hub, smollm2_dir, tmp_path
+):
+    """--quant int8 is the user's choice: its failed golden prompt fails the build (exit 5)
+    with the options that change the check, and no higher precision is tried."""
+    repo = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    local_hub.add_repo(repo, smollm2_dir)
+    code, text = run("build", repo, "--format", "onnx", "--quant", "int8",
+                     "--device", "laptop-x86-16gb", "--out", str(tmp_path / "out"))
+    assert code == 5, text
+    assert "golden prompt 'What is the capital of France?' answered" in text
+    assert "--quant (fp16 or fp32)" in text and "--no-golden" in text
+    assert "trying" not in text and "quantizing the ONNX graph (fp32)" not in text
+    assert not (tmp_path / "out" / "smollm2-135m-instruct-laptop-x86-16gb").exists()

@@ -12,8 +12,8 @@ from edgepack.device.resolve import load_profile
 from edgepack.errors import BuildError, UsageError
 from edgepack.plan.estimate import repack_types
 from edgepack.plan.facts import model_facts
-from edgepack.plan.planner import PlanOptions, plan_build
-from edgepack.plan.quants import FILE_TYPES_BY_NAME
+from edgepack.plan.planner import PlanOptions, plan_build, step_up_skip
+from edgepack.plan.quants import FILE_TYPES_BY_NAME, higher_precision
 
 MODELS = ("Qwen2.5-0.5B", "Qwen2.5-1.5B", "Qwen2.5-3B", "Llama-3.1-8B")
 DEVICES = ("raspberry-pi-4-4gb", "raspberry-pi-5-8gb", "jetson-orin-nano-8gb", "laptop-x86-16gb")
@@ -309,3 +309,27 @@ def test_explicit_floor_still_fails_when_nothing_reaches_it():
         plan_build(facts("Llama-3.1-8B"), load_profile("raspberry-pi-5-8gb"),
                    PlanOptions(min_tokens_per_second=5))
     assert "5 tok/s" in e.value.message and e.value.exit_code == 5
+
+
+def test_step_up_ladder_is_the_planners_own_tables_and_the_plan_says_so():
+    """The build steps up along the planner's quant tables (next precision first); plan says so
+    in its rationale when it chose, not when --quant did; a step-up plan names where it came
+    from instead of "as asked with --quant"."""
+    assert higher_precision("gguf", "Q4_K_M") == ("Q5_0", "Q5_K_M", "Q6_K", "Q8_0", "F16")
+    assert higher_precision("gguf", "q8_0") == ("F16",)
+    assert higher_precision("onnx", "int4") == ("int8", "fp16", "fp32")
+    assert higher_precision("onnx", "fp32") == () and higher_precision("gguf", "F16") == ()
+    cpu, jetson = load_profile("laptop-x86-16gb"), load_profile("jetson-orin-nano-8gb")
+    assert "fp16 kernels" in (step_up_skip("onnx", "fp16", profile=cpu) or "")
+    assert step_up_skip("onnx", "fp16", profile=jetson) is None
+    assert step_up_skip("onnx", "fp32", profile=cpu) is None  # a size preference, not a limit
+    assert step_up_skip("gguf", "F16", profile=cpu) is None
+    f = facts("Qwen2.5-0.5B")
+    chosen = plan_build(f, cpu)
+    assert any(f"if {chosen.quant} fails validation, the build steps up" in r
+               for r in chosen.rationale)
+    asked = plan_build(f, cpu, PlanOptions(quant="Q4_0"))
+    assert not any("steps up" in r for r in asked.rationale)
+    stepped = plan_build(f, cpu, PlanOptions(quant="F16", ctx=chosen.ctx, step_up_from="Q8_0"))
+    assert stepped.rationale[1].startswith("F16: stepped up by the build from the planner's Q8_0")
+    assert "step_up" not in stepped.to_dict()  # the build adds the attempts it made

@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.build.gguf_quantize import quant_type, read_gguf_metadata
-from edgepack.errors import BuildError
+from edgepack.errors import BuildError, ValidationFailed
 
 # A fixed, plain English paragraph (about 200 tokens with a GPT-2 style BPE). Written for this
 # module; changing it changes every stored validation figure, so treat it as versioned.
@@ -169,7 +169,7 @@ def validate_gguf(
     to none otherwise; pass ``()`` to skip (e.g. for random-weight test models). The thresholds
     default to :data:`THRESHOLDS` for ``quant``; a caller may pass its own explicitly.
 
-    With ``check`` (the default) a failed validation raises BuildError (exit 5) naming the
+    With ``check`` (the default) a failed validation raises ValidationFailed (exit 5) naming the
     figures; otherwise the result comes back with ``passed=False``. Raises BuildError also when
     a file cannot be loaded or the two files tokenize the text differently.
 
@@ -203,9 +203,11 @@ def validate_gguf(
             n_ctx,
         )
     if check and not result.passed:
-        raise BuildError(
+        summary = _describe_failure(result)
+        raise ValidationFailed(
             f"{quantized.name} ({quant}) failed validation against {reference.name}: "
-            + _describe_failure(result),
+            + summary,
+            checks=_failed_checks(result), summary=summary,
             hint=_failure_hint(result, quant),
         )
     return result
@@ -429,6 +431,19 @@ def load_model(path: Path, threads: int, n_ctx: int, **kwargs: Any) -> Any:
             f"llama.cpp could not load {path}: {e}",
             hint="the file may be truncated or made by a newer llama.cpp",
         ) from e
+
+
+def _failed_checks(result: ValidationResult) -> tuple[str, ...]:
+    """The names of the checks ``result`` failed, as the manifest's step-up record names them."""
+    if result.metric == "min_cosine":
+        return ("min_cosine",)
+    d = result.details
+    checks = ["min_agreement"] if result.value < result.threshold else []
+    if d.get("mean_kl", 0.0) > d.get("max_kl_threshold", float("inf")):
+        checks.append("max_kl")
+    if any(not g["passed"] for g in d.get("golden", ())):
+        checks.append("golden")
+    return tuple(checks)
 
 
 def _describe_failure(result: ValidationResult) -> str:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgepack.errors import BuildError
+from edgepack.errors import BuildError, ValidationFailed
 
 if TYPE_CHECKING:
     from edgepack.build.gguf_validate import GoldenPrompt
@@ -104,7 +104,7 @@ def validate_onnx(
     default threshold for generation. ``golden`` prompts (generation only) are answered greedily
     through the device engine's chat path, as the update agent's health gate will ask them.
     With ``check`` (the default) a value below the threshold or a wrong golden answer raises
-    BuildError (exit 5) naming the failed check; otherwise the result is returned as is.
+    ValidationFailed (exit 5) naming the failed check; otherwise the result is returned as is.
     """
     src, onnx_path, tok_dir = Path(model_dir), Path(model_path), Path(tokenizer_dir)
     if kind == "embedding":
@@ -123,10 +123,12 @@ def validate_onnx(
         raise BuildError(f"cannot validate ONNX kind {kind!r}",
                          hint="expected embedding, generation or classification")
     if check and not result.passed:
-        raise BuildError(
-            f"ONNX {scheme} validation failed against {result.reference}: "
-            + describe_failure(result),
-            hint=failure_hint(result, scheme),
+        summary = describe_failure(result)
+        checks = (result.metric,) if result.value < result.threshold else ()
+        raise ValidationFailed(
+            f"ONNX {scheme} validation failed against {result.reference}: " + summary,
+            checks=checks + (("golden",) if any(not g["passed"] for g in result.golden) else ()),
+            summary=summary, hint=failure_hint(result, scheme),
         )
     return result
 

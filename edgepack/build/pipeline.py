@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -211,11 +212,12 @@ def run_build(req: BuildRequest, log: Callable[[str], None] = lambda _m: None) -
     from edgepack.build.model_files import check_disk_space
     from edgepack.build.preflight import check_request, model_name
     from edgepack.build.sbom import require_sbom_writer
+    from edgepack.build.step_up import output_for
     from edgepack.device.catalog import list_profiles
     from edgepack.device.profile import profile_digest
     from edgepack.device.resolve import load_profile
     from edgepack.plan.facts import model_facts
-    from edgepack.plan.planner import PlanOptions, plan_build
+    from edgepack.plan.planner import PlanOptions, plan_build, step_up_skip
 
     require_sbom_writer()  # every bundle gets an ML-BOM: fail now, not after a conversion
     if not req.devices:
@@ -250,8 +252,10 @@ def run_build(req: BuildRequest, log: Callable[[str], None] = lambda _m: None) -
     facts = model_facts(meta.config, meta.safetensors)
     per_device = dict(req.device_quants)
     plans: list[Plan] = []
+    forced: list[bool] = []  # --quant given for the device: no step-up on a failed validation
     for ref_text, profile in zip(req.devices, profiles, strict=True):
         quant = per_device.get(ref_text) or per_device.get(profile.id) or req.quant
+        forced.append(quant is not None)
         options = PlanOptions(format=req.fmt, ctx=req.ctx, quant=quant,
                               min_tokens_per_second=req.min_tokens_per_second,
                               parallel=req.parallel)
@@ -288,20 +292,22 @@ def run_build(req: BuildRequest, log: Callable[[str], None] = lambda _m: None) -
         source["working_copy"] = work.to_dict()
 
     outputs: dict[tuple[str, str], _Output] = {}
+    failures: dict[tuple[str, str], Any] = {}  # (format, quant) -> its ValidationFailed
     packs: dict[tuple[Any, ...], Any] = {}
     result = BuildResult()
-    for profile, plan in zip(profiles, plans, strict=True):
-        key = (plan.format, plan.quant)
-        if key not in outputs:
-            if plan.format == "gguf":
-                outputs[key] = _gguf_output(
-                    req, folder, source_id, facts, plan, kind, name, log
-                )
-            else:
-                outputs[key] = _onnx_output(
-                    req, folder, source_id, plan, kind, name, log
-                )
-        out = outputs[key]
+
+    def make(plan: Plan) -> _Output:
+        if plan.format == "gguf":
+            return _gguf_output(req, folder, source_id, facts, plan, kind, name, log)
+        return _onnx_output(req, folder, source_id, plan, kind, name, log)
+
+    for profile, planned, is_forced in zip(profiles, plans, forced, strict=True):
+        plan, out = output_for(
+            planned, forced=is_forced, outputs=outputs, failures=failures, make=make,
+            replan=_replanner(req, facts, profile, planned.ctx, list_profiles()),
+            step_up_skip=partial(step_up_skip, planned.format, profile=profile),
+            log=log,
+        )
         pack = runtime_pack_for(req, profile, plan.format, packs, log) if req.runtime else None
         bundle_name = f"{name}-{profile.id}"
         model_rel = f"model/{out.model_file.name}"
@@ -337,6 +343,21 @@ def run_build(req: BuildRequest, log: Callable[[str], None] = lambda _m: None) -
     for p in packs.values():
         p.cleanup()
     return result
+
+
+def _replanner(req: BuildRequest, facts: Any, profile: Any, ctx: int,
+               alternatives: Sequence[Any]) -> Callable[[str, str], Plan]:
+    """Plan ``profile`` again at an explicit quant (the build's step-up), at the planned
+    context: a higher precision that fits only at a shorter context does not fit."""
+    from edgepack.plan.planner import PlanOptions, plan_build
+
+    def replan(quant: str, planned: str) -> Plan:
+        options = PlanOptions(format=req.fmt, ctx=ctx, quant=quant,
+                              min_tokens_per_second=req.min_tokens_per_second,
+                              parallel=req.parallel, step_up_from=planned)
+        return plan_build(facts, profile, options, alternatives=alternatives)
+
+    return replan
 
 
 def emit_bundle(req: BuildRequest, spec: BundleSpec, device_id: str, result: BuildResult,

@@ -255,6 +255,7 @@ def inspect(bundle: Path, as_json: bool, as_sbom: bool) -> None:
         "tok/s decode (estimate)",
         f"validation  {val.get('metric')} = {val.get('value')} "
         f"(threshold {val.get('threshold')}, {'passed' if val.get('passed') else 'FAILED'})",
+        *_step_up_lines(plan),
         f"engine      {m.get('engine', {}).get('name')} "
         f"{m.get('engine', {}).get('version_range')}",
         *_card_lines(m),
@@ -262,6 +263,12 @@ def inspect(bundle: Path, as_json: bool, as_sbom: bool) -> None:
         f"runtime     {_runtime_line(m.get('runtime'))}",
     ]
     click.echo("\n".join(lines))
+
+
+def _step_up_lines(plan: dict) -> list[str]:
+    """Why the bundle is not the planner's choice: each quant the build tried before it."""
+    return [f"stepped up  from {a.get('quant')} ({', '.join(a.get('failed') or [])}): "
+            f"{a.get('message')}" for a in plan.get("step_up") or []]
 
 
 def _card_lines(m: dict) -> list[str]:

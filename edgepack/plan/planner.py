@@ -46,7 +46,13 @@ from edgepack.plan.estimate import (
     speed_basis,
 )
 from edgepack.plan.facts import ModelFacts
-from edgepack.plan.quants import FILE_TYPES, FILE_TYPES_BY_NAME, ONNX_QUANTS, file_type
+from edgepack.plan.quants import (
+    FILE_TYPES,
+    FILE_TYPES_BY_NAME,
+    ONNX_QUANTS,
+    file_type,
+    higher_precision,
+)
 from edgepack.plan.slots import choose_slots
 
 PLAN_SCHEMA = 1
@@ -88,6 +94,9 @@ class PlanOptions:
     quant: str | None = None
     min_tokens_per_second: float | None = None
     parallel: int | None = None  # slots (GGUF decoders); None: as many as fit (plan/slots.py)
+    # The build's step-up (build/step_up.py): ``quant`` is then not the user's --quant but the
+    # next precision above this one, the planner's choice that failed validation.
+    step_up_from: str | None = None
 
 
 @dataclass(frozen=True)
@@ -164,12 +173,17 @@ class Plan:
     speed_floor: dict[str, Any] | None = None
     gguf_file: dict[str, Any] | None = None
     parallel: int = 1  # sequences the server decodes together (server.toml n_parallel)
+    # Set by the build when the planner's choice failed validation: each quant tried before
+    # this one, with the failed checks and why (build/step_up.py).
+    step_up: tuple[dict[str, Any], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         e = self.estimate
         extra: dict[str, Any] = {}
         if self.gguf_file is not None:
             extra["gguf_file"] = self.gguf_file
+        if self.step_up:
+            extra["step_up"] = [dict(a) for a in self.step_up]
         return {
             "schema": PLAN_SCHEMA,
             "model": self.model,
@@ -458,7 +472,8 @@ def plan_build(
     rationale = [fmt_reason]
     warnings: list[str] = []
     speed = _speed(est)
-    rationale += _quant_rationale(fmt, c, est, forced, floor, floor_source, speed >= floor)
+    rationale += _quant_rationale(fmt, c, est, forced, floor, floor_source, speed >= floor,
+                                  options.step_up_from)
     if c.file is not None:
         rationale.append(f"file {c.file}" + (f" (+{len(c.files) - 1} split parts)"
                                              if len(c.files) > 1 else ""))
@@ -530,6 +545,11 @@ def plan_build(
         f"memory: {_fmt_mib(est.required_bytes)} of {_fmt_mib(usable)} usable "
         f"({_fmt_mib(headroom)} kept as headroom)"
     )
+    if not forced and not files and higher_precision(fmt, q):
+        rationale.append(
+            f"if {q} fails validation, the build steps up to the next higher precision that "
+            "fits (not with --quant)"
+        )
     return Plan(
         model=facts.to_dict(),
         device={
@@ -564,6 +584,14 @@ def plan_build(
     )
 
 
+def step_up_skip(fmt: str, quant: str, *, profile: DeviceProfile) -> str | None:
+    """Why the build's step-up passes over ``quant`` on ``profile``: only what the device cannot
+    run well (fp16 ONNX on a CPU), not the planner's size preferences (fp32, F16)."""
+    if fmt == "onnx" and quant == "fp16" and profile.accelerator.kind == "none":
+        return _skip_reason(fmt, quant, profile, False, ())
+    return None
+
+
 def _speed(est: Estimate) -> float:
     return est.decode_tps if est.decode_tps is not None else est.prompt_tps
 
@@ -576,8 +604,12 @@ def _quant_rationale(
     floor: float,
     floor_source: str,
     met: bool,
+    step_up_from: str | None = None,
 ) -> list[str]:
     q = c.quant
+    if step_up_from is not None:
+        return [f"{q}: stepped up by the build from the planner's {step_up_from}, which failed "
+                "validation (see step_up)"]
     if forced:
         return [f"{q} as asked with --quant"]
     if met:

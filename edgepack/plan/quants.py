@@ -276,3 +276,12 @@ def onnx_tensor_nbytes(q: OnnxQuant, shape: Sequence[int], *, is_embedding: bool
     rows = int(shape[0])
     groups = rows if q.group == 0 else -(-n // q.group)
     return int(n * q.bytes_per_weight) + groups * q.scale_bytes
+
+
+def higher_precision(fmt: str, quant: str) -> tuple[str, ...]:
+    """The quantizations of ``fmt`` above ``quant`` in the planner's own tables, next first
+    (GGUF: :data:`FILE_TYPES`; ONNX: :data:`ONNX_QUANTS`). The build steps up along these
+    when the planner's choice fails validation; each is re-planned with ``quant`` set."""
+    names = [f.name for f in FILE_TYPES] if fmt == "gguf" else [q.name for q in ONNX_QUANTS]
+    key = quant.upper() if fmt == "gguf" else quant.lower()
+    return tuple(reversed(names[: names.index(key)])) if key in names else ()

@@ -1,0 +1,139 @@
+"""Step up precision when the planner's own quantization fails validation.
+
+The planner picks a quantization from memory and speed; only the build can tell whether the
+converted model still answers like the original. When the planner chose (no ``--quant`` for
+the device) and validation fails (:class:`~edgepack.errors.ValidationFailed` only: never a
+conversion, disk or network error), the device is re-planned at the next higher precision of
+the same format, from the planner's own tables (:func:`edgepack.plan.quants.higher_precision`),
+with that quant asked explicitly so the planner's memory check applies, at the planned context.
+That stops at the top precision, at the first that does not fit, or at the first that misses a
+speed floor the planned choice met. Every attempt goes into the plan's ``step_up`` record (the
+manifest, ``edgepack inspect``). With ``--quant`` a failure fails the build, as asked.
+
+Outputs are shared by (format, quant) across devices, and so are failures: a second device
+planned at a quant that already failed steps up without converting it again, and reuses an
+output another device already has at the higher precision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from edgepack.errors import BuildError, ValidationFailed
+from edgepack.plan.quants import higher_precision
+
+if TYPE_CHECKING:
+    from edgepack.plan.planner import Plan
+
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One quantization tried and not shipped: the failed checks and what they measured."""
+
+    quant: str
+    checks: tuple[str, ...]  # e.g. ("golden",), ("greedy_token_agreement",), ("fit",)
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"quant": self.quant, "failed": list(self.checks), "message": self.message}
+
+
+Key = tuple[str, str]
+
+
+def output_for(
+    plan: Plan,
+    *,
+    forced: bool,
+    outputs: dict[Key, Any],
+    failures: dict[Key, ValidationFailed],
+    make: Callable[[Plan], Any],
+    replan: Callable[[str, str], Plan],
+    step_up_skip: Callable[[str], str | None],
+    log: Callable[[str], None],
+) -> tuple[Plan, Any]:
+    """The output (``make``'s result) for ``plan``, stepping up when it fails validation.
+
+    ``replan(quant, planned_quant)`` plans the device again with ``quant`` asked for (raises
+    BuildError when it does not fit); ``step_up_skip(quant)`` says why a quant is passed over
+    on this device (None: try it). Returns the plan actually built (with ``step_up`` set when
+    it differs from ``plan``) and its output. Raises the validation failure itself when
+    ``forced``, else BuildError (exit 5) listing every attempt once nothing is left to try.
+    """
+    if forced:
+        return plan, _make_once(plan, outputs, failures, make)
+    attempts: list[Attempt] = []
+    ladder = iter(higher_precision(plan.format, plan.quant))
+    current = plan
+    while True:
+        try:
+            out = _make_once(current, outputs, failures, make)
+        except ValidationFailed as e:
+            attempts.append(Attempt(current.quant, e.checks, e.summary))
+            nxt = _next_plan(plan, ladder, attempts, replan, step_up_skip)
+            if nxt is None:
+                raise _all_failed(plan, attempts, e) from e
+            budget = nxt.usable_bytes - nxt.headroom_bytes
+            log(f"{current.quant} failed validation: {e.summary}; trying {nxt.quant} (fits: "
+                f"{nxt.estimate.required_bytes / MIB:,.0f} MiB of {budget / MIB:,.0f} MiB)")
+            current = nxt
+            continue
+        if attempts:
+            current = replace(current, step_up=tuple(a.to_dict() for a in attempts))
+        return current, out
+
+
+def _make_once(plan: Plan, outputs: dict[Key, Any], failures: dict[Key, ValidationFailed],
+               make: Callable[[Plan], Any]) -> Any:
+    """One conversion per (format, quant) for all devices; a validation failure is kept too."""
+    key = (plan.format, plan.quant)
+    if key in failures:
+        raise failures[key]
+    if key not in outputs:
+        try:
+            outputs[key] = make(plan)
+        except ValidationFailed as e:
+            failures[key] = e
+            raise
+    return outputs[key]
+
+
+def _next_plan(
+    planned: Plan,
+    ladder: Iterable[str],
+    attempts: list[Attempt],
+    replan: Callable[[str, str], Plan],
+    step_up_skip: Callable[[str], str | None],
+) -> Plan | None:
+    """The next quant up that the planner accepts, or None (the reason is the last attempt)."""
+    for quant in ladder:
+        skip = step_up_skip(quant)
+        if skip is not None:
+            attempts.append(Attempt(quant, ("skipped",), skip))
+            continue
+        try:
+            nxt = replan(quant, planned.quant)
+        except BuildError as e:
+            attempts.append(Attempt(quant, ("fit",), e.message))
+            return None
+        floor = planned.speed_floor or {}
+        if floor.get("met") and not (nxt.speed_floor or {}).get("met"):
+            speed = nxt.estimate.decode_tps or nxt.estimate.prompt_tps
+            attempts.append(Attempt(quant, ("speed",), f"about {speed:.1f} tok/s, below "
+                                    f"{floor.get('source')} that {planned.quant} reaches"))
+            return None
+        return nxt
+    return None
+
+
+def _all_failed(planned: Plan, attempts: list[Attempt], last: ValidationFailed) -> BuildError:
+    tried = "; ".join(f"{a.quant} ({', '.join(a.checks)}): {a.message}" for a in attempts)
+    return BuildError(
+        f"no {planned.format} quantization for {planned.device['id']} passed validation, "
+        f"stepping up from the planned {planned.quant}: {tried}",
+        hint=last.hint,
+    )
