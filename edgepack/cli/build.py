@@ -63,7 +63,8 @@ def _parse_quants(values: tuple[str, ...]) -> tuple[str | None, tuple[tuple[str,
               show_default=True, help="Output format; auto: encoders ONNX, decoders GGUF.")
 @click.option("--quant", "quants", multiple=True, metavar="[DEVICE=]QUANT",
               help="Force a quantization for every device (Q4_0) or for one "
-              "(raspberry-pi-5-8gb=Q4_0); default: the plan's choice.")
+              "(raspberry-pi-5-8gb=Q4_0); default: the plan's choice, stepped up to the next "
+              "precision that fits when it fails validation (a forced one fails the build).")
 @click.option("--ctx", type=click.IntRange(min=1), default=None, help="Context length in tokens.")
 @click.option("--min-tokens-per-second", "min_tps", type=click.FloatRange(min=0.0), default=None,
               help="Decode speed floor for the plan (default: the device class's interactive "
