@@ -141,7 +141,8 @@ def test_smollm2_onnx_chat_bundle_steps_up_from_int8_and_answers_its_golden_prom
     """The real SmolLM2-135M-Instruct to ONNX with the default golden prompt and no --quant for
     the laptop: the planner picks int8, int8 fails the golden prompt, and the build steps up
     (fp16 passed over on a CPU, as the planner advises) to fp32, which another device asked for
-    by name and which is therefore quantized once. The manifest records the failed int8 attempt
+    by name and which is therefore quantized once; a Pi 5, also planned int8, reuses both the
+    int8 failure and the fp32 output. The manifest records the failed int8 attempt
     and its reason; validation asks the golden prompt, the manifest stores it (the update
     agent's health gate asks what is stored), and the served bundle answers it.
 
@@ -153,16 +154,20 @@ def test_smollm2_onnx_chat_bundle_steps_up_from_int8_and_answers_its_golden_prom
     local_hub.add_repo(repo, smollm2_dir)
     out = tmp_path / "out"
     code, text = run("build", repo, "--format", "onnx", "--device", "intel-n100-16gb",
-                     "--device", "laptop-x86-16gb", "--quant", "intel-n100-16gb=fp32",
-                     "--out", str(out))
+                     "--device", "laptop-x86-16gb", "--device", "raspberry-pi-5-8gb",
+                     "--quant", "intel-n100-16gb=fp32", "--out", str(out))
     assert code == 0, text
     text = " ".join(text.split())  # the progress log wraps long lines
-    assert "plan for laptop-x86-16gb: onnx int8" in text  # the planner's own choice
-    assert "int8 failed validation: golden prompt 'What is the capital of France?'" in text
+    for device in ("laptop-x86-16gb", "raspberry-pi-5-8gb"):  # the planner's own choice
+        assert f"plan for {device}: onnx int8" in text
+    assert text.count("int8 failed validation: golden prompt 'What is the capital of "
+                      "France?'") == 2, text  # once per device planned int8
     assert "trying fp32 (fits: " in text, text
-    # fp32 already built for the N100 serves the laptop: one fp32 quantization, one int8.
+    # fp32 built for the N100 serves both stepped-up devices, and int8 failed once for both.
     assert text.count("quantizing the ONNX graph (fp32)") == 1, text
     assert text.count("quantizing the ONNX graph (int8)") == 1, text
+    pi = verify_bundle(out / "smollm2-135m-instruct-raspberry-pi-5-8gb")
+    assert pi["model"]["quant"] == "fp32" and pi["plan"]["step_up"][0]["quant"] == "int8"
     bundle = out / "smollm2-135m-instruct-laptop-x86-16gb"
     m = verify_bundle(bundle)
     assert m["model"]["format"] == "onnx" and m["model"]["kind"] == "chat"
