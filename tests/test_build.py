@@ -149,6 +149,17 @@ def test_gguf_step_up_climbs_the_planners_ladder_and_lists_every_failed_attempt(
                      "--quant", "Q8_0", "--golden", "What is the capital of France?=>Paris",
                      *RANDOM, "--out", str(tmp_path / "out"))
     assert code == 5 and "trying" not in text and "stepping up" not in text, text
+    # The planner's own checks still apply to a step-up: F16 (about 4,350 tok/s estimated)
+    # misses an explicit floor that Q8_0 (about 6,270) meets, so it is refused, not built.
+    code, text = run("build", "edgepack-test/tiny-llama", "--device", "laptop-x86-16gb",
+                     "--min-tokens-per-second", "5000", "--golden",
+                     "What is the capital of France?=>Paris", *RANDOM,
+                     "--out", str(tmp_path / "out"))
+    flat = " ".join(text.split())
+    assert code == 5, text
+    assert "Q8_0 (golden): top-token agreement" in flat, text
+    assert "; F16 (plan): no gguf build of LlamaForCausalLM reaches 5000 tok/s" in flat, text
+    assert "quantizing to F16" not in flat and "trying F16" not in flat, text
 
 
 def test_build_is_reproducible_and_survives_offline(

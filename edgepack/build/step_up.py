@@ -6,9 +6,10 @@ the device) and validation fails (:class:`~edgepack.errors.ValidationFailed` onl
 conversion, disk or network error), the device is re-planned at the next higher precision of
 the same format, from the planner's own tables (:func:`edgepack.plan.quants.higher_precision`),
 with that quant asked explicitly so the planner's memory check applies, at the planned context.
-That stops at the top precision, at the first that does not fit, or at the first that misses a
-speed floor the planned choice met. Every attempt goes into the plan's ``step_up`` record (the
-manifest, ``edgepack inspect``). With ``--quant`` a failure fails the build, as asked.
+That stops at the top precision, at the first the planner refuses (does not fit, misses an
+explicit speed floor), or at the first that misses a default speed floor the planned choice
+met. Every attempt goes into the plan's ``step_up`` record (the manifest, ``edgepack
+inspect``). With ``--quant`` a failure fails the build, as asked.
 
 Outputs are shared by (format, quant) across devices, and so are failures: a second device
 planned at a quant that already failed steps up without converting it again, and reuses an
@@ -35,7 +36,10 @@ class Attempt:
     """One quantization tried and not shipped: the failed checks and what they measured."""
 
     quant: str
-    checks: tuple[str, ...]  # e.g. ("golden",), ("greedy_token_agreement",), ("fit",)
+    # e.g. ("golden",), ("greedy_token_agreement",); ("plan",): the planner refused it (does
+    # not fit, misses an explicit speed floor); ("speed",): misses the floor the plan met;
+    # ("skipped",): the device cannot run it well
+    checks: tuple[str, ...]
     message: str
 
     def to_dict(self) -> dict[str, Any]:
@@ -59,10 +63,11 @@ def output_for(
     """The output (``make``'s result) for ``plan``, stepping up when it fails validation.
 
     ``replan(quant, planned_quant)`` plans the device again with ``quant`` asked for (raises
-    BuildError when it does not fit); ``step_up_skip(quant)`` says why a quant is passed over
-    on this device (None: try it). Returns the plan actually built (with ``step_up`` set when
-    it differs from ``plan``) and its output. Raises the validation failure itself when
-    ``forced``, else BuildError (exit 5) listing every attempt once nothing is left to try.
+    BuildError when it does not fit or misses an explicit speed floor); ``step_up_skip(quant)``
+    says why a quant is passed over on this device (None: try it). Returns the plan actually
+    built (with ``step_up`` set when it differs from ``plan``) and its output. Raises the
+    validation failure itself when ``forced``, else BuildError (exit 5) listing every attempt
+    once nothing is left to try.
     """
     if forced:
         return plan, _make_once(plan, outputs, failures, make)
@@ -118,7 +123,7 @@ def _next_plan(
         try:
             nxt = replan(quant, planned.quant)
         except BuildError as e:
-            attempts.append(Attempt(quant, ("fit",), e.message))
+            attempts.append(Attempt(quant, ("plan",), e.message))
             return None
         floor = planned.speed_floor or {}
         if floor.get("met") and not (nxt.speed_floor or {}).get("met"):
