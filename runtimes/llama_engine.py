@@ -91,7 +91,6 @@ class LlamaEngine:
                 n_gpu_layers=s.n_gpu_layers,
                 logits_all=False,
                 embedding=s.kind == "embedding",
-                flash_attn=s.kind != "embedding",
                 verbose=False,
             )
         except (ValueError, RuntimeError, OSError) as e:

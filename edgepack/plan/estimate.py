@@ -7,28 +7,25 @@ Q4_K / ... tensors into interleaved blocks at load on CPUs with AVX2 or Arm dotp
 leave their file pages mapped; those pages are clean page cache the kernel can reclaim, so they
 count in the expected peak RSS but not in what must fit.
 
-Calibration (llama-cpp-python 0.3.36, n_ubatch 512, flash attention on, as edgepack serves
-chat and completion models: runtimes/llama_engine.py, runtimes/batch.py). llama.cpp *reserves*
-a compute buffer (its load log, ``sched_reserve``), but only the pages a graph writes become
-resident. What counts is the peak RSS (VmHWM) of a fresh process after the context is filled to
-its end (bench/plan_accuracy.py's worker). Fitted on SmolLM2-135M Q8_0 (2026-11-30, Intel Xeon
-VM, 2 threads)::
+Calibration (llama-cpp-python 0.3.36 on this project's build machine, an AMD EPYC VM, 2 vCPU
+with AVX2/AVX-512, SmolLM2-135M Q8_0 quantized with llama_model_quantize, n_ubatch 512, flash
+attention off). llama.cpp *reserves* a compute buffer (its load log, ``sched_reserve: CPU compute
+buffer size``: 98.25 / 99.38 / 166.38 / 646.38 MiB at ctx 512 / 2048 / 8192 / 32768), but only
+the pages a graph writes become resident, and filling a long context grows it past the
+reservation. What counts is the peak RSS (VmHWM) of a fresh process after the context is filled
+to its end (bench/plan_accuracy.py)::
 
     ctx    measured peak RSS   = 68 MiB runtime + 136.4 weights + KV + compute (formula)
-    512        227.3 MiB          68 + 136.4 +  11.25 +  12.46 = 228.1
-    2048       263.9 MiB          68 + 136.4 +  45.00 +  13.96 = 263.4
-    8192       405.4 MiB          68 + 136.4 + 180.00 +  19.96 = 404.4
+    512        238.0 MiB          68 + 136.4 +  11.25 +  22.75 = 238.4
+    2048       315.7 MiB          68 + 136.4 +  45.00 +  66.25 = 315.7
+    8192       622.3 MiB          68 + 136.4 + 180.00 + 240.25 = 624.7
 
-    compute = 4 bytes x n_ubatch x 1.45 x (2 n_ff + 2 n_embd) + 2 bytes x n_ubatch x n_ctx
+    compute = 4 bytes x n_ubatch x (1.45 x (n_head + 1) x n_ctx + 2 n_ff + 2 n_embd)
 
-The first term is one micro-batch's activations (1.45: intermediate copies and allocator
-placement, fitted above); the second is the f16 attention mask flash attention reads. Held out
-(random-weight Llamas of bench/plan_accuracy.py, same runs): llama-0.5b ctx 512 / 2048 measured
-706.9 / 771.0 MiB, formula +0.5 / -2.1 MiB; llama-1b ctx 512 1233.7 MiB, formula -2.8 MiB.
-Without flash attention llama.cpp keeps the attention scores of a micro-batch against the whole
-context (n_head x n_ctx x n_ubatch floats): SmolLM2 at ctx 8192 peaked at 618.1 MiB instead of
-405.4, which is why the engines turn it on. The 68 MiB runtime is the interpreter +
-llama_cpp import (46 MiB) plus tokenizer tables and allocator slack (22 MiB).
+The (n_head + 1) x n_ctx term is the attention scores plus mask without flash attention; the
+1.45 factor (softmax output and allocator placement) is fitted to the table above, on one model
+(9 heads) only. The 68 MiB runtime is the interpreter + llama_cpp import (46 MiB) plus tokenizer
+tables and allocator slack (22 MiB).
 
 Speed: decode time per token = max(bytes read / (eta x bandwidth), 2 x params / compute rate)
 + n_layer x tau, where tau is the per-layer fixed cost (thread sync, op dispatch) that makes
@@ -86,8 +83,8 @@ GGUF_UBATCH = 512
 # 46 MiB RSS on the build machine, plus tokenizer tables and allocator slack (22 MiB for
 # SmolLM2, fitted in the module docstring's table).
 LLAMA_RUNTIME_OVERHEAD = 68 * MIB
-# Resident activations of one micro-batch relative to their tensors' sizes, see docstring.
-ACTIVATION_FACTOR = 1.45
+# Resident attention scratch per (micro-batch token x context cell x (heads + 1)), see docstring.
+ATTN_SCRATCH_FACTOR = 1.45
 # A CUDA context on Jetson (Orin, JetPack 6) takes a few hundred MiB of the shared memory.
 # Not measurable here (no Jetson); edgepack's assumption, stated in the plan's rationale.
 CUDA_RUNTIME_OVERHEAD = 512 * MIB
@@ -335,9 +332,8 @@ def estimate_gguf(
         ctx_cells = _pad(ctx, 256)
         kv = 2 * facts.n_layer * ctx_cells * facts.n_kv_head * facts.head_dim * 2
         ub = min(GGUF_UBATCH, ctx)
-        # flash attention: no scores matrix, an f16 mask of ub x ctx cells
-        activations = ACTIVATION_FACTOR * (2 * facts.ffn_size + 2 * facts.hidden_size)
-        compute = int(4 * ub * activations + 2 * ub * ctx_cells)
+        attn = ATTN_SCRATCH_FACTOR * (facts.n_head + 1) * ctx_cells
+        compute = int(4 * ub * (attn + 2 * facts.ffn_size + 2 * facts.hidden_size))
         output = 4 * facts.vocab_size
     else:
         # llama.cpp embeddings: no KV cache; the graph holds activations for one batch.
