@@ -299,3 +299,20 @@ def test_a_rate_measured_on_a_busy_machine_says_so_and_the_plan_warns():
     plan = plan_build(_smollm_facts(), profile, PlanOptions(quant="Q8_0"))
     assert any("decode compute rate was" in w and "plan again when the machine is idle" in w
                for w in plan.warnings)
+
+
+def test_build_prints_the_plans_warnings(tmp_path, tiny_llama_dir):
+    """The build log shows what ``plan`` would warn of: here a profile whose decode rate was
+    measured while the machine was busy (as ``profiles detect --measure`` writes it)."""
+    from edgepack.build.pipeline import BuildRequest, run_build
+    from edgepack.device.detect import detect_profile
+
+    busy = detect_profile(measure=True, seconds=0.2, busy=lambda: "load average 9.0 on 2 CPUs")
+    path = tmp_path / f"{busy.id}.toml"
+    path.write_text(profile_to_toml(busy))
+    lines: list[str] = []
+    req = BuildRequest(model=str(tiny_llama_dir), devices=(str(path),), fmt="gguf",
+                       quant="Q8_0", out=tmp_path / "out", golden=(), min_agreement=0.5)
+    run_build(req, log=lines.append)
+    warned = [x for x in lines if x.startswith(f"plan warning ({busy.id}):")]
+    assert any("plan again when the machine is idle" in x for x in warned), lines

@@ -133,6 +133,8 @@ def run_gguf_repo_build(req: BuildRequest, repo: GgufRepo, profiles: Sequence[De
         plans.append(plan)
         log(f"plan for {profile.id}: {plan.quant} from {_choice_of(repo, plan).path} "
             f"ctx {plan.ctx}")
+        for warning in plan.warnings:
+            log(f"plan warning ({profile.id}): {warning}")
 
     chosen = {c.path: c for c in (_choice_of(repo, p) for p in plans)}
     references = {path: pick_reference(repo, c) for path, c in chosen.items()}

@@ -262,6 +262,8 @@ def run_build(req: BuildRequest, log: Callable[[str], None] = lambda _m: None) -
         plan = plan_build(facts, profile, options, alternatives=list_profiles())
         plans.append(plan)
         log(f"plan for {profile.id}: {plan.format} {plan.quant} ctx {plan.ctx}")
+        for warning in plan.warnings:  # e.g. a speed measured while the machine was busy
+            log(f"plan warning ({profile.id}): {warning}")
 
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
