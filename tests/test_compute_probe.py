@@ -14,7 +14,10 @@ from support.configs import CONFIGS, synth_tensors
 from edgepack.cli.main import cli
 from edgepack.device.catalog import load_profile_ref
 from edgepack.device.compute_probe import (
+    CHUNKS,
     PROBE_SHAPE,
+    DecodeRate,
+    decode_rate,
     measure_decode_gflops,
     probe_params,
     write_probe_gguf,
@@ -23,6 +26,7 @@ from edgepack.device.detect import build_profile, gather_host_facts
 from edgepack.device.measure_cache import MAX_AGE_SECONDS, cached_compute
 from edgepack.device.profile import (
     decode_gflops_at,
+    decode_range_at,
     effective_bandwidth_gbps,
     profile_to_toml,
     with_threads,
@@ -39,15 +43,22 @@ from edgepack.plan.facts import model_facts
 from edgepack.plan.planner import PlanOptions, plan_build
 
 STAMP = "test"
+ORDER = "[slowest, fastest]"
 
 
-def _measured(profile, all_cores: float | None, one: float | None, how: str = "measured now"):
-    """``profile`` with measured decode rates, sourced as detect writes them."""
+def _measured(profile, all_cores: float | None, one: float | None, how: str = "measured now",
+              spread: tuple | None = None, spread_1t: tuple | None = None):
+    """``profile`` with measured decode rates (and chunk spreads), sourced as detect writes
+    them."""
     sources = dict(profile.sources)
     cpu = dataclasses.replace(profile.cpu, measured_decode_gflops=all_cores,
-                              measured_decode_gflops_1t=one)
+                              measured_decode_gflops_1t=one,
+                              measured_decode_gflops_range=spread,
+                              measured_decode_gflops_1t_range=spread_1t)
     for key, value in (("cpu.measured_decode_gflops", all_cores),
-                       ("cpu.measured_decode_gflops_1t", one)):
+                       ("cpu.measured_decode_gflops_1t", one),
+                       ("cpu.measured_decode_gflops_range", spread),
+                       ("cpu.measured_decode_gflops_1t_range", spread_1t)):
         if value is not None:
             sources[key] = how
     return dataclasses.replace(profile, cpu=cpu, sources=sources)
@@ -81,10 +92,25 @@ def test_the_probe_measures_a_positive_rate_per_thread_count_here():
     rates, how = measure_decode_gflops((1, facts.physical_cores))
     assert rates is not None, how
     assert set(rates) == {1, facts.physical_cores}
-    assert all(g > 0 for g in rates.values())
+    for r in rates.values():  # the median chunk, inside its slowest..fastest spread
+        assert r.low is not None and r.high is not None
+        assert 0 < r.low <= r.gflops <= r.high
     assert how.startswith("measured now with llama-cpp-python")
     profile = build_profile(facts, measured_compute=rates, compute_how=how)
-    assert decode_gflops_at(profile.cpu, profile.cpu.cores) == rates[facts.physical_cores]
+    at_cores = rates[facts.physical_cores]
+    assert decode_gflops_at(profile.cpu, profile.cpu.cores) == at_cores.gflops
+    assert profile.cpu.measured_decode_gflops_range == (at_cores.low, at_cores.high)
+    assert "slowest and fastest chunk" in profile.sources["cpu.measured_decode_gflops_range"]
+    assert f"median of {CHUNKS} x" in profile.sources["cpu.measured_decode_gflops"]
+    # what detect writes, the profile parser reads back
+    assert parse_profile_dict(json.loads(json.dumps(profile.to_dict()))) == profile
+
+
+def test_the_figure_is_the_median_chunk_and_the_spread_its_extremes():
+    params = 500_000_000  # 1 GFLOP per token: GFLOPS = tok/s
+    rate = decode_rate([40.0, 52.0, 50.0, 10.0, 49.0], params)  # one chunk hit by another job
+    assert rate == DecodeRate(49.0, 10.0, 52.0) and rate.spread == (10.0, 52.0)
+    assert decode_rate([30.0, 50.0], params).gflops == 40.0
 
 
 def test_without_the_gguf_runtime_the_measurement_is_absent_with_a_reason(monkeypatch):
@@ -109,33 +135,58 @@ def test_compute_cache_measures_once_per_machine_and_never_stores_a_busy_or_abse
 
     def measure():  # counts calls; the real probe is tested above
         calls.append(1)
-        rates = result["rates"] or {1: 10.0 + len(calls), 2: 20.0 + len(calls)}
+        rates = result["rates"] or {1: _rate(10.0 + len(calls)), 2: _rate(20.0 + len(calls))}
         return rates, "measured now with llama-cpp-python x (1.0 s)"
 
     def compute(f, now, busy=None):
         return cached_compute(f, measure, environ=env, now=now, busy=lambda: busy)
 
-    assert compute(facts, 1000.0) == ({1: 11.0, 2: 21.0},
+    def gflops(rates):
+        return {n: r.gflops for n, r in rates.items()}
+
+    assert compute(facts, 1000.0) == ({1: _rate(11.0), 2: _rate(21.0)},
                                       "measured now with llama-cpp-python x (1.0 s)")
     rates, how = compute(facts, 2000.0)
-    assert (rates, len(calls)) == ({1: 11.0, 2: 21.0}, 1) and "cached in" in how
+    assert (rates, len(calls)) == ({1: _rate(11.0), 2: _rate(21.0)}, 1) and "cached in" in how
     stored = json.loads((tmp_path / "compute.json").read_text())
-    assert list(stored.values())[0]["value"] == {"1": 11.0, "2": 21.0}
-    assert compute(facts, 1001.0 + MAX_AGE_SECONDS)[0] == {1: 12.0, 2: 22.0}  # expired
+    assert list(stored.values())[0]["value"] == {
+        "1": {"gflops": 11.0, "low": 10.0, "high": 12.0},
+        "2": {"gflops": 21.0, "low": 20.0, "high": 22.0}}
+    assert gflops(compute(facts, 1001.0 + MAX_AGE_SECONDS)[0]) == {1: 12.0, 2: 22.0}  # expired
     other = dataclasses.replace(facts, physical_cores=facts.physical_cores + 8)
-    assert compute(other, 2000.0 + MAX_AGE_SECONDS)[0] == {1: 13.0, 2: 23.0}
+    assert gflops(compute(other, 2000.0 + MAX_AGE_SECONDS)[0]) == {1: 13.0, 2: 23.0}
     assert len(calls) == 3
     # measured while other jobs hold the CPUs: used once, not stored
     value, how = compute(facts, 10 * MAX_AGE_SECONDS, busy="load average 9.0 on 2 CPUs")
-    assert value == {1: 14.0, 2: 24.0}
+    assert gflops(value) == {1: 14.0, 2: 24.0}
     assert "while busy (load average 9.0 on 2 CPUs): not cached" in how
-    assert compute(facts, 10 * MAX_AGE_SECONDS)[0] == {1: 15.0, 2: 25.0}
-    # an unusable stored entry is measured again
+    assert gflops(compute(facts, 10 * MAX_AGE_SECONDS)[0]) == {1: 15.0, 2: 25.0}
+    # an unusable stored entry is measured again: a bad number, a spread that misses its figure
+    for bad in ({"1": -3}, {"1": {"gflops": 9.0, "low": 10.0, "high": 12.0}}):
+        stored = json.loads((tmp_path / "compute.json").read_text())
+        for entry in stored.values():
+            entry["value"] = bad
+        (tmp_path / "compute.json").write_text(json.dumps(stored))
+        before = len(calls)
+        compute(facts, 10 * MAX_AGE_SECONDS)
+        assert len(calls) == before + 1
+    # a cache written before the spread was kept (bare numbers) still loads, without one
     stored = json.loads((tmp_path / "compute.json").read_text())
     for entry in stored.values():
-        entry["value"] = {"1": -3}
+        entry["value"] = {"1": 9.5, "2": 17.25}
     (tmp_path / "compute.json").write_text(json.dumps(stored))
-    assert compute(facts, 10 * MAX_AGE_SECONDS)[0] == {1: 16.0, 2: 26.0}
+    before = len(calls)
+    rates, how = compute(facts, 10 * MAX_AGE_SECONDS)
+    assert rates == {1: DecodeRate(9.5), 2: DecodeRate(17.25)} and "cached in" in how
+    assert len(calls) == before
+    profile = build_profile(facts, measured_compute=rates, compute_how=how)
+    assert profile.cpu.measured_decode_gflops_1t in (9.5, None)
+    assert profile.cpu.measured_decode_gflops_range is None
+    assert not any(k.endswith("_range") for k in profile.sources)
+
+
+def _rate(gflops: float) -> DecodeRate:
+    return DecodeRate(gflops, gflops - 1.0, gflops + 1.0)
 
 
 def test_an_absent_measurement_is_not_cached(tmp_path, monkeypatch):
@@ -149,14 +200,21 @@ def test_an_absent_measurement_is_not_cached(tmp_path, monkeypatch):
 
 def test_measured_fields_round_trip_through_toml_and_json(tmp_path):
     base = load_profile_ref("laptop-x86-16gb")
-    p = _measured(base, 41.5, 12.25, "llama.cpp Q8_0 decode of a synthetic model; test")
+    p = _measured(base, 41.5, 12.25, "llama.cpp Q8_0 decode of a synthetic model; test",
+                  (38.0, 44.25), (11.0, 13.5))
+    assert "measured_decode_gflops_range = [38.0, 44.25]" in profile_to_toml(p)
     path = tmp_path / "laptop-x86-16gb.toml"
     path.write_text(profile_to_toml(p))
     loaded = load_profile_ref(str(path))
     assert loaded == p and loaded.sources == p.sources
     assert (loaded.cpu.measured_decode_gflops, loaded.cpu.measured_decode_gflops_1t) == (
         41.5, 12.25)
+    assert loaded.cpu.measured_decode_gflops_1t_range == (11.0, 13.5)
     assert parse_profile_dict(json.loads(json.dumps(p.to_dict()))) == p
+    # a profile written before the range was kept loads without one
+    old = _measured(base, 41.5, 12.25, "test")
+    assert "_range" not in profile_to_toml(old)
+    assert parse_profile_dict(old.to_dict()).cpu.measured_decode_gflops_range is None
 
 
 @pytest.mark.parametrize(
@@ -166,10 +224,20 @@ def test_measured_fields_round_trip_through_toml_and_json(tmp_path):
         ("measured_decode_gflops_1t", 0, "a finite number > 0"),
         ("measured_decode_gflops", "fast", "a number"),
         ("measured_decode_gflops_1t", True, "a number"),
+        ("measured_decode_gflops_range", 40.0, "a list of two numbers [slowest, fastest]"),
+        ("measured_decode_gflops_range", [40.0], "a list of two numbers [slowest, fastest]"),
+        ("measured_decode_gflops_range", [40.0, "x"], "a list of two numbers"),
+        ("measured_decode_gflops_range", [44.0, 40.0], f"{ORDER} with 0 < slowest <= fastest"),
+        ("measured_decode_gflops_range", [0, 44.0], f"{ORDER} with 0 < slowest <= fastest"),
+        ("measured_decode_gflops_range", [42.0, 44.0],
+         "a range around cpu.measured_decode_gflops = 41.5"),
+        ("measured_decode_gflops_1t_range", [1.0, 2.0],
+         "a range around cpu.measured_decode_gflops_1t = 12.25"),
     ],
 )
 def test_bad_measured_compute_is_named_with_value_and_expectation(key, bad, expected):
-    data = _measured(load_profile_ref("laptop-x86-16gb"), 41.5, 12.25).to_dict()
+    data = _measured(load_profile_ref("laptop-x86-16gb"), 41.5, 12.25, "test", (40.0, 43.0),
+                     (12.0, 13.0)).to_dict()
     data["cpu"][key] = bad
     with pytest.raises(ProfileError) as e:
         parse_profile_dict(data, origin="lab.toml")
@@ -182,6 +250,19 @@ def test_measured_compute_needs_a_source():
     del data["sources"]["cpu.measured_decode_gflops"]
     with pytest.raises(ProfileError, match="sources.cpu.measured_decode_gflops"):
         parse_profile_dict(data)
+    data = _measured(load_profile_ref("laptop-x86-16gb"), 41.5, None, "t", (40.0, 43.0)).to_dict()
+    del data["sources"]["cpu.measured_decode_gflops_range"]
+    with pytest.raises(ProfileError, match="sources.cpu.measured_decode_gflops_range"):
+        parse_profile_dict(data)
+
+
+def test_a_range_needs_its_figure():
+    data = _measured(load_profile_ref("laptop-x86-16gb"), 41.5, None, "t", (40.0, 43.0)).to_dict()
+    del data["cpu"]["measured_decode_gflops"]
+    del data["sources"]["cpu.measured_decode_gflops"]
+    with pytest.raises(ProfileError) as e:
+        parse_profile_dict(data)
+    assert "no range without its figure: add cpu.measured_decode_gflops" in str(e.value)
 
 
 def test_shipped_profiles_carry_no_measured_compute():
@@ -205,6 +286,15 @@ def test_thread_scaling_prefers_measured_figures_over_proportional_scaling():
     assert one.cpu.peak_gflops_fp32 == pytest.approx(base.cpu.peak_gflops_fp32 / 8)
     assert decode_gflops_at(one.cpu, one.cpu.cores) == 10.0
     assert with_threads(base, 2).cpu.measured_decode_gflops is None
+    # the spread follows the same rules; one measurement without a spread gives none
+    ranged = _measured(base, 50.0, 10.0, "t", (46.0, 54.0), (9.0, 11.0))
+    assert decode_range_at(ranged.cpu, 8) == (46.0, 54.0)
+    assert decode_range_at(ranged.cpu, 1) == (9.0, 11.0)
+    assert decode_range_at(ranged.cpu, 4) == (
+        pytest.approx(9.0 + 37.0 * 3 / 7, abs=0.01), pytest.approx(11.0 + 43.0 * 3 / 7, abs=0.01))
+    assert with_threads(ranged, 1).cpu.measured_decode_gflops_range == (9.0, 11.0)
+    assert decode_range_at(_measured(base, 50.0, 10.0, "t", (46.0, 54.0)).cpu, 4) is None
+    assert decode_range_at(base.cpu, 8) is None
     with pytest.raises(ValueError):
         with_threads(base, 9)
 
@@ -256,21 +346,37 @@ def test_the_plan_says_where_its_compute_figure_came_from():
     assert plan["device"]["decode_gflops"] == 20.0
     assert plan["device"]["compute_basis"] == (
         "measured: llama.cpp Q8_0 decode 20 GFLOPS at 8 threads")
+    assert plan["device"]["measured_decode_gflops_range"] is None  # measured without a spread
     assert any("compute rate of 20 GFLOPS (measured" in r for r in plan["rationale"])
     assert any("decode compute rate was" in w and "idle" in w for w in plan["warnings"])
     assert plan["speed"]["decode_tokens_per_second"] != nominal["speed"][
         "decode_tokens_per_second"]
+    ranged = plan_build(facts, _measured(base, 20.0, 4.0, "t", (18.5, 21.25), (3.5, 4.5)),
+                        opts).to_dict()
+    assert ranged["device"]["compute_basis"] == (
+        "measured: llama.cpp Q8_0 decode 20 GFLOPS at 8 threads, chunks 18.5-21.25")
+    assert ranged["device"]["measured_decode_gflops_range"] == [18.5, 21.25]
+    assert any("compute rate of 20 GFLOPS (measured: llama.cpp Q8_0 decode 20 GFLOPS at 8 "
+               "threads, chunks 18.5-21.25)" in r for r in ranged["rationale"])
+    one = plan_build(facts, with_threads(
+        _measured(base, 20.0, 4.0, "t", (18.5, 21.25), (3.5, 4.5)), 1), opts).to_dict()
+    assert one["device"]["compute_basis"] == (
+        "measured: llama.cpp Q8_0 decode 4 GFLOPS at 1 thread, chunks 3.5-4.5")
 
 
 def test_plan_cli_prints_the_compute_basis(tiny_llama_dir, tmp_path):
-    p = _measured(load_profile_ref("laptop-x86-16gb"), 33.0, 7.0, "a measurement; test")
+    p = _measured(load_profile_ref("laptop-x86-16gb"), 33.0, 7.0, "a measurement; test",
+                  (30.0, 35.5), (6.5, 7.5))
     path = tmp_path / "lab.toml"
     path.write_text(profile_to_toml(dataclasses.replace(p, id="lab")))
     r = CliRunner().invoke(cli, ["plan", str(tiny_llama_dir), "--device", str(path)])
     assert r.exit_code == 0, r.output
     assert "compute rate of 33 GFLOPS" in " ".join(r.output.split())
+    assert "chunks 30-35.5" in " ".join(r.output.split())
     r = CliRunner().invoke(cli, ["plan", str(tiny_llama_dir), "--device", str(path), "--json"])
-    assert json.loads(r.output)["device"]["compute_basis"].startswith("measured: llama.cpp")
+    device = json.loads(r.output)["device"]
+    assert device["compute_basis"].startswith("measured: llama.cpp")
+    assert device["measured_decode_gflops_range"] == [30.0, 35.5]
 
 
 def test_profiles_detect_measure_json_includes_the_measured_compute_and_its_source():
@@ -287,6 +393,10 @@ def test_profiles_detect_measure_json_includes_the_measured_compute_and_its_sour
         assert data["cpu"]["measured_decode_gflops_1t"] > 0
         assert "at 1 thread(s)" in data["sources"]["cpu.measured_decode_gflops_1t"]
     assert data["derived"]["decode_gflops"] == data["cpu"]["measured_decode_gflops"]
+    low, high = data["cpu"]["measured_decode_gflops_range"]
+    assert low <= data["cpu"]["measured_decode_gflops"] <= high
+    assert data["derived"]["decode_gflops_range"] == [low, high]
+    assert "cpu.measured_decode_gflops_range" in data["sources"]
     assert data["derived"]["compute_basis"].startswith("measured")
 
 

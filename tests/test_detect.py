@@ -296,7 +296,9 @@ def test_local_ref_measures_decode_compute_once_and_caches_it(tmp_path, monkeypa
         assert "measured now" in second.sources["cpu.measured_decode_gflops"]
         return
     (entry,) = json.loads((tmp_path / "compute.json").read_text()).values()
-    assert entry["value"][str(first.cpu.cores)] == first.cpu.measured_decode_gflops
+    stored = entry["value"][str(first.cpu.cores)]
+    assert stored["gflops"] == first.cpu.measured_decode_gflops
+    assert (stored["low"], stored["high"]) == first.cpu.measured_decode_gflops_range
     assert second.cpu == first.cpu  # the stored figures, not a second measurement
     assert "cached in" in second.sources["cpu.measured_decode_gflops"]
 

@@ -7,8 +7,9 @@ JSON output (``--json``), stable:
 
 where PROFILE is the profile's schema-1 data (see edgepack.device.profile) plus
 ``"derived": {"usable_gib", "effective_bandwidth_gbps", "bandwidth_basis", "decode_gflops",
-"compute_basis", "digest"}`` (``decode_gflops``: llama.cpp's measured Q8_0 decode rate at
-``cpu.cores`` threads, null when the profile has no measurement).
+"decode_gflops_range", "compute_basis", "digest"}`` (``decode_gflops``: llama.cpp's measured
+Q8_0 decode rate at ``cpu.cores`` threads, null when the profile has no measurement;
+``decode_gflops_range``: its [slowest, fastest] probe chunk, null when not recorded).
 """
 
 from __future__ import annotations
@@ -61,8 +62,10 @@ def _render_details(profile: DeviceProfile) -> None:
         f"{derived['effective_bandwidth_gbps']} GB/s ({derived['bandwidth_basis']})"
     )
     if derived["decode_gflops"] is not None:
+        spread = derived["decode_gflops_range"]
+        chunks = "" if spread is None else f", chunks {spread[0]:g}-{spread[1]:g}"
         click.echo(f"  decode compute: {derived['decode_gflops']} GFLOPS at "
-                   f"{profile.cpu.cores} threads ({derived['compute_basis']})")
+                   f"{profile.cpu.cores} threads{chunks} ({derived['compute_basis']})")
     else:
         click.echo(f"  decode compute: {derived['compute_basis']}")
     for key, value in flatten_profile(profile).items():

@@ -20,9 +20,14 @@ table decode at 9-10 and 16-19 (bench/results/plan_accuracy.md). The file goes t
 /dev/shm when it has room (no SD-card write on a Pi), else the temp dir, and is deleted.
 
 Time: writing ~0.1 s here; each thread count decodes up to :data:`CHUNKS` chunks of
-:data:`CHUNK_TOKENS` tokens and stops early once it has spent :data:`BUDGET_SECONDS`; the
-figure is the fastest chunk (as the bandwidth test keeps its best copy: another job's burst
-slows a chunk, never speeds one up). 1.2-1.3 s on this VM when idle (1 and 2 threads).
+:data:`CHUNK_TOKENS` tokens and stops early once it has spent :data:`BUDGET_SECONDS`. The
+figure is the MEDIAN chunk, and the slowest and fastest chunks travel with it as its spread
+(:class:`DecodeRate`; the profile's ``cpu.measured_decode_gflops_range``). Until 2026-11-30
+the figure was the fastest of 4 chunks of 8 tokens: on this project's 2-vCPU VM, whose speed
+moves minute to minute, that caught the VM's fast moments (8.9 / 10.8 / 12.1 GFLOPS on one
+thread an hour apart) and the plan-accuracy table overestimated decode by up to 37 %. 12
+chunks of 3 tokens decode 36 tokens where 4 x 8 decoded 32: the same ~1.3 s on this VM when
+idle (1 and 2 threads), a little more on a slow one.
 
 Without llama_cpp or gguf (a device without the GGUF runtime), or when llama.cpp fails to load
 the probe, the result is None with the reason: never an exception. Device-side: imports nothing
@@ -34,10 +39,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +51,8 @@ from edgepack.device.profile import CpuSpec
 
 # (hidden, layers, heads, kv heads, ffn, vocab): Llama-style blocks with grouped-query attention.
 PROBE_SHAPE = (1024, 8, 16, 4, 2816, 256)
-CHUNK_TOKENS = 8
-CHUNKS = 4
+CHUNK_TOKENS = 3
+CHUNKS = 12
 BUDGET_SECONDS = 1.5
 WARMUP_TOKENS = 4
 
@@ -134,10 +140,24 @@ def _scratch_dir(need_bytes: int) -> Iterator[Path]:
         yield Path(d)
 
 
-def _tokens_per_second(llm: Any) -> float:
-    """Fastest of up to CHUNKS chunks of CHUNK_TOKENS single-token decode steps."""
+@dataclass(frozen=True)
+class DecodeRate:
+    """One thread count's measured decode rate, GFLOPS: the median chunk, and the slowest and
+    fastest chunks (None for a figure cached before the spread was kept)."""
+
+    gflops: float
+    low: float | None = None
+    high: float | None = None
+
+    @property
+    def spread(self) -> tuple[float, float] | None:
+        return None if self.low is None or self.high is None else (self.low, self.high)
+
+
+def _chunk_rates(llm: Any) -> list[float]:
+    """Tokens/s of each of up to CHUNKS chunks of CHUNK_TOKENS single-token decode steps."""
     llm.eval([1] + list(range(3, 3 + WARMUP_TOKENS - 1)))  # first pass pages the weights in
-    best = float("inf")
+    rates: list[float] = []
     start = time.perf_counter()
     token = 10
     for _ in range(CHUNKS):
@@ -145,22 +165,33 @@ def _tokens_per_second(llm: Any) -> float:
         for _ in range(CHUNK_TOKENS):
             llm.eval([token])
             token += 1
-        best = min(best, time.perf_counter() - t0)
+        rates.append(CHUNK_TOKENS / (time.perf_counter() - t0))
         if time.perf_counter() - start >= BUDGET_SECONDS:
             break
-    return CHUNK_TOKENS / best
+    return rates
+
+
+def decode_rate(chunk_tps: Sequence[float], params: int) -> DecodeRate:
+    """The :class:`DecodeRate` of chunks decoded at ``chunk_tps`` tokens/s by a model
+    multiplying ``params`` matrix parameters per token (2 FLOP each)."""
+    def gflops(tps: float) -> float:
+        return round(2 * params * tps / 1e9, 2)
+
+    return DecodeRate(gflops(statistics.median(chunk_tps)), gflops(min(chunk_tps)),
+                      gflops(max(chunk_tps)))
 
 
 METHOD = (
     f"llama.cpp Q8_0 decode of a synthetic {probe_params() / 1e6:.0f} M-parameter Llama "
-    f"(edgepack.device.compute_probe: fastest of {CHUNKS} x {CHUNK_TOKENS} tokens, "
+    f"(edgepack.device.compute_probe: median of {CHUNKS} x {CHUNK_TOKENS} tokens, "
     "2 x parameters x tok/s)"
 )
 
 
-def measure_decode_gflops(threads: Sequence[int]) -> tuple[dict[int, float] | None, str]:
-    """({thread count: effective decode GFLOPS}, how) of llama.cpp's Q8_0 kernels, or
-    (None, why not) when the GGUF runtime is missing or cannot run the probe."""
+def measure_decode_gflops(threads: Sequence[int]) -> tuple[dict[int, DecodeRate] | None, str]:
+    """({thread count: effective decode GFLOPS, median chunk and spread}, how) of llama.cpp's
+    Q8_0 kernels, or (None, why not) when the GGUF runtime is missing or cannot run the
+    probe."""
     try:
         import gguf  # noqa: F401
         import llama_cpp
@@ -171,7 +202,7 @@ def measure_decode_gflops(threads: Sequence[int]) -> tuple[dict[int, float] | No
         return None, "not measured: no thread count given"
     params = probe_params()
     n_ctx = WARMUP_TOKENS + CHUNKS * CHUNK_TOKENS + 8
-    rates: dict[int, float] = {}
+    rates: dict[int, DecodeRate] = {}
     t_start = time.perf_counter()
     try:
         with _scratch_dir(params * 34 // 32) as d:
@@ -181,7 +212,7 @@ def measure_decode_gflops(threads: Sequence[int]) -> tuple[dict[int, float] | No
                 llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=WARMUP_TOKENS,
                                       n_threads=n, n_threads_batch=n, verbose=False)
                 try:
-                    rates[n] = round(2 * params * _tokens_per_second(llm) / 1e9, 2)
+                    rates[n] = decode_rate(_chunk_rates(llm), params)
                 finally:
                     llm.close()
     except (OSError, ValueError, RuntimeError) as e:
@@ -191,17 +222,27 @@ def measure_decode_gflops(threads: Sequence[int]) -> tuple[dict[int, float] | No
                    f"({took:.1f} s)")
 
 
-def with_measured_compute(cpu: CpuSpec, rates: Mapping[int, float], how: str, stamp: str,
+def with_measured_compute(cpu: CpuSpec, rates: Mapping[int, DecodeRate], how: str, stamp: str,
                           sources: dict[str, str]) -> CpuSpec:
-    """``cpu`` with the measured decode rates at its core count and at 1 thread (a 1-core CPU
-    gets the first only), each with its source in ``sources``; without rates, the source
-    says why (``how``)."""
+    """``cpu`` with the measured decode rates (and their chunk spreads, when known) at its
+    core count and at 1 thread (a 1-core CPU gets the first only), each with its source in
+    ``sources``; without rates, the source says why (``how``)."""
     at_cores = rates.get(cpu.cores)
     at_one = rates.get(1) if cpu.cores > 1 else None
-    for name, n, value in (("measured_decode_gflops", cpu.cores, at_cores),
-                           ("measured_decode_gflops_1t", 1, at_one)):
-        if value is not None:
-            sources[f"cpu.{name}"] = f"{METHOD} at {n} thread(s); {how}; {stamp}"
+    for name, n, rate in (("measured_decode_gflops", cpu.cores, at_cores),
+                          ("measured_decode_gflops_1t", 1, at_one)):
+        if rate is None:
+            continue
+        sources[f"cpu.{name}"] = f"{METHOD} at {n} thread(s); {how}; {stamp}"
+        if rate.spread is not None:
+            sources[f"cpu.{name}_range"] = (
+                f"slowest and fastest chunk of the measurement of cpu.{name}; {stamp}")
     if at_cores is None and at_one is None and how:
         sources["cpu.measured_decode_gflops"] = f"{how}; {stamp}"
-    return replace(cpu, measured_decode_gflops=at_cores, measured_decode_gflops_1t=at_one)
+    return replace(
+        cpu,
+        measured_decode_gflops=None if at_cores is None else at_cores.gflops,
+        measured_decode_gflops_1t=None if at_one is None else at_one.gflops,
+        measured_decode_gflops_range=None if at_cores is None else at_cores.spread,
+        measured_decode_gflops_1t_range=None if at_one is None else at_one.spread,
+    )

@@ -35,7 +35,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from edgepack.device.catalog import list_profiles
-from edgepack.device.compute_probe import measure_decode_gflops, with_measured_compute
+from edgepack.device.compute_probe import (
+    DecodeRate,
+    measure_decode_gflops,
+    with_measured_compute,
+)
 from edgepack.device.measure_cache import machine_busy
 from edgepack.device.profile import (
     ARM_ISA,
@@ -308,16 +312,17 @@ def build_profile(
     facts: HostFacts,
     *,
     measured_gbps: float | None = None,
-    measured_compute: Mapping[int, float] | None = None,
+    measured_compute: Mapping[int, DecodeRate] | None = None,
     compute_how: str = "",
     now: datetime | None = None,
     profile_id: str = "local",
 ) -> DeviceProfile:
     """The profile of the machine described by ``facts`` (pure; see the module docstring).
 
-    ``measured_compute`` ({threads: GFLOPS} from
+    ``measured_compute`` ({threads: GFLOPS and chunk spread} from
     :func:`~edgepack.device.compute_probe.measure_decode_gflops`) fills
-    ``cpu.measured_decode_gflops`` (at ``cores`` threads) and ``..._1t``; ``compute_how`` says
+    ``cpu.measured_decode_gflops`` (at ``cores`` threads), ``..._1t`` and their ``..._range``
+    spreads; ``compute_how`` says
     how it was obtained, or why it is absent."""
     when = (now or datetime.now(timezone.utc)).strftime("%Y-%m-%dT%H:%M:%SZ")
     stamp = f"detected on {facts.hostname} at {when} by edgepack profiles detect"

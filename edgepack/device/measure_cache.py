@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from edgepack.device.compute_probe import DecodeRate
 from edgepack.paths import edgepack_home
 
 MAX_AGE_SECONDS = 7 * 24 * 3600
@@ -116,26 +117,44 @@ def cached_bandwidth(
     return float(value), how
 
 
+def _rate_entry(v: Any) -> bool:
+    """A stored rate: {"gflops", "low", "high"} (the median chunk and the spread), or a bare
+    number (caches written before the spread was kept)."""
+    if _positive(v):
+        return True
+    return (isinstance(v, dict) and set(v) == {"gflops", "low", "high"}
+            and all(_positive(v[k]) for k in v) and v["low"] <= v["gflops"] <= v["high"])
+
+
 def _thread_rates(v: Any) -> bool:
     return (isinstance(v, dict) and bool(v) and all(k.isdigit() and int(k) > 0 for k in v)
-            and all(_positive(x) for x in v.values()))
+            and all(_rate_entry(x) for x in v.values()))
 
 
 def cached_compute(
     facts: Any,
-    measure: Callable[[], tuple[dict[int, float] | None, str]],
+    measure: Callable[[], tuple[dict[int, DecodeRate] | None, str]],
     *,
     environ: Mapping[str, str] | None = None,
     now: float | None = None,
     busy: Callable[[], str | None] = machine_busy,
-) -> tuple[dict[int, float] | None, str]:
-    """({threads: decode GFLOPS} or None, how it was obtained): :func:`cached` over
-    ``measure()`` (:func:`edgepack.device.compute_probe.measure_decode_gflops`)."""
+) -> tuple[dict[int, DecodeRate] | None, str]:
+    """({threads: decode GFLOPS with its chunk spread} or None, how it was obtained):
+    :func:`cached` over ``measure()``
+    (:func:`edgepack.device.compute_probe.measure_decode_gflops`). A rate cached without its
+    spread (older edgepack) loads with none."""
 
-    def run() -> tuple[dict[str, float] | None, str]:
+    def run() -> tuple[dict[str, Any] | None, str]:
         rates, how = measure()
-        return (None if rates is None else {str(k): v for k, v in rates.items()}), how
+        if rates is None:
+            return None, how
+        return {str(k): {"gflops": r.gflops, "low": r.low, "high": r.high}
+                if r.spread is not None else r.gflops for k, r in rates.items()}, how
 
     value, how = cached(facts, "compute", run, _thread_rates, environ=environ, now=now,
                         busy=busy)
-    return (None if value is None else {int(k): float(v) for k, v in value.items()}), how
+    if value is None:
+        return None, how
+    return {int(k): DecodeRate(float(v), None, None) if _positive(v)
+            else DecodeRate(float(v["gflops"]), float(v["low"]), float(v["high"]))
+            for k, v in value.items()}, how

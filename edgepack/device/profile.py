@@ -23,6 +23,9 @@ A profile is one TOML file, ``device_profiles/<id>.toml`` for the shipped ones. 
                                         # threads, 2 x params x tok/s (edgepack.device.
                                         # compute_probe; written by detect --measure, local)
     measured_decode_gflops_1t = 9.8     # optional, > 0: the same on 1 thread
+    measured_decode_gflops_range = [15.2, 17.8]     # optional: slowest and fastest chunk of
+    measured_decode_gflops_1t_range = [9.1, 10.4]   # the probe (figure = median chunk);
+                                        # each needs its figure, low <= figure <= high
 
     [memory]
     total_gib = 8.0                     # > 0
@@ -125,6 +128,8 @@ SOURCED_FIELDS = (
     "cpu.target",
     "cpu.measured_decode_gflops",
     "cpu.measured_decode_gflops_1t",
+    "cpu.measured_decode_gflops_range",
+    "cpu.measured_decode_gflops_1t_range",
     "software.os",
     "software.python",
     "software.libc",
@@ -158,6 +163,8 @@ KNOWN_FIELDS = (
     "cpu.target",
     "cpu.measured_decode_gflops",
     "cpu.measured_decode_gflops_1t",
+    "cpu.measured_decode_gflops_range",
+    "cpu.measured_decode_gflops_1t_range",
     "software.os",
     "software.python",
     "software.libc",
@@ -176,6 +183,9 @@ class CpuSpec:
     # llama.cpp's measured Q8_0 decode rate, GFLOPS, on `cores` threads and on 1 thread
     measured_decode_gflops: float | None = None
     measured_decode_gflops_1t: float | None = None
+    # (slowest, fastest) chunk of the measurement whose median is the figure above
+    measured_decode_gflops_range: tuple[float, float] | None = None
+    measured_decode_gflops_1t_range: tuple[float, float] | None = None
 
     def has(self, flag: str) -> bool:
         """True when the CPU implements ISA extension ``flag`` (a name from ISA_FLAGS)."""
@@ -256,6 +266,9 @@ class DeviceProfile:
         for key in ("target", "measured_decode_gflops", "measured_decode_gflops_1t"):
             if getattr(self.cpu, key) is not None:
                 cpu[key] = getattr(self.cpu, key)
+        for key in ("measured_decode_gflops_range", "measured_decode_gflops_1t_range"):
+            if getattr(self.cpu, key) is not None:
+                cpu[key] = list(getattr(self.cpu, key))
         memory: dict[str, Any] = {
             "total_gib": self.memory.total_gib,
             "os_reserve_gib": self.memory.os_reserve_gib,
@@ -328,14 +341,7 @@ def effective_bandwidth_gbps(profile: DeviceProfile) -> float:
     return round(m.bandwidth_gbps * BANDWIDTH_DERATING, 3)
 
 
-def decode_gflops_at(cpu: CpuSpec, threads: int) -> float | None:
-    """llama.cpp's measured Q8_0 decode rate on ``threads`` threads, GFLOPS, or None when the
-    profile has no measurement. A figure measured at that thread count wins; between 1 and
-    ``cores`` threads the two measurements are interpolated linearly; with one figure only,
-    it is scaled by threads / its thread count. More threads than cores get the cores' figure
-    (llama.cpp gains nothing from a second hardware thread per core)."""
-    points = {n: g for n, g in ((1, cpu.measured_decode_gflops_1t),
-                                (cpu.cores, cpu.measured_decode_gflops)) if g is not None}
+def _at_threads(cpu: CpuSpec, points: dict[int, float], threads: int) -> float | None:
     if not points:
         return None
     t = max(1, min(threads, cpu.cores))
@@ -348,10 +354,37 @@ def decode_gflops_at(cpu: CpuSpec, threads: int) -> float | None:
     return g * t / n
 
 
+def decode_gflops_at(cpu: CpuSpec, threads: int) -> float | None:
+    """llama.cpp's measured Q8_0 decode rate on ``threads`` threads, GFLOPS, or None when the
+    profile has no measurement. A figure measured at that thread count wins; between 1 and
+    ``cores`` threads the two measurements are interpolated linearly; with one figure only,
+    it is scaled by threads / its thread count. More threads than cores get the cores' figure
+    (llama.cpp gains nothing from a second hardware thread per core)."""
+    return _at_threads(cpu, {n: g for n, g in ((1, cpu.measured_decode_gflops_1t),
+                                               (cpu.cores, cpu.measured_decode_gflops))
+                             if g is not None}, threads)
+
+
+def decode_range_at(cpu: CpuSpec, threads: int) -> tuple[float, float] | None:
+    """The (slowest, fastest) chunk spread of :func:`decode_gflops_at`'s figure, by the same
+    rules, or None when a measurement it uses has no recorded spread."""
+    spreads = {n: (g, r) for n, g, r in ((1, cpu.measured_decode_gflops_1t,
+                                          cpu.measured_decode_gflops_1t_range),
+                                         (cpu.cores, cpu.measured_decode_gflops,
+                                          cpu.measured_decode_gflops_range)) if g is not None}
+    if not spreads or any(r is None for _, r in spreads.values()):
+        return None
+    ends = [_at_threads(cpu, {n: r[i] for n, (_, r) in spreads.items() if r}, threads)
+            for i in (0, 1)]
+    return None if ends[0] is None or ends[1] is None else (round(ends[0], 2),
+                                                          round(ends[1], 2))
+
+
 def with_threads(profile: DeviceProfile, threads: int) -> DeviceProfile:
     """``profile`` as seen by an engine restricted to ``threads`` threads (1 <= threads <=
-    cores): the nominal peak scales with the threads, the measured decode rate follows
-    :func:`decode_gflops_at` (measured per-thread figures before proportional scaling)."""
+    cores): the nominal peak scales with the threads, the measured decode rate and its spread
+    follow :func:`decode_gflops_at` (measured per-thread figures before proportional
+    scaling)."""
     cpu = profile.cpu
     if not 1 <= threads <= cpu.cores:
         raise ValueError(f"threads must be within 1..{cpu.cores}, got {threads}")
@@ -361,6 +394,7 @@ def with_threads(profile: DeviceProfile, threads: int) -> DeviceProfile:
         cores=threads,
         peak_gflops_fp32=cpu.peak_gflops_fp32 * threads / cpu.cores,
         measured_decode_gflops=measured,
+        measured_decode_gflops_range=decode_range_at(cpu, threads),
     ))
 
 
@@ -373,6 +407,7 @@ def derived_figures(profile: DeviceProfile) -> dict[str, Any]:
         if profile.memory.measured_bandwidth_gbps is not None
         else f"theoretical x {BANDWIDTH_DERATING}",
         "decode_gflops": decode_gflops_at(profile.cpu, profile.cpu.cores),
+        "decode_gflops_range": decode_range_at(profile.cpu, profile.cpu.cores),
         "compute_basis": "measured (llama.cpp Q8_0 decode)"
         if profile.cpu.measured_decode_gflops is not None
         or profile.cpu.measured_decode_gflops_1t is not None

@@ -197,7 +197,8 @@ class Validator:
     def cpu(self, data: Any) -> CpuSpec:
         t = self.table(
             data, "cpu", ("arch", "model", "cores", "threads", "isa", "peak_gflops_fp32",
-                          "target", "measured_decode_gflops", "measured_decode_gflops_1t")
+                          "target", "measured_decode_gflops", "measured_decode_gflops_1t",
+                          "measured_decode_gflops_range", "measured_decode_gflops_1t_range")
         )
         arch = self.string(t, "arch", "cpu.arch", ARCHES)
         cores = self.number(t, "cores", "cpu.cores", integer=True)
@@ -208,6 +209,10 @@ class Validator:
         isa = self.strings(
             t, "isa", "cpu.isa", ARM_ISA if arch == "aarch64" else X86_ISA, allow_empty=True
         )
+        measured = self.number(t, "measured_decode_gflops", "cpu.measured_decode_gflops",
+                               optional=True)
+        measured_1t = self.number(t, "measured_decode_gflops_1t",
+                                  "cpu.measured_decode_gflops_1t", optional=True)
         return CpuSpec(
             arch=arch,
             model=self.string(t, "model", "cpu.model"),
@@ -216,11 +221,34 @@ class Validator:
             isa=isa,
             peak_gflops_fp32=self.number(t, "peak_gflops_fp32", "cpu.peak_gflops_fp32"),
             target=self.target(t) if "target" in t else None,
-            measured_decode_gflops=self.number(
-                t, "measured_decode_gflops", "cpu.measured_decode_gflops", optional=True),
-            measured_decode_gflops_1t=self.number(
-                t, "measured_decode_gflops_1t", "cpu.measured_decode_gflops_1t", optional=True),
+            measured_decode_gflops=measured,
+            measured_decode_gflops_1t=measured_1t,
+            measured_decode_gflops_range=self.spread(t, "measured_decode_gflops", measured),
+            measured_decode_gflops_1t_range=self.spread(t, "measured_decode_gflops_1t",
+                                                        measured_1t),
         )
+
+    def spread(self, t: Mapping[str, Any], figure_key: str,
+               figure: float | None) -> tuple[float, float] | None:
+        """``<figure_key>_range``: [slowest, fastest] chunk around the measured figure."""
+        key = f"{figure_key}_range"
+        where = f"cpu.{key}"
+        if key not in t:
+            return None
+        v = t[key]
+        if (not isinstance(v, list) or len(v) != 2
+                or any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in v)):
+            raise self.fail(where, v, "a list of two numbers [slowest, fastest] (GFLOPS)")
+        low, high = float(v[0]), float(v[1])
+        if not 0 < low <= high < float("inf"):
+            raise self.fail(where, v, "[slowest, fastest] with 0 < slowest <= fastest")
+        if figure is None:
+            raise self.fail(where, v, f"no range without its figure: add cpu.{figure_key} "
+                            "or remove the range")
+        if not low <= figure <= high:
+            raise self.fail(where, v, f"a range around cpu.{figure_key} = {figure:g} "
+                            "(slowest <= figure <= fastest)")
+        return low, high
 
     def target(self, t: Mapping[str, Any]) -> str:
         value = self.string(t, "target", "cpu.target")

@@ -36,7 +36,8 @@ The compute rate (:func:`decode_compute_gflops`) is, in order of preference:
 1. measured: ``cpu.measured_decode_gflops`` / ``..._1t`` of the profile, llama.cpp itself
    decoding a synthetic Q8_0 Llama on this machine (:mod:`edgepack.device.compute_probe`;
    ``profiles detect --measure`` and ``--device local`` fill it), at the thread count the plan
-   uses (:func:`edgepack.device.profile.decode_gflops_at`). Only Q8_0-class dot-product kernels
+   uses (:func:`edgepack.device.profile.decode_gflops_at`): the probe's median chunk, its
+   slowest..fastest chunks stated beside it in the basis. Only Q8_0-class dot-product kernels
    are measured: a mostly repacked model (Q4_0/Q4_K on AVX2, Q4-Q8 on Arm dotprod) gets the
    measured rate x ETA_COMPUTE_REPACK / ETA_COMPUTE_DOT, and on Arm with dotprod, where the Q8_0
    probe itself runs repacked kernels, a non-repacked model gets the inverse. The probe's own
@@ -61,6 +62,7 @@ from typing import Any
 from edgepack.device.profile import (
     DeviceProfile,
     decode_gflops_at,
+    decode_range_at,
     effective_bandwidth_gbps,
 )
 from edgepack.plan.facts import ModelFacts
@@ -201,6 +203,9 @@ def decode_compute_gflops(profile: DeviceProfile, *, repacked: bool = False) -> 
     probe_eta = _eta_compute(profile, "Q8_0" in repack_types(profile))
     basis = (f"measured: llama.cpp Q8_0 decode {measured:g} GFLOPS at {cpu.cores} "
              f"thread{'s' if cpu.cores > 1 else ''}")
+    spread = decode_range_at(cpu, cpu.cores)
+    if spread is not None:
+        basis += f", chunks {spread[0]:g}-{spread[1]:g}"
     if eta != probe_eta:
         basis += (f", x {eta:g}/{probe_eta:g} for {'repacked' if repacked else 'non-repacked'}"
                   " kernels")
@@ -212,10 +217,14 @@ def speed_basis(profile: DeviceProfile, est: Estimate) -> dict[str, Any]:
     rate used for ``est`` and its basis, the memory bandwidth and its basis."""
     repacked = mostly_repacked(est.tensor_types, repack_types(profile))
     gflops, basis = decode_compute_gflops(profile, repacked=repacked)
+    spread = decode_range_at(profile.cpu, profile.cpu.cores)
     measured_bw = profile.memory.measured_bandwidth_gbps is not None
     return {
         "decode_gflops": round(gflops, 2),
         "compute_basis": basis,
+        # the probe's slowest and fastest chunk at the plan's threads (null: not measured, or
+        # measured before edgepack kept the spread)
+        "measured_decode_gflops_range": None if spread is None else list(spread),
         "effective_bandwidth_gbps": effective_bandwidth_gbps(profile),
         "bandwidth_basis": "measured" if measured_bw else "theoretical x derating",
     }
