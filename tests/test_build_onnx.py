@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 from openai import OpenAI
 from support.bundles import serve_bundle, served_answer
+from support.schemas import check_json
 
 from edgepack.cli.main import cli
 from edgepack.manifest import verify_bundle
@@ -153,11 +154,13 @@ def test_smollm2_onnx_chat_bundle_steps_up_from_int8_and_answers_its_golden_prom
     repo = "HuggingFaceTB/SmolLM2-135M-Instruct"
     local_hub.add_repo(repo, smollm2_dir)
     out = tmp_path / "out"
-    code, text = run("build", repo, "--format", "onnx", "--device", "intel-n100-16gb",
-                     "--device", "laptop-x86-16gb", "--device", "raspberry-pi-5-8gb",
-                     "--quant", "intel-n100-16gb=fp32", "--out", str(out))
-    assert code == 0, text
-    text = " ".join(text.split())  # the progress log wraps long lines
+    r = CliRunner().invoke(cli, ["build", repo, "--format", "onnx", "--device", "intel-n100-16gb",
+                                 "--device", "laptop-x86-16gb", "--device",
+                                 "raspberry-pi-5-8gb", "--quant", "intel-n100-16gb=fp32",
+                                 "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    result = {b["device"]: b for b in check_json("build", r.stdout)["bundles"]}
+    text = " ".join(r.stderr.split())  # the progress log (stderr) wraps long lines
     for device in ("laptop-x86-16gb", "raspberry-pi-5-8gb"):  # the planner's own choice
         assert f"plan for {device}: onnx int8" in text
     assert text.count("int8 failed validation: golden prompt 'What is the capital of "
@@ -180,6 +183,11 @@ def test_smollm2_onnx_chat_bundle_steps_up_from_int8_and_answers_its_golden_prom
                for r in m["plan"]["rationale"])
     n100 = verify_bundle(out / "smollm2-135m-instruct-intel-n100-16gb")
     assert "step_up" not in n100["plan"]  # asked for fp32 by name: nothing was stepped up
+    # build --json carries each bundle's step-up record as its manifest has it
+    assert result["laptop-x86-16gb"]["step_up"] == m["plan"]["step_up"]
+    assert result["raspberry-pi-5-8gb"]["step_up"] == pi["plan"]["step_up"]
+    assert result["laptop-x86-16gb"]["quant"] == "fp32"
+    assert result["intel-n100-16gb"]["step_up"] == []
     assert n100["model"]["sha256"] == m["model"]["sha256"]
     assert m["golden_prompts"] == [
         {"prompt": "What is the capital of France?", "expect": "Paris"}]

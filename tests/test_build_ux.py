@@ -101,3 +101,4 @@ def test_summary_next_command_and_json(local_hub, tiny_llama_dir, tmp_path):
     assert b["size_bytes"] == sum(f.stat().st_size for f in bundle.rglob("*") if f.is_file())
     assert b["validation"]["passed"] is True and b["validation"]["threshold"] == 0.5
     assert b["archive"] is None
+    assert b["step_up"] == []  # --quant Q8_0 shipped as asked: nothing was stepped up

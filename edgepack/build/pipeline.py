@@ -75,6 +75,9 @@ class BundleSummary:
     size_bytes: int
     validation: dict[str, Any]
     archive: Path | None = None
+    # the plan's step-up record, as the manifest's plan.step_up (build/step_up.py): the
+    # quants tried before ``quant`` and why each failed; empty when the plan's choice shipped
+    step_up: tuple[dict[str, Any], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         v = self.validation
@@ -83,6 +86,7 @@ class BundleSummary:
             "quant": self.quant, "size_bytes": self.size_bytes,
             "validation": {k: v.get(k) for k in ("metric", "value", "threshold", "passed")},
             "archive": None if self.archive is None else str(self.archive),
+            "step_up": [dict(a) for a in self.step_up],
         }
 
 
@@ -383,6 +387,7 @@ def emit_bundle(req: BuildRequest, spec: BundleSpec, device_id: str, result: Bui
         device=device_id, path=path, format=spec.model_format, quant=spec.quant,
         size_bytes=sum(f.stat().st_size for f in path.rglob("*") if f.is_file()),
         validation=dict(spec.validation), archive=archive,
+        step_up=tuple(spec.plan.get("step_up") or ()),
     ))
     return path
 
