@@ -36,8 +36,10 @@ WORKER = r"""
 import json, sys, time
 import llama_cpp
 model, n_ctx, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+# flash attention on, as planned and served for a bundle that passed validation with it
+# (edgepack/build/step_up.py; a bundle that did not is planned and served without)
 llm = llama_cpp.Llama(model_path=model, n_ctx=n_ctx, n_threads=threads, n_batch=512,
-                      n_ubatch=512, verbose=False, seed=1)
+                      n_ubatch=512, flash_attn=True, verbose=False, seed=1)
 llm.create_completion("The history of Paris", max_tokens=4, temperature=0.0)  # warm-up
 llm.reset()
 llama_cpp.llama_perf_context_reset(llm._ctx.ctx)

@@ -143,9 +143,10 @@ class BatchedLlamaEngine(LlamaEngine):
             cparams.kv_unified = False  # each slot gets n_ctx cells of its own
             cparams.n_threads = cparams.n_threads_batch = s.n_threads
             cparams.no_perf = True
-            # As LlamaEngine (llama-cpp-python's default): the same attention kernels, so a
-            # slot's greedy output is the one-sequence engine's.
-            cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            # The kernels the bundle was validated with, as LlamaEngine: a slot's greedy
+            # output is the one-sequence engine's.
+            cparams.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if s.flash_attn
+                                       else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
             ctx = _internals.LlamaContext(model=model, params=cparams, verbose=False)
         except (ValueError, RuntimeError, OSError) as e:
             raise EngineError(f"llama.cpp could not load {s.model_path}: {e}",

@@ -43,6 +43,9 @@ class ServerConfig:
     n_batch: int = 512
     n_gpu_layers: int = 0
     n_parallel: int = 1  # sequences decoded together (llama-server's --parallel); see batch.py
+    # llama.cpp's flash-attention kernels: as the build validated the bundle (its [engine]
+    # table says; absent in bundles built before it was recorded, which were validated without).
+    flash_attn: bool = False
     providers: tuple[str, ...] = ("cpu",)  # onnxruntime execution providers, in priority order
     queue_size: int = 8
     max_body_bytes: int = 1 << 20
@@ -88,7 +91,7 @@ def effective_config(cfg: ServerConfig) -> dict[str, Any]:
         "model_source": cfg.model_source, "format": cfg.model_format, "kind": cfg.model_kind,
         "n_ctx": cfg.n_ctx, "n_threads": cfg.n_threads, "n_batch": cfg.n_batch,
         "n_gpu_layers": cfg.n_gpu_layers, "n_parallel": cfg.n_parallel,
-        "providers": list(cfg.providers),
+        "flash_attn": cfg.flash_attn, "providers": list(cfg.providers),
         "compute": cfg.compute, "queue_size": cfg.queue_size,
         "max_body_bytes": cfg.max_body_bytes, "drain_seconds": cfg.drain_seconds,
         "request_timeout_seconds": cfg.request_timeout_seconds,
@@ -196,6 +199,7 @@ def load_server_config(
         n_batch=_get(engine, "n_batch", int, 512, where_e),
         n_gpu_layers=_get(engine, "n_gpu_layers", int, 0, where_e),
         n_parallel=_get(engine, "n_parallel", int, 1, where_e),
+        flash_attn=_get(engine, "flash_attn", bool, False, where_e),
         providers=tuple(str(x) for x in _get(engine, "providers", list, ["cpu"], where_e)),
         queue_size=_get(server, "queue_size", int, 8, where_s),
         max_body_bytes=_get(server, "max_body_bytes", int, 1 << 20, where_s),

@@ -53,6 +53,10 @@ class LlamaSettings:
     n_threads: int
     n_batch: int = 512
     n_gpu_layers: int = 0
+    # Flash attention (chat/completion only): what the build validated the bundle with, since
+    # it can change a near-tie greedy answer (SmolLM2-135M Q8_0: "Paris" without, "L'Étoile"
+    # with). llama-cpp-python's default is off.
+    flash_attn: bool = False
 
 
 class LlamaEngine:
@@ -91,6 +95,7 @@ class LlamaEngine:
                 n_gpu_layers=s.n_gpu_layers,
                 logits_all=False,
                 embedding=s.kind == "embedding",
+                flash_attn=s.flash_attn and s.kind != "embedding",
                 verbose=False,
             )
         except (ValueError, RuntimeError, OSError) as e:

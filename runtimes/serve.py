@@ -81,7 +81,7 @@ def make_engine(cfg: ServerConfig) -> Engine:
         settings = LlamaSettings(
             model_path=cfg.model_path, name=cfg.model_name, kind=cfg.model_kind,
             n_ctx=cfg.n_ctx, n_threads=cfg.n_threads, n_batch=cfg.n_batch,
-            n_gpu_layers=cfg.n_gpu_layers,
+            n_gpu_layers=cfg.n_gpu_layers, flash_attn=cfg.flash_attn,
         )
         if cfg.n_parallel > 1 and cfg.model_kind != "embedding":
             from edgepack.runtimes.batch import BatchedLlamaEngine

@@ -119,6 +119,43 @@ def test_smollm2_two_devices_two_quants_one_build(local_hub, smollm2_dir, tmp_pa
         )
         assert "Paris" in reply["choices"][0]["message"]["content"]
         del llm
+    _serves_with_the_kernels_it_was_validated_with(tmp_path / "out")
+
+
+def _serves_with_the_kernels_it_was_validated_with(out: Path) -> None:
+    """Q4_0 answers "Paris" with flash attention; Q8_0's first answer token is a near-tie that
+    flash attention turns to "L'Étoile…", so that bundle was validated, planned and is served
+    without it (asked with --quant: the quant is the user's, the kernels are not). The server's
+    own config reader and engine, on the build's real output, answer what was validated."""
+    from edgepack.runtimes.config import load_server_config
+    from edgepack.runtimes.engine import CancelToken, SamplingParams, TokenEvent
+    from edgepack.runtimes.serve import make_engine
+
+    for device, flash in (("raspberry-pi-4-4gb", True), ("laptop-x86-16gb", False)):
+        bundle = out / f"smollm2-135m-instruct-{device}"
+        m = load_manifest(bundle)
+        assert m["plan"]["flash_attn"] is flash, m["plan"]
+        assert m["validation"]["details"]["flash_attn"] is flash
+        tried = m["plan"].get("step_up", [])
+        if flash:
+            assert not tried
+        else:
+            assert [(a["quant"], a["flash_attn"], a["failed"]) for a in tried] == \
+                [("Q8_0", True, ["golden"])], tried
+            assert any(line.startswith("flash attention off") for line in m["plan"]["rationale"])
+        cfg = load_server_config(bundle, m)
+        assert cfg.flash_attn is flash
+        engine = make_engine(cfg)
+        engine.load()
+        try:
+            prompt = engine.prepare_chat([{"role": "user",
+                                           "content": "What is the capital of France?"}])
+            params = SamplingParams(max_tokens=48, temperature=0.0)
+            served = "".join(ev.text for ev in engine.generate(prompt, params, CancelToken())
+                             if isinstance(ev, TokenEvent)).strip()
+        finally:
+            engine.close()
+        assert served == m["validation"]["details"]["golden"][0]["answer"], served
 
 
 def test_gguf_step_up_climbs_the_planners_ladder_and_lists_every_failed_attempt(
@@ -137,11 +174,16 @@ def test_gguf_step_up_climbs_the_planners_ladder_and_lists_every_failed_attempt(
     flat = " ".join(text.split())  # the progress log and the error wrap long lines
     assert "plan for laptop-x86-16gb: gguf Q8_0" in flat
     # GGUF's summary gives every figure; only the golden prompt is named as the failed check.
+    # Each quant is validated with flash attention (as served) and then without it.
+    assert "Q8_0 failed validation with flash attention: top-token agreement" in flat, text
+    assert "validating Q8_0 without it" in flat, text
     assert "Q8_0 failed validation: top-token agreement" in flat, text
     assert "golden prompt 'What is the capital of France?' answered '' without 'Paris'; " \
            "trying F16 (fits: " in flat, text
     assert "no gguf quantization for laptop-x86-16gb passed validation, stepping up from the " \
-           "planned Q8_0: Q8_0 (golden): top-token agreement" in flat, text
+           "planned Q8_0: Q8_0 with flash attention (golden): top-token agreement" in flat, text
+    assert "; Q8_0 (golden): top-token agreement" in flat, text
+    assert "; F16 with flash attention (golden): top-token agreement" in flat, text
     assert "; F16 (golden): top-token agreement" in flat, text
     assert "--no-golden" in flat  # the validation's own hint, as without the step-up
     assert not (tmp_path / "out" / "tiny-llama-laptop-x86-16gb").exists()
@@ -157,8 +199,8 @@ def test_gguf_step_up_climbs_the_planners_ladder_and_lists_every_failed_attempt(
                      "--out", str(tmp_path / "out"))
     flat = " ".join(text.split())
     assert code == 5, text
-    assert "Q8_0 (golden): top-token agreement" in flat, text
-    assert "; F16 (plan): no gguf build of LlamaForCausalLM reaches 5000 tok/s" in flat, text
+    assert "; Q8_0 (golden): top-token agreement" in flat, text
+    assert "; F16 with flash attention (plan): no gguf build of LlamaForCausalLM reaches 5000 tok/s" in flat, text
     assert "quantizing to F16" not in flat and "trying F16" not in flat, text
 
 

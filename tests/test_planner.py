@@ -211,7 +211,9 @@ def test_encoder_goes_to_onnx_and_json_schema_is_stable():
         "speed_floor",
         "warnings",
         "parallel",
+        "flash_attn",
     ]
+    assert d["flash_attn"] is False  # ONNX: llama.cpp's kernels do not apply
     assert d["parallel"] == 1 and d["memory"]["kv_cache_slots"] == 1  # an encoder: no slots
     assert d["schema"] == 1 and d["device"]["digest"].startswith("sha256:")
 
@@ -333,3 +335,28 @@ def test_step_up_ladder_is_the_planners_own_tables_and_the_plan_says_so():
     stepped = plan_build(f, cpu, PlanOptions(quant="F16", ctx=chosen.ctx, step_up_from="Q8_0"))
     assert stepped.rationale[1].startswith("F16: stepped up by the build from the planner's Q8_0")
     assert "step_up" not in stepped.to_dict()  # the build adds the attempts it made
+
+
+def test_decoders_plan_for_flash_attention_and_the_build_can_plan_without_it():
+    """GGUF decoders are planned (and served) with flash attention; without it llama.cpp
+    keeps a micro-batch's attention scores against the whole context, so the same quant at a
+    long context needs more memory and may no longer fit (the build's fallback asks again)."""
+    model = facts("Qwen2.5-0.5B")
+    profile = load_profile("raspberry-pi-5-8gb")
+    opts = PlanOptions(quant="Q8_0", ctx=8192)
+    fa = plan_build(model, profile, opts)
+    plain = plan_build(model, profile, dataclasses.replace(opts, flash_attn=False))
+    assert fa.flash_attn and fa.to_dict()["flash_attn"] is True
+    assert not plain.flash_attn and plain.to_dict()["flash_attn"] is False
+    assert fa.estimate.weights_bytes == plain.estimate.weights_bytes
+    assert fa.estimate.kv_bytes == plain.estimate.kv_bytes
+    # 14 heads x 8192 cells x 512 tokens of f32 scores: hundreds of MiB more without it
+    assert plain.estimate.compute_bytes - fa.estimate.compute_bytes > 300 * 2**20
+    assert any(line.startswith("flash attention on") for line in fa.rationale)
+    assert any(line.startswith("flash attention off") for line in plain.rationale)
+    # A device where only the flash-attention plan fits at that context.
+    need = (fa.estimate.required_bytes + plain.estimate.required_bytes) / 2
+    tight = with_ram(profile, need / 0.9 / 2**30 + profile.memory.os_reserve_gib)
+    assert plan_build(model, tight, opts).flash_attn
+    with pytest.raises(BuildError, match="nothing fits raspberry-pi-5-8gb"):
+        plan_build(model, tight, dataclasses.replace(opts, flash_attn=False))

@@ -151,15 +151,17 @@ def run_gguf_repo_build(req: BuildRequest, repo: GgufRepo, profiles: Sequence[De
         pulled = pull_gguf_files(repo, wanted, token=req.token)
 
     name = model_name(req.name, repo.ref)
-    outputs: dict[str, dict[str, Any]] = {}
+    outputs: dict[tuple[str, bool], dict[str, Any]] = {}
     result = BuildResult()
     packs: dict[tuple[Any, ...], Any] = {}
     for profile, plan in zip(profiles, plans, strict=True):
         c = _choice_of(repo, plan)
-        if c.path not in outputs:
+        key = (c.path, plan.flash_attn)
+        if key not in outputs:
             ref, why_ref = references[c.path]
-            outputs[c.path] = _validate(req, repo, pulled.folder, c, ref, why_ref, log)
-        _write(req, repo, pulled, plan, c, outputs[c.path], name, profile, result, packs, log)
+            outputs[key] = _validate(req, repo, pulled.folder, c, ref, why_ref, plan.flash_attn,
+                                     log)
+        _write(req, repo, pulled, plan, c, outputs[key], name, profile, result, packs, log)
     for p in packs.values():
         p.cleanup()
     return result
@@ -183,7 +185,7 @@ def _threshold_quant(c: FileChoice) -> str:
 
 
 def _validate(req: BuildRequest, repo: GgufRepo, folder: Path, c: FileChoice,
-              ref: FileChoice | None, why_ref: str,
+              ref: FileChoice | None, why_ref: str, flash_attn: bool,
               log: Callable[[str], None]) -> dict[str, Any]:
     from edgepack.build.gguf_validate import (
         DEFAULT_GOLDEN,
@@ -203,19 +205,20 @@ def _validate(req: BuildRequest, repo: GgufRepo, folder: Path, c: FileChoice,
         with build_stage(log, "validate", f"validating {c.quant} against {ref.quant} of the repo"):
             val = validate_gguf(model, folder / ref.path, _threshold_quant(c), golden=golden,
                                 min_agreement=req.min_agreement, max_kl=req.max_kl,
-                                min_cosine=req.min_cosine, threads=threads)
+                                min_cosine=req.min_cosine, threads=threads,
+                                flash_attn=flash_attn)
         validation = {"metric": val.metric, "value": val.value, "threshold": val.threshold,
                       "passed": val.passed, "reference": ref.path,
                       "details": {**val.details, "reference_why": why_ref}}
     else:
         with build_stage(log, "validate", f"answering golden prompts with {c.quant}"):
-            validation = golden_only(model, golden, threads, why_ref, kind)
+            validation = golden_only(model, golden, threads, why_ref, kind, flash_attn)
     return {"kind": kind, "validation": validation,
             "golden": tuple({"prompt": g.prompt, "expect": g.expect} for g in golden)}
 
 
 def golden_only(model: Path, golden: Sequence[Any], threads: int, why: str,
-                kind: str) -> dict[str, Any]:
+                kind: str, flash_attn: bool = False) -> dict[str, Any]:
     """Validation without a reference file: the golden prompts must all pass (BuildError
     otherwise); with no golden prompts, loading the file and one greedy token is the check.
 
@@ -226,7 +229,7 @@ def golden_only(model: Path, golden: Sequence[Any], threads: int, why: str,
     from edgepack.build.gguf_validate import answer_golden, load_model, validation_ctx
 
     n_ctx = validation_ctx(model, tuple(golden))
-    llm = load_model(model, threads, n_ctx)
+    llm = load_model(model, threads, n_ctx, flash_attn=flash_attn and kind != "embedding")
     try:
         if kind == "embedding":
             llm.close()
@@ -253,7 +256,8 @@ def golden_only(model: Path, golden: Sequence[Any], threads: int, why: str,
             "value": float(len(answers) - len(failed)) if answers else 1.0,
             "threshold": float(len(answers)) if answers else 1.0, "passed": True,
             "reference": None,
-            "details": {"golden": answers, "reference_why": why, "n_ctx": n_ctx}}
+            "details": {"golden": answers, "reference_why": why, "n_ctx": n_ctx,
+                        "flash_attn": flash_attn}}
 
 
 def _write(req: BuildRequest, repo: GgufRepo, pulled: Any, plan: Plan, c: FileChoice,

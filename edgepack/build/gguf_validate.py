@@ -161,6 +161,7 @@ def validate_gguf(
     threads: int | None = None,
     n_ctx: int | None = None,
     check: bool = True,
+    flash_attn: bool = False,
 ) -> ValidationResult:
     """Compare ``quantized`` with its unquantized ``reference`` GGUF and answer golden prompts.
 
@@ -174,6 +175,10 @@ def validate_gguf(
     a file cannot be loaded or the two files tokenize the text differently.
 
     ``n_ctx`` None sizes the context from the texts (see :func:`validation_ctx`).
+
+    ``flash_attn``: run the quantized model with llama.cpp's flash-attention kernels, as the
+    server will (a causal model's server runs what it was validated with, server.toml's
+    ``flash_attn``); the reference always runs without, as the original's closest rendition.
     """
     limits = threshold_for(quant)
     quantized, reference = Path(quantized), Path(reference)
@@ -201,6 +206,7 @@ def validate_gguf(
             tuple(golden or ()),
             threads,
             n_ctx,
+            flash_attn,
         )
     if check and not result.passed:
         summary = _describe_failure(result)
@@ -293,11 +299,13 @@ def _validate_causal(
     golden: tuple[GoldenPrompt, ...],
     threads: int,
     n_ctx: int,
+    flash_attn: bool = False,
 ) -> ValidationResult:
     import numpy as np
 
     ref_tokens, ref_logprobs, _ = _score_text(reference, threads, n_ctx)
-    q_tokens, q_logprobs, answers = _score_text(quantized, threads, n_ctx, golden=golden)
+    q_tokens, q_logprobs, answers = _score_text(quantized, threads, n_ctx, golden=golden,
+                                                flash_attn=flash_attn)
     if q_tokens != ref_tokens:
         raise BuildError(
             f"{quantized.name} and {reference.name} tokenize the validation text differently "
@@ -322,16 +330,18 @@ def _validate_causal(
             "positions": int(len(ref_tokens)),
             "text_version": REFERENCE_TEXT_VERSION,
             "golden": answers,
+            "flash_attn": flash_attn,
         },
     )
 
 
-def _score_text(path: Path, threads: int, n_ctx: int, golden: tuple[GoldenPrompt, ...] = ()) -> Any:
+def _score_text(path: Path, threads: int, n_ctx: int, golden: tuple[GoldenPrompt, ...] = (),
+                flash_attn: bool = False) -> Any:
     """Tokens, float64 log-softmax of every position for REFERENCE_TEXT, and the answers to
     ``golden``; the model is freed before returning."""
     import numpy as np
 
-    llm = load_model(path, threads, n_ctx, logits_all=True)
+    llm = load_model(path, threads, n_ctx, logits_all=True, flash_attn=flash_attn)
     try:
         # A model whose context is shorter than the text is scored over the part that fits.
         tokens = llm.tokenize(REFERENCE_TEXT.encode(), add_bos=True)[: n_ctx - 1]

@@ -19,6 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgepack.build.step_up import Key, Replan, output_for
 from edgepack.bundle import BundleSpec, archive_bundle, write_bundle
 from edgepack.errors import BuildError, UsageError
 from edgepack.manifest import parse_bundle_version
@@ -166,6 +167,9 @@ def server_tables(
         # Slots decoded together (runtimes/batch.py), sized by the plan: its memory figure
         # holds the KV cache of every slot (plan/slots.py).
         engine["n_parallel"] = plan.parallel
+        # The attention kernels the build validated with (build/step_up.py); the server
+        # runs the same, so what it answers is what was validated.
+        engine["flash_attn"] = plan.flash_attn
     return {
         "model": {"path": model_rel, "format": plan.format, "kind": kind, "name": name},
         "engine": {
@@ -216,7 +220,6 @@ def run_build(req: BuildRequest, log: Callable[[str], None] = lambda _m: None) -
     from edgepack.build.model_files import check_disk_space
     from edgepack.build.preflight import check_request, model_name
     from edgepack.build.sbom import require_sbom_writer
-    from edgepack.build.step_up import output_for
     from edgepack.device.catalog import list_profiles
     from edgepack.device.profile import profile_digest
     from edgepack.device.resolve import load_profile
@@ -297,8 +300,8 @@ def run_build(req: BuildRequest, log: Callable[[str], None] = lambda _m: None) -
     if work.changes:
         source["working_copy"] = work.to_dict()
 
-    outputs: dict[tuple[str, str], _Output] = {}
-    failures: dict[tuple[str, str], Any] = {}  # (format, quant) -> its ValidationFailed
+    outputs: dict[Key, _Output] = {}
+    failures: dict[Key, Any] = {}  # (format, quant, flash attention) -> its ValidationFailed
     packs: dict[tuple[Any, ...], Any] = {}
     result = BuildResult()
 
@@ -352,15 +355,16 @@ def run_build(req: BuildRequest, log: Callable[[str], None] = lambda _m: None) -
 
 
 def _replanner(req: BuildRequest, facts: Any, profile: Any, ctx: int,
-               alternatives: Sequence[Any]) -> Callable[[str, str], Plan]:
+               alternatives: Sequence[Any]) -> Replan:
     """Plan ``profile`` again at an explicit quant (the build's step-up), at the planned
     context: a higher precision that fits only at a shorter context does not fit."""
     from edgepack.plan.planner import PlanOptions, plan_build
 
-    def replan(quant: str, planned: str) -> Plan:
+    def replan(quant: str, planned: str | None, *, flash_attn: bool = True) -> Plan:
         options = PlanOptions(format=req.fmt, ctx=ctx, quant=quant,
                               min_tokens_per_second=req.min_tokens_per_second,
-                              parallel=req.parallel, step_up_from=planned)
+                              parallel=req.parallel, step_up_from=planned,
+                              flash_attn=flash_attn)
         return plan_build(facts, profile, options, alternatives=alternatives)
 
     return replan
@@ -490,6 +494,7 @@ def _gguf_output(
             max_kl=req.max_kl,
             min_cosine=req.min_cosine,
             threads=threads,
+            flash_attn=plan.flash_attn,
         )
     return _Output(
         model_file=model_file,

@@ -249,7 +249,8 @@ def inspect(bundle: Path, as_json: bool, as_sbom: bool) -> None:
         f"{src.get('revision') or src.get('content_digest')}",
         f"device      {m.get('device', {}).get('profile_id')}",
         f"plan        ctx {plan.get('ctx')}, threads {plan.get('threads')}, "
-        f"gpu layers {plan.get('gpu_layers')}, memory "
+        f"gpu layers {plan.get('gpu_layers')}, "
+        f"{'flash attention, ' if plan.get('flash_attn') else ''}memory "
         f"{mem.get('required_bytes', 0) / 2**20:.0f} MiB of "
         f"{mem.get('usable_bytes', 0) / 2**20:.0f} MiB usable",
         f"speed       ~{(plan.get('speed') or {}).get('decode_tokens_per_second') or 0:.1f} "
@@ -268,8 +269,10 @@ def inspect(bundle: Path, as_json: bool, as_sbom: bool) -> None:
 
 def _step_up_lines(plan: dict) -> list[str]:
     """Why the bundle is not the planner's choice: each quant the build tried before it."""
-    return [f"stepped up  from {a.get('quant')} ({', '.join(a.get('failed') or [])}): "
-            f"{a.get('message')}" for a in plan.get("step_up") or []]
+    return [f"stepped up  from {a.get('quant')}"
+            f"{' with flash attention' if a.get('flash_attn') else ''} "
+            f"({', '.join(a.get('failed') or [])}): {a.get('message')}"
+            for a in plan.get("step_up") or []]
 
 
 def _card_lines(m: dict) -> list[str]:

@@ -7,25 +7,38 @@ Q4_K / ... tensors into interleaved blocks at load on CPUs with AVX2 or Arm dotp
 leave their file pages mapped; those pages are clean page cache the kernel can reclaim, so they
 count in the expected peak RSS but not in what must fit.
 
-Calibration (llama-cpp-python 0.3.36 on this project's build machine, an AMD EPYC VM, 2 vCPU
-with AVX2/AVX-512, SmolLM2-135M Q8_0 quantized with llama_model_quantize, n_ubatch 512, flash
-attention off). llama.cpp *reserves* a compute buffer (its load log, ``sched_reserve: CPU compute
-buffer size``: 98.25 / 99.38 / 166.38 / 646.38 MiB at ctx 512 / 2048 / 8192 / 32768), but only
-the pages a graph writes become resident, and filling a long context grows it past the
-reservation. What counts is the peak RSS (VmHWM) of a fresh process after the context is filled
-to its end (bench/plan_accuracy.py)::
+Calibration (llama-cpp-python 0.3.36, n_ubatch 512). llama.cpp *reserves* a compute buffer
+(its load log, ``sched_reserve``), but only the pages a graph writes become resident, and
+filling a long context grows it past the reservation. What counts is the peak RSS (VmHWM) of a
+fresh process after the context is filled to its end (bench/plan_accuracy.py's worker, which
+loads a model as the server does). Chat and completion bundles are served with flash attention
+unless it changed the validated answers (the build decides, ``Plan.flash_attn``), so both
+kernels have a formula. With flash attention (2026-11-30, Intel Xeon VM, 2 threads, SmolLM2-135M
+Q8_0)::
 
     ctx    measured peak RSS   = 68 MiB runtime + 136.4 weights + KV + compute (formula)
+    512        227.3 MiB          68 + 136.4 +  11.25 +  12.46 = 228.1
+    2048       263.9 MiB          68 + 136.4 +  45.00 +  13.96 = 263.4
+    8192       405.4 MiB          68 + 136.4 + 180.00 +  19.96 = 404.4
+
+    compute = 4 bytes x n_ubatch x 1.45 x (2 n_ff + 2 n_embd) + 2 bytes x n_ubatch x n_ctx
+
+The first term is one micro-batch's activations (1.45: intermediate copies and allocator
+placement, fitted above); the second is the f16 attention mask flash attention reads. Held out
+(random-weight Llamas of bench/plan_accuracy.py, same runs): llama-0.5b ctx 512 / 2048 measured
+706.9 / 771.0 MiB, formula +0.5 / -2.1 MiB; llama-1b ctx 512 1233.7 MiB, formula -2.8 MiB.
+
+Without flash attention (earlier calibration on an AMD EPYC VM, same model)::
+
     512        238.0 MiB          68 + 136.4 +  11.25 +  22.75 = 238.4
     2048       315.7 MiB          68 + 136.4 +  45.00 +  66.25 = 315.7
     8192       622.3 MiB          68 + 136.4 + 180.00 + 240.25 = 624.7
 
     compute = 4 bytes x n_ubatch x (1.45 x (n_head + 1) x n_ctx + 2 n_ff + 2 n_embd)
 
-The (n_head + 1) x n_ctx term is the attention scores plus mask without flash attention; the
-1.45 factor (softmax output and allocator placement) is fitted to the table above, on one model
-(9 heads) only. The 68 MiB runtime is the interpreter + llama_cpp import (46 MiB) plus tokenizer
-tables and allocator slack (22 MiB).
+llama.cpp then keeps the attention scores of a micro-batch against the whole context (the
+(n_head + 1) x n_ctx term, scores plus mask; 1.45 fitted on 9 heads only). The 68 MiB runtime is
+the interpreter + llama_cpp import (46 MiB) plus tokenizer tables and allocator slack (22 MiB).
 
 Speed: decode time per token = max(bytes read / (eta x bandwidth), 2 x params / compute rate)
 + n_layer x tau, where tau is the per-layer fixed cost (thread sync, op dispatch) that makes
@@ -85,8 +98,11 @@ GGUF_UBATCH = 512
 # 46 MiB RSS on the build machine, plus tokenizer tables and allocator slack (22 MiB for
 # SmolLM2, fitted in the module docstring's table).
 LLAMA_RUNTIME_OVERHEAD = 68 * MIB
-# Resident attention scratch per (micro-batch token x context cell x (heads + 1)), see docstring.
+# Resident scratch relative to its tensors' sizes (allocator placement, intermediate copies),
+# fitted in the module docstring's tables: without flash attention on the attention scores
+# (micro-batch token x context cell x (heads + 1)), with it on one micro-batch's activations.
 ATTN_SCRATCH_FACTOR = 1.45
+ACTIVATION_FACTOR = 1.45
 # A CUDA context on Jetson (Orin, JetPack 6) takes a few hundred MiB of the shared memory.
 # Not measurable here (no Jetson); edgepack's assumption, stated in the plan's rationale.
 CUDA_RUNTIME_OVERHEAD = 512 * MIB
@@ -297,8 +313,10 @@ def estimate_gguf(
     ctx: int,
     *,
     stored_kld: float | None = None,
+    flash_attn: bool = True,
 ) -> Estimate:
-    """Memory and speed of llama.cpp serving ``facts`` as GGUF ``quant`` at context ``ctx``.
+    """Memory and speed of llama.cpp serving ``facts`` as GGUF ``quant`` at context ``ctx``,
+    with or without flash attention (decoders only; see the module docstring).
 
     With ``stored_kld`` the facts come from an existing GGUF file (a GGUF repo): every tensor
     keeps the type it is stored in (``TensorFact.dtype``), ``quant`` is only the file's label
@@ -341,8 +359,12 @@ def estimate_gguf(
         ctx_cells = _pad(ctx, 256)
         kv = 2 * facts.n_layer * ctx_cells * facts.n_kv_head * facts.head_dim * 2
         ub = min(GGUF_UBATCH, ctx)
-        attn = ATTN_SCRATCH_FACTOR * (facts.n_head + 1) * ctx_cells
-        compute = int(4 * ub * (attn + 2 * facts.ffn_size + 2 * facts.hidden_size))
+        if flash_attn:  # no scores matrix; an f16 mask of ub x ctx cells
+            activations = ACTIVATION_FACTOR * (2 * facts.ffn_size + 2 * facts.hidden_size)
+            compute = int(4 * ub * activations + 2 * ub * ctx_cells)
+        else:
+            attn = ATTN_SCRATCH_FACTOR * (facts.n_head + 1) * ctx_cells
+            compute = int(4 * ub * (attn + 2 * facts.ffn_size + 2 * facts.hidden_size))
         output = 4 * facts.vocab_size
     else:
         # llama.cpp embeddings: no KV cache; the graph holds activations for one batch.

@@ -97,6 +97,10 @@ class PlanOptions:
     # The build's step-up (build/step_up.py): ``quant`` is then not the user's --quant but the
     # next precision above this one, the planner's choice that failed validation.
     step_up_from: str | None = None
+    # GGUF decoders: plan memory for serving with flash attention (llama.cpp's CPU default in
+    # llama-server). The build plans again with False when the answers changed with it on
+    # (build/step_up.py): the bundle is then served, and its memory planned, without it.
+    flash_attn: bool = True
 
 
 @dataclass(frozen=True)
@@ -142,11 +146,12 @@ class _Choice:
     fmt: str = "gguf"
     base: ModelFacts | None = None
 
-    def estimate(self, profile: DeviceProfile, ctx: int) -> Estimate:
+    def estimate(self, profile: DeviceProfile, ctx: int, flash_attn: bool = True) -> Estimate:
         if self.facts is not None:
-            return estimate_gguf(self.facts, profile, self.quant, ctx, stored_kld=self.kld)
+            return estimate_gguf(self.facts, profile, self.quant, ctx, stored_kld=self.kld,
+                                 flash_attn=flash_attn)
         assert self.base is not None
-        return _estimate(self.fmt, self.quant, self.base, profile, ctx)
+        return _estimate(self.fmt, self.quant, self.base, profile, ctx, flash_attn)
 
 
 @dataclass(frozen=True)
@@ -173,6 +178,9 @@ class Plan:
     speed_floor: dict[str, Any] | None = None
     gguf_file: dict[str, Any] | None = None
     parallel: int = 1  # sequences the server decodes together (server.toml n_parallel)
+    # llama.cpp's flash-attention kernels for a GGUF decoder (server.toml [engine] flash_attn):
+    # what the build validated with and the server runs; the memory figures assume it.
+    flash_attn: bool = False
     # Set by the build when the planner's choice failed validation: each quant tried before
     # this one, with the failed checks and why (build/step_up.py).
     step_up: tuple[dict[str, Any], ...] = ()
@@ -216,6 +224,7 @@ class Plan:
             "speed_floor": self.speed_floor,
             "warnings": list(self.warnings),
             "parallel": self.parallel,
+            "flash_attn": self.flash_attn,
             **extra,
         }
 
@@ -302,10 +311,11 @@ def _ctx_ladder(facts: ModelFacts, fmt: str, options: PlanOptions) -> list[int]:
 
 
 def _estimate(
-    fmt: str, quant: str, facts: ModelFacts, profile: DeviceProfile, ctx: int
+    fmt: str, quant: str, facts: ModelFacts, profile: DeviceProfile, ctx: int,
+    flash_attn: bool = True,
 ) -> Estimate:
     if fmt == "gguf":
-        return estimate_gguf(facts, profile, quant, ctx)
+        return estimate_gguf(facts, profile, quant, ctx, flash_attn=flash_attn)
     return estimate_onnx(facts, profile, quant, ctx)
 
 
@@ -404,7 +414,7 @@ def plan_build(
                 if skip:
                     tried.append(Rejected(fmt, c.quant, ctx, skip, c.file))
                     continue
-                est = c.estimate(profile, ctx)
+                est = c.estimate(profile, ctx, options.flash_attn)
                 over = est.required_bytes - budget
                 if smallest is None or est.required_bytes < smallest[0]:
                     smallest = (est.required_bytes, c.quant, ctx, est)
@@ -518,6 +528,13 @@ def plan_build(
         )
     rationale.append(f"{profile.cpu.cores} threads: one per physical core")
     if fmt == "gguf" and facts.family == "decoder":
+        rationale.append(
+            "flash attention on (llama-server's CPU default): less memory at long contexts; "
+            "the build validates with it and serves without it only if the answers change"
+            if options.flash_attn else
+            "flash attention off: the answers changed with it on (validation), so the bundle "
+            "is validated and served without it, and its memory planned for that")
+    if fmt == "gguf" and facts.family == "decoder":
         est, why_slots = choose_slots(est, profile, budget, options.parallel)
         rationale.append(why_slots)
     elif options.parallel not in (None, 1):
@@ -577,6 +594,7 @@ def plan_build(
         speed_floor={"tokens_per_second": floor, "source": floor_source,
                      "met": speed >= floor},
         parallel=est.slots,
+        flash_attn=fmt == "gguf" and facts.family == "decoder" and options.flash_attn,
         gguf_file=None if c.file is None else {
             "path": c.file, "files": list(c.files), "quant": q,
             "quality_basis": c.kld_basis,
@@ -607,6 +625,9 @@ def _quant_rationale(
     step_up_from: str | None = None,
 ) -> list[str]:
     q = c.quant
+    if step_up_from == q:
+        return [f"{q}: the planner's choice, planned again by the build without flash attention "
+                "(see step_up)"]
     if step_up_from is not None:
         return [f"{q}: stepped up by the build from the planner's {step_up_from}, which failed "
                 "validation (see step_up)"]
@@ -659,9 +680,10 @@ def _nothing_fits(
         o_budget = o_usable - max(HEADROOM_MIN, int(o_usable * HEADROOM_FRACTION))
         stored = next((f for f in files if f.quant == q), None)
         other_est = (
-            estimate_gguf(stored.facts, other, q, ctx, stored_kld=stored.kld)
+            estimate_gguf(stored.facts, other, q, ctx, stored_kld=stored.kld,
+                          flash_attn=options.flash_attn)
             if stored is not None
-            else _estimate(fmt, q, facts, other, ctx)
+            else _estimate(fmt, q, facts, other, ctx, options.flash_attn)
         )
         if other_est.required_bytes <= o_budget:
             fits_elsewhere.append(other.id)
