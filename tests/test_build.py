@@ -200,7 +200,8 @@ def test_gguf_step_up_climbs_the_planners_ladder_and_lists_every_failed_attempt(
     flat = " ".join(text.split())
     assert code == 5, text
     assert "; Q8_0 (golden): top-token agreement" in flat, text
-    assert "; F16 with flash attention (plan): no gguf build of LlamaForCausalLM reaches 5000 tok/s" in flat, text
+    assert "; F16 with flash attention (plan): no gguf build of LlamaForCausalLM reaches " \
+           "5000 tok/s" in flat, text
     assert "quantizing to F16" not in flat and "trying F16" not in flat, text
 
 

@@ -69,6 +69,12 @@ def test_build_pulls_only_the_chosen_file_and_its_reference(local_hub, tmp_path)
     assert details["chosen"] == FILES["Q8_0"] and details["reference"] == FILES["F16"]
     assert {c["path"] for c in details["candidates"]} == set(FILES.values())
     assert any("highest-quality option" in line for line in details["why"])
+    # This file's golden answer changes with flash attention ("L'Étoile…"): validated, and so
+    # planned and served, without it; the manifest says what was tried.
+    assert m["plan"]["flash_attn"] is False and m["validation"]["details"]["flash_attn"] is False
+    assert [(a["quant"], a["flash_attn"], a["failed"]) for a in m["plan"]["step_up"]] == \
+        [("Q8_0", True, ["golden"])]
+    assert "validating Q8_0 without it" in out
     assert m["source"]["revision"] == sha and list(m["source"]["files"]) == [FILES["Q8_0"]]
     # the same documents as a checkpoint build: the ML-BOM names the shipped file's digest
     sbom = json.loads((bundle / "sbom.cdx.json").read_text())

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgepack.errors import BuildError, FetchError, UsageError
+from edgepack.build.step_up import Key, output_for
+from edgepack.errors import BuildError, FetchError, UsageError, ValidationFailed
 
 if TYPE_CHECKING:
     from edgepack.build.gguf_repo import GgufRepo
@@ -39,7 +41,8 @@ def plan_gguf_repo(repo: GgufRepo, profile: DeviceProfile, *, fmt: str = "auto",
                    ctx: int | None = None, quant: str | None = None,
                    min_tokens_per_second: float | None = None,
                    alternatives: Sequence[DeviceProfile] = (),
-                   parallel: int | None = None) -> Plan:
+                   parallel: int | None = None, flash_attn: bool = True,
+                   step_up_from: str | None = None) -> Plan:
     """The plan for ``profile`` over the repo's files. Raises BuildError when it has none."""
     from edgepack.plan.planner import PlanOptions, plan_build
 
@@ -48,7 +51,8 @@ def plan_gguf_repo(repo: GgufRepo, profile: DeviceProfile, *, fmt: str = "auto",
                          hint="pick a repo with GGUF files or a safetensors checkpoint")
     best = min(repo.choices, key=lambda c: (c.kld, c.path))
     options = PlanOptions(format=fmt, ctx=ctx, quant=quant,
-                          min_tokens_per_second=min_tokens_per_second, parallel=parallel)
+                          min_tokens_per_second=min_tokens_per_second, parallel=parallel,
+                          flash_attn=flash_attn, step_up_from=step_up_from)
     try:
         plan = plan_build(best.facts, profile, options, alternatives=alternatives,
                           files=repo.choices)
@@ -125,8 +129,10 @@ def run_gguf_repo_build(req: BuildRequest, repo: GgufRepo, profiles: Sequence[De
             f"{repo.header_bytes_read / 2**20:.1f} MiB of headers read")
     per_device = dict(req.device_quants)
     plans: list[Plan] = []
+    forced: list[bool] = []
     for ref_text, profile in zip(req.devices, profiles, strict=True):
         quant = per_device.get(ref_text) or per_device.get(profile.id) or req.quant
+        forced.append(quant is not None)
         plan = plan_gguf_repo(repo, profile, fmt=req.fmt, ctx=req.ctx, quant=quant,
                               min_tokens_per_second=req.min_tokens_per_second,
                               alternatives=list_profiles(), parallel=req.parallel)
@@ -151,20 +157,42 @@ def run_gguf_repo_build(req: BuildRequest, repo: GgufRepo, profiles: Sequence[De
         pulled = pull_gguf_files(repo, wanted, token=req.token)
 
     name = model_name(req.name, repo.ref)
-    outputs: dict[tuple[str, bool], dict[str, Any]] = {}
+    outputs: dict[Key, dict[str, Any]] = {}
+    failures: dict[Key, Any] = {}
     result = BuildResult()
     packs: dict[tuple[Any, ...], Any] = {}
-    for profile, plan in zip(profiles, plans, strict=True):
+
+    def make(plan: Plan) -> dict[str, Any]:
         c = _choice_of(repo, plan)
-        key = (c.path, plan.flash_attn)
-        if key not in outputs:
-            ref, why_ref = references[c.path]
-            outputs[key] = _validate(req, repo, pulled.folder, c, ref, why_ref, plan.flash_attn,
-                                     log)
-        _write(req, repo, pulled, plan, c, outputs[key], name, profile, result, packs, log)
+        ref, why_ref = references[c.path]
+        return _validate(req, repo, pulled.folder, c, ref, why_ref, plan.flash_attn, log)
+
+    for profile, planned, is_forced in zip(profiles, plans, forced, strict=True):
+        replan = partial(_replan_repo, repo, profile, req, planned.ctx)
+        # Validated with flash attention as served, then without it (output_for); a repo's
+        # build does not yet step up to another of its files.
+        plan, out = output_for(
+            planned, forced=is_forced, outputs=outputs, failures=failures, make=make,
+            replan=replan, step_up_skip=lambda _q: NO_STEP_UP, log=log)
+        _write(req, repo, pulled, plan, _choice_of(repo, plan), out, name, profile, result,
+               packs, log)
     for p in packs.values():
         p.cleanup()
     return result
+
+
+NO_STEP_UP = "a GGUF repo's build does not step up to another file of the repo"
+
+
+def _replan_repo(repo: GgufRepo, profile: DeviceProfile, req: BuildRequest, ctx: int,
+                 quant: str, planned: str | None, *, flash_attn: bool = True) -> Plan:
+    """The plan for the repo's ``quant`` file again, at the planned context (output_for)."""
+    from edgepack.device.catalog import list_profiles
+
+    return plan_gguf_repo(repo, profile, fmt=req.fmt, ctx=ctx, quant=quant,
+                          min_tokens_per_second=req.min_tokens_per_second,
+                          alternatives=list_profiles(), parallel=req.parallel,
+                          flash_attn=flash_attn, step_up_from=planned)
 
 
 def _kind(repo: GgufRepo, c: FileChoice) -> str:
@@ -219,7 +247,7 @@ def _validate(req: BuildRequest, repo: GgufRepo, folder: Path, c: FileChoice,
 
 def golden_only(model: Path, golden: Sequence[Any], threads: int, why: str,
                 kind: str, flash_attn: bool = False) -> dict[str, Any]:
-    """Validation without a reference file: the golden prompts must all pass (BuildError
+    """Validation without a reference file: the golden prompts must all pass (ValidationFailed
     otherwise); with no golden prompts, loading the file and one greedy token is the check.
 
     The context is sized as for a checkpoint build (:func:`validation_ctx`: the texts counted
@@ -247,9 +275,11 @@ def golden_only(model: Path, golden: Sequence[Any], threads: int, why: str,
     failed = [a for a in answers if not a["passed"]]
     if failed:
         a = failed[0]
-        raise BuildError(
+        summary = (f"golden prompt {a['prompt']!r} answered {a['answer']!r} without "
+                   f"{a['expect']!r}")
+        raise ValidationFailed(
             f"{model.name} failed its golden prompt {a['prompt']!r}: answered {a['answer']!r} "
-            f"without {a['expect']!r}",
+            f"without {a['expect']!r}", checks=("golden",), summary=summary,
             hint="pick a higher-precision file with --quant, or change the prompts with "
                  "--golden / skip them with --no-golden")
     return {"metric": "golden_prompts" if answers else "loads",

@@ -625,13 +625,10 @@ def _quant_rationale(
     step_up_from: str | None = None,
 ) -> list[str]:
     q = c.quant
-    if step_up_from == q:
-        return [f"{q}: the planner's choice, planned again by the build without flash attention "
-                "(see step_up)"]
-    if step_up_from is not None:
+    if step_up_from is not None and step_up_from != q:
         return [f"{q}: stepped up by the build from the planner's {step_up_from}, which failed "
                 "validation (see step_up)"]
-    if forced:
+    if forced and step_up_from is None:
         return [f"{q} as asked with --quant"]
     if met:
         why = f"{q}: the highest-quality option that fits with headroom"
@@ -641,6 +638,8 @@ def _quant_rationale(
         why = f"{q}: the fastest option of Q4 quality or better that fits"
     if fmt == "gguf":
         why += f" (KLD {est.quality_value:g} vs FP16 on LLaMA 3 8B, {c.kld_basis})"
+    if step_up_from == q:  # the build's second plan of the planner's choice (build/step_up.py)
+        why += "; planned again by the build without flash attention (see step_up)"
     return [why]
 
 
