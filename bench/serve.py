@@ -201,9 +201,12 @@ def edgepack_target(gguf: Path, threads: int, ctx: int, workdir: Path,
     sys.path.insert(0, str(ROOT / "tests"))
     from support.bundles import make_test_bundle
 
+    # flash attention as llama-server runs it on the CPU (-fa auto), and as a bundle that
+    # passed validation with it is served (server.toml flash_attn, build/step_up.py)
     bundle = make_test_bundle(workdir / name, gguf, engine={"n_threads": threads,
-                                                                  "n_ctx": ctx,
-                                                                  "n_parallel": parallel})
+                                                            "n_ctx": ctx,
+                                                            "n_parallel": parallel,
+                                                            "flash_attn": True})
     port = _free_port()
     return Target(name, [sys.executable, "-m", "edgepack", "serve", str(bundle),
                                "--port", str(port), "--log-level", "warning"], "/readyz", port)
