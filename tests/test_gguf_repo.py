@@ -12,7 +12,8 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from support.gguf_repo import FILES, smollm2_gguf_repo
+from support.gguf_repo import FILES, repo_file, smollm2_gguf_repo
+from support.schemas import check_json
 
 from edgepack.cli.main import cli
 from edgepack.manifest import verify_bundle
@@ -98,6 +99,72 @@ def test_build_pulls_only_the_chosen_file_and_its_reference(local_hub, tmp_path)
     assert not (bundle / "tokenizer").exists()
     assert "Paris" in served_answer(bundle, "smollm2-135m-instruct-gguf",
                                     "What is the capital of France?")
+
+
+def _slow_board(tmp_path):
+    """A Pi 4 with a tenth of its memory bandwidth: SmolLM2 decodes below the sbc floor (5
+    tok/s) at every quant, so the planner picks the fastest Q4-class file of the repo."""
+    import dataclasses
+
+    from edgepack.device.catalog import load_profile_ref
+    from edgepack.device.profile import profile_to_toml
+
+    pi4 = load_profile_ref("raspberry-pi-4-4gb")
+    sources = {**pi4.sources, "memory.measured_bandwidth_gbps": "test: a tenth of a Pi 4's"}
+    slow = dataclasses.replace(pi4, id="slow-board", sources=sources, memory=dataclasses.replace(
+        pi4.memory, measured_bandwidth_gbps=0.5))
+    path = tmp_path / "slow-board.toml"
+    path.write_text(profile_to_toml(slow))
+    return path
+
+
+def test_a_planned_file_that_fails_validation_steps_up_to_the_next_file_of_the_repo(
+    local_hub, tmp_path
+):
+    """No --quant: the planner picks Q4_1 (the fastest Q4-class file on a slow board), whose
+    greedy answer to the default golden prompt misses Paris; the build re-plans the repo's next
+    file up, Q5_K_M, from its header, downloads it only then, validates it against the repo's
+    F16 and ships it, with the failed Q4_1 in the plan's step_up (manifest and build --json).
+    Q8_0, above the file that passed and not the reference, stays header reads."""
+    repo = "edgepack-test/SmolLM2-135M-Instruct-step-up-GGUF"
+    folder = smollm2_gguf_repo(step_up=True)
+    local_hub.add_repo(repo, folder)
+    r = CliRunner().invoke(cli, ["build", repo, "--device", str(_slow_board(tmp_path)),
+                                 "--out", str(tmp_path / "out"), "--json"])
+    assert r.exit_code == 0, r.output
+    log = " ".join(r.stderr.split())
+    assert f"plan for slow-board: Q4_1 from {repo_file('Q4_1')}" in log, log
+    failed_at = log.index("Q4_1 failed validation: ")
+    assert "golden prompt 'What is the capital of France?' answered" in log[failed_at:], log
+    assert "trying Q5_K_M (fits: " in log[failed_at:], log
+    (b,) = check_json("build", r.stdout)["bundles"]
+    m = verify_bundle(b["path"])
+    assert m["model"]["quant"] == b["quant"] == "Q5_K_M"
+    details = m["model"]["gguf_repo"]
+    assert details["chosen"] == repo_file("Q5_K_M") and details["reference"] == FILES["F16"]
+    assert list(m["source"]["files"]) == [repo_file("Q5_K_M")]
+    # Q4_1 failed with flash attention (as served) and without it, then the build stepped up
+    attempts = m["plan"]["step_up"]
+    assert [(a["quant"], a["flash_attn"]) for a in attempts] == [
+        ("Q4_1", True), ("Q4_1", False)], attempts
+    for a in attempts:
+        assert "golden" in a["failed"] and "without 'Paris'" in a["message"], a
+    assert b["step_up"] == m["plan"]["step_up"]
+    assert any("stepped up by the build from the planner's Q4_1" in x for x in details["why"])
+    golden = m["validation"]["details"]["golden"]
+    assert golden[0]["passed"] and "Paris" in golden[0]["answer"], golden
+    # the hub log: Q8_0 only ever read through Range requests of its header; the others whole
+    reqs, sent = _file_traffic(local_hub, repo_file("Q8_0"))
+    assert reqs and all(x.method == "GET" and x.range for x in reqs) and sent < 4 * 1024 * 1024
+    for name in (repo_file("Q4_1"), repo_file("Q5_K_M"), FILES["F16"]):
+        _, sent = _file_traffic(local_hub, name)
+        assert sent >= (folder / name).stat().st_size, name  # downloaded whole
+    # Q5_K_M was pulled after Q4_1 failed, not with the planned file
+    assert "pulling 1 GGUF file(s) for Q5_K_M" in log[failed_at:], log
+    # asked for by name, the failing file fails the build (exit 5), as a forced quant does
+    code, out = run("build", repo, "--device", str(_slow_board(tmp_path)), "--quant", "Q4_1",
+                    "--out", str(tmp_path / "forced"))
+    assert code == 5 and "trying" not in out and "without 'Paris'" in out, out
 
 
 def test_split_file_chosen_with_quant_ships_every_part(local_hub, tmp_path):

@@ -12,6 +12,13 @@ llama.cpp and
   models are never loaded at once, and the rest is for the process and the page cache);
 - answers the golden prompts through the chat template stored in the file (a chat model).
 
+When the planner chose the file (no ``--quant``) and it fails validation
+(:class:`~edgepack.errors.ValidationFailed`: agreement, KL or a golden prompt; with and then
+without flash attention, see :mod:`edgepack.build.step_up`), the build steps up to the repo's
+next file of higher precision that the planner accepts (:func:`step_up_ladder`), planned from
+its header at the planned context, downloaded only then, and validated the same way; the
+attempts go into the plan's ``step_up`` record exactly as for a conversion.
+
 The manifest's ``model.gguf_repo`` records the chosen file, why (the plan's
 rationale), every candidate with its size and quality figure, and the reference used.
 """
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +37,7 @@ from edgepack.errors import BuildError, FetchError, UsageError, ValidationFailed
 
 if TYPE_CHECKING:
     from edgepack.build.gguf_repo import GgufRepo
+    from edgepack.build.hub import PulledModel
     from edgepack.build.pipeline import BuildRequest, BuildResult
     from edgepack.device.profile import DeviceProfile
     from edgepack.plan.planner import FileChoice, Plan
@@ -110,6 +119,19 @@ def _choice_of(repo: GgufRepo, plan: Plan) -> FileChoice:
     return next(c for c in repo.choices if c.path == plan.gguf_file["path"])
 
 
+def step_up_ladder(repo: GgufRepo, plan: Plan) -> tuple[str, ...]:
+    """The quants of the repo's files of higher precision than ``plan``'s file, next first
+    (the build's step-up re-plans each by name): lower KLD first, and of the same KLD figure
+    more weight bytes (a type the scoreboard lacks takes the figure of the listed type nearest
+    in bits per weight: SmolLM2's Q4_1, its embeddings kept at Q8_0, ranks with Q5_K_M)."""
+    def rank(c: FileChoice) -> tuple[float, int]:
+        return c.kld, -sum(_nbytes(t) for t in c.facts.tensors)
+
+    chosen = rank(_choice_of(repo, plan))
+    better = sorted((c for c in repo.choices if rank(c) < chosen), key=rank, reverse=True)
+    return tuple(dict.fromkeys(c.quant for c in better))
+
+
 def run_gguf_repo_build(req: BuildRequest, repo: GgufRepo, profiles: Sequence[DeviceProfile],
                         log: Callable[[str], None]) -> BuildResult:
     """Build one bundle per device from a GGUF repo. Raises BuildError (nothing fits,
@@ -119,6 +141,7 @@ def run_gguf_repo_build(req: BuildRequest, repo: GgufRepo, profiles: Sequence[De
     from edgepack.build.pipeline import BuildResult, build_stage
     from edgepack.build.preflight import model_name
     from edgepack.device.catalog import list_profiles
+    from edgepack.plan.planner import step_up_skip
 
     if repo.offline:
         log(f"{repo.ref.text} is a GGUF repo, offline: planning over the "
@@ -142,20 +165,30 @@ def run_gguf_repo_build(req: BuildRequest, repo: GgufRepo, profiles: Sequence[De
         for warning in plan.warnings:
             log(f"plan warning ({profile.id}): {warning}")
 
-    chosen = {c.path: c for c in (_choice_of(repo, p) for p in plans)}
-    references = {path: pick_reference(repo, c) for path, c in chosen.items()}
-    wanted = [p for c in chosen.values() for p in c.files]
-    wanted += [p for ref, _why in references.values() if ref is not None for p in ref.files]
     sizes = {f.path: f.size or 0 for f in repo.files}
-    if repo.folder is None:
-        from edgepack.build.hub_client import hub_cache_dir
+    pulled: PulledModel | None = None
 
-        cache = hub_cache_dir()
-        cache.mkdir(parents=True, exist_ok=True)
-        check_disk_space(cache, sum(sizes.get(p, 0) for p in set(wanted)))
-    with build_stage(log, "pull", f"pulling {len(set(wanted))} GGUF file(s)"):
-        pulled = pull_gguf_files(repo, wanted, token=req.token)
+    def pull(paths: Sequence[str], why: str) -> PulledModel:
+        """Download the files of ``paths`` not pulled yet (only those: the others stay
+        header reads)."""
+        nonlocal pulled
+        new = sorted(set(paths) - set(pulled.files if pulled else ()))
+        if new or pulled is None:
+            if repo.folder is None:
+                from edgepack.build.hub_client import hub_cache_dir
 
+                cache = hub_cache_dir()
+                cache.mkdir(parents=True, exist_ok=True)
+                check_disk_space(cache, sum(sizes.get(p, 0) for p in new))
+            with build_stage(log, "pull", f"pulling {len(new)} GGUF file(s){why}"):
+                got = pull_gguf_files(repo, new, token=req.token)
+            pulled = got if pulled is None else replace(
+                pulled, files={**pulled.files, **got.files})
+        return pulled
+
+    first = {c.path: c for c in (_choice_of(repo, p) for p in plans)}
+    pull([p for c in first.values() for p in _with_reference(c, pick_reference(repo, c)[0])],
+         "")
     name = model_name(req.name, repo.ref)
     outputs: dict[Key, dict[str, Any]] = {}
     failures: dict[Key, Any] = {}
@@ -164,16 +197,19 @@ def run_gguf_repo_build(req: BuildRequest, repo: GgufRepo, profiles: Sequence[De
 
     def make(plan: Plan) -> dict[str, Any]:
         c = _choice_of(repo, plan)
-        ref, why_ref = references[c.path]
-        return _validate(req, repo, pulled.folder, c, ref, why_ref, plan.flash_attn, log)
+        ref, why_ref = pick_reference(repo, c)
+        folder = pull(_with_reference(c, ref), f" for {c.quant}").folder
+        return _validate(req, repo, folder, c, ref, why_ref, plan.flash_attn, log)
 
     for profile, planned, is_forced in zip(profiles, plans, forced, strict=True):
         replan = partial(_replan_repo, repo, profile, req, planned.ctx)
-        # Validated with flash attention as served, then without it (output_for); a repo's
-        # build does not yet step up to another of its files.
+        # Validated with flash attention as served, then without it, then the repo's next
+        # file up (output_for)
         plan, out = output_for(
             planned, forced=is_forced, outputs=outputs, failures=failures, make=make,
-            replan=replan, step_up_skip=lambda _q: NO_STEP_UP, log=log)
+            replan=replan, step_up_skip=partial(step_up_skip, "gguf", profile=profile),
+            log=log, ladder=step_up_ladder(repo, planned))
+        assert pulled is not None
         _write(req, repo, pulled, plan, _choice_of(repo, plan), out, name, profile, result,
                packs, log)
     for p in packs.values():
@@ -181,7 +217,9 @@ def run_gguf_repo_build(req: BuildRequest, repo: GgufRepo, profiles: Sequence[De
     return result
 
 
-NO_STEP_UP = "a GGUF repo's build does not step up to another file of the repo"
+def _with_reference(c: FileChoice, ref: FileChoice | None) -> list[str]:
+    """The files of ``c`` and of its reference ``ref``, if any."""
+    return [*c.files, *(ref.files if ref is not None else ())]
 
 
 def _replan_repo(repo: GgufRepo, profile: DeviceProfile, req: BuildRequest, ctx: int,

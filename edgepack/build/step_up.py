@@ -22,11 +22,15 @@ quant, not the kernels.
 Outputs are shared by (format, quant, flash attention) across devices, and so are failures: a
 second device planned at a quant that already failed steps up without converting it again,
 and reuses an output another device already has at the higher precision.
+
+GGUF-repository builds (:mod:`edgepack.build.gguf_repo_build`) step up the same way along the
+repo's own files of higher precision (``ladder``), each re-planned from its header and
+downloaded only when it is tried.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -76,17 +80,21 @@ def output_for(
     replan: Replan,
     step_up_skip: Callable[[str], str | None],
     log: Callable[[str], None],
+    ladder: Sequence[str] | None = None,
 ) -> tuple[Plan, Any]:
     """The output (``make``'s result) for ``plan``, stepping up when it fails validation.
 
     ``replan`` plans the device again (see :class:`Replan`); ``step_up_skip(quant)`` says why a
-    quant is passed over on this device (None: try it). Returns the plan actually built (with
+    quant is passed over on this device (None: try it); ``ladder`` the quants to step up
+    through, next first (default: the planner's table above ``plan.quant``,
+    :func:`~edgepack.plan.quants.higher_precision`). Returns the plan actually built (with
     ``step_up`` set when it differs from ``plan``) and its output. Raises the validation
     failure itself when ``forced`` (after the try without flash attention), else BuildError
     (exit 5) listing every attempt once nothing is left to try.
     """
     attempts: list[Attempt] = []
-    ladder = iter(() if forced else higher_precision(plan.format, plan.quant))
+    steps = iter(() if forced else higher_precision(plan.format, plan.quant)
+                 if ladder is None else ladder)
     current = plan
     while True:
         try:
@@ -101,7 +109,7 @@ def output_for(
                 continue
             if forced:
                 raise
-            nxt = _next_plan(plan, ladder, attempts, replan, step_up_skip)
+            nxt = _next_plan(plan, steps, attempts, replan, step_up_skip)
             if nxt is None:
                 raise _all_failed(plan, attempts, e) from e
             budget = nxt.usable_bytes - nxt.headroom_bytes

@@ -1,6 +1,10 @@
 """A GGUF repo of SmolLM2-135M-Instruct, as a hub user finds one (``...-GGUF``): several
 quantizations of the same model side by side, a README with a licence, no safetensors.
 
+A second repo (``smollm2_gguf_repo(step_up=True)``) holds Q4_1, Q5_K_M, Q8_0 and F16, for the
+build's step-up: with flash attention off, SmolLM2-135M's greedy answer to "What is the capital
+of France?" is "L'Étoile, la Cité, ..." at Q4_1 and mentions Paris at Q5_K_M and above.
+
 Files are made locally from the suite's SmolLM2 F16 GGUF (llama.cpp's converter of the HF
 folder rebuilt from the shipped Q4_1 file, see support.models): Q8_0 and Q4_0 by llama.cpp's
 own quantizer, and a Q4_0 copy split in two parts the way ``gguf-split`` names them
@@ -61,26 +65,35 @@ def split_gguf(src: Path, out_dir: Path, stem: str, parts: int = 2) -> list[Path
     return sorted(out_dir.glob(f"{stem}-*-of-*.gguf"))
 
 
-def _build(out: Path, *, split: bool) -> None:
+STEP_UP_QUANTS = ("Q4_1", "Q5_K_M", "Q8_0")
+
+
+def repo_file(quant: str) -> str:
+    return f"SmolLM2-135M-Instruct-{quant}.gguf"
+
+
+def _build(out: Path, *, split: bool, quants: tuple[str, ...] = ("Q8_0", "Q4_0")) -> None:
     f16 = build_gguf(build_smollm2(), "f16")
     (out / "README.md").write_text(README)
     os.link(f16, out / FILES["F16"])
-    for quant in ("Q8_0", "Q4_0"):
-        quantize_gguf(f16, out / FILES[quant], quant)
+    for quant in quants:
+        quantize_gguf(f16, out / repo_file(quant), quant)
     if split:
         split_gguf(out / FILES["Q4_0"], out, "SmolLM2-135M-Instruct-Q4_0-split")
         (out / FILES["Q4_0"]).unlink()
 
 
-def smollm2_gguf_repo(*, split: bool = False) -> Path:
-    """Folder of the repo (F16, Q8_0, Q4_0 or, with ``split``, Q4_0 in two parts)."""
+def smollm2_gguf_repo(*, split: bool = False, step_up: bool = False) -> Path:
+    """Folder of the repo (F16, Q8_0, Q4_0 or, with ``split``, Q4_0 in two parts; with
+    ``step_up``, F16 and :data:`STEP_UP_QUANTS`)."""
     from edgepack.build.gguf_convert import converter_version
     from support.models import converter_environ
 
     slug = "".join(ch if ch.isalnum() or ch == "." else "-"
                    for ch in converter_version(converter_environ()))
     root = cache_root()
-    final = root / f"smollm2-gguf-repo{'-split' if split else ''}-{REPO_VERSION}-{slug}"
+    shape = "-split" if split else "-step-up" if step_up else ""
+    final = root / f"smollm2-gguf-repo{shape}-{REPO_VERSION}-{slug}"
     if (final / "README.md").is_file():
         return final
     with _locked(root / f".{final.name}.lock"):
@@ -88,7 +101,10 @@ def smollm2_gguf_repo(*, split: bool = False) -> Path:
             return final
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
         try:
-            _build(tmp, split=split)
+            if step_up:
+                _build(tmp, split=False, quants=STEP_UP_QUANTS)
+            else:
+                _build(tmp, split=split)
             os.chmod(tmp, 0o755)
             os.rename(tmp, final)
         finally:
