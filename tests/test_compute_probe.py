@@ -16,7 +16,9 @@ from edgepack.device.catalog import load_profile_ref
 from edgepack.device.compute_probe import (
     CHUNKS,
     PROBE_SHAPE,
+    PROMPT_TOKENS,
     DecodeRate,
+    Rate,
     decode_rate,
     measure_decode_gflops,
     probe_params,
@@ -38,6 +40,7 @@ from edgepack.plan.estimate import (
     TAU_CPU,
     decode_compute_gflops,
     estimate_gguf,
+    prompt_compute_gflops,
 )
 from edgepack.plan.facts import model_facts
 from edgepack.plan.planner import PlanOptions, plan_build
@@ -47,20 +50,18 @@ ORDER = "[slowest, fastest]"
 
 
 def _measured(profile, all_cores: float | None, one: float | None, how: str = "measured now",
-              spread: tuple | None = None, spread_1t: tuple | None = None):
-    """``profile`` with measured decode rates (and chunk spreads), sourced as detect writes
-    them."""
+              spread: tuple | None = None, spread_1t: tuple | None = None, **prompt):
+    """``profile`` with measured decode rates (and chunk spreads, and ``prompt``: the
+    ``measured_prompt_gflops*`` fields), sourced as detect writes them."""
     sources = dict(profile.sources)
-    cpu = dataclasses.replace(profile.cpu, measured_decode_gflops=all_cores,
-                              measured_decode_gflops_1t=one,
-                              measured_decode_gflops_range=spread,
-                              measured_decode_gflops_1t_range=spread_1t)
-    for key, value in (("cpu.measured_decode_gflops", all_cores),
-                       ("cpu.measured_decode_gflops_1t", one),
-                       ("cpu.measured_decode_gflops_range", spread),
-                       ("cpu.measured_decode_gflops_1t_range", spread_1t)):
+    fields = {"measured_decode_gflops": all_cores, "measured_decode_gflops_1t": one,
+              "measured_decode_gflops_range": spread,
+              "measured_decode_gflops_1t_range": spread_1t,
+              **{f"measured_prompt_gflops{k}": v for k, v in prompt.items()}}
+    cpu = dataclasses.replace(profile.cpu, **fields)
+    for key, value in fields.items():
         if value is not None:
-            sources[key] = how
+            sources[f"cpu.{key}"] = how
     return dataclasses.replace(profile, cpu=cpu, sources=sources)
 
 
@@ -95,6 +96,9 @@ def test_the_probe_measures_a_positive_rate_per_thread_count_here():
     for r in rates.values():  # the median chunk, inside its slowest..fastest spread
         assert r.low is not None and r.high is not None
         assert 0 < r.low <= r.gflops <= r.high
+        # and the median prompt batch, inside its spread
+        assert r.prompt is not None and r.prompt.spread is not None, r
+        assert 0 < r.prompt.low <= r.prompt.gflops <= r.prompt.high
     assert how.startswith("measured now with llama-cpp-python")
     profile = build_profile(facts, measured_compute=rates, compute_how=how)
     at_cores = rates[facts.physical_cores]
@@ -102,6 +106,10 @@ def test_the_probe_measures_a_positive_rate_per_thread_count_here():
     assert profile.cpu.measured_decode_gflops_range == (at_cores.low, at_cores.high)
     assert "slowest and fastest chunk" in profile.sources["cpu.measured_decode_gflops_range"]
     assert f"median of {CHUNKS} x" in profile.sources["cpu.measured_decode_gflops"]
+    assert profile.cpu.measured_prompt_gflops == at_cores.prompt.gflops
+    assert profile.cpu.measured_prompt_gflops_range == at_cores.prompt.spread
+    assert f"batches of {PROMPT_TOKENS} tokens" in profile.sources["cpu.measured_prompt_gflops"]
+    assert "slowest and fastest batch" in profile.sources["cpu.measured_prompt_gflops_range"]
     # what detect writes, the profile parser reads back
     assert parse_profile_dict(json.loads(json.dumps(profile.to_dict()))) == profile
 
@@ -150,8 +158,10 @@ def test_compute_cache_measures_once_per_machine_and_never_stores_a_busy_or_abse
     assert (rates, len(calls)) == ({1: _rate(11.0), 2: _rate(21.0)}, 1) and "cached in" in how
     stored = json.loads((tmp_path / "compute.json").read_text())
     assert list(stored.values())[0]["value"] == {
-        "1": {"gflops": 11.0, "low": 10.0, "high": 12.0},
-        "2": {"gflops": 21.0, "low": 20.0, "high": 22.0}}
+        "1": {"gflops": 11.0, "low": 10.0, "high": 12.0,
+              "prompt": {"gflops": 33.0, "low": 32.0, "high": 34.0}},
+        "2": {"gflops": 21.0, "low": 20.0, "high": 22.0,
+              "prompt": {"gflops": 63.0, "low": 62.0, "high": 64.0}}}
     assert gflops(compute(facts, 1001.0 + MAX_AGE_SECONDS)[0]) == {1: 12.0, 2: 22.0}  # expired
     other = dataclasses.replace(facts, physical_cores=facts.physical_cores + 8)
     assert gflops(compute(other, 2000.0 + MAX_AGE_SECONDS)[0]) == {1: 13.0, 2: 23.0}
@@ -162,7 +172,8 @@ def test_compute_cache_measures_once_per_machine_and_never_stores_a_busy_or_abse
     assert "while busy (load average 9.0 on 2 CPUs): not cached" in how
     assert gflops(compute(facts, 10 * MAX_AGE_SECONDS)[0]) == {1: 15.0, 2: 25.0}
     # an unusable stored entry is measured again: a bad number, a spread that misses its figure
-    for bad in ({"1": -3}, {"1": {"gflops": 9.0, "low": 10.0, "high": 12.0}}):
+    for bad in ({"1": -3}, {"1": {"gflops": 9.0, "low": 10.0, "high": 12.0}},
+                {"1": {"gflops": 11.0, "low": 10.0, "high": 12.0, "prompt": {"gflops": 1}}}):
         stored = json.loads((tmp_path / "compute.json").read_text())
         for entry in stored.values():
             entry["value"] = bad
@@ -183,10 +194,19 @@ def test_compute_cache_measures_once_per_machine_and_never_stores_a_busy_or_abse
     assert profile.cpu.measured_decode_gflops_1t in (9.5, None)
     assert profile.cpu.measured_decode_gflops_range is None
     assert not any(k.endswith("_range") for k in profile.sources)
+    assert profile.cpu.measured_prompt_gflops is None
+    # one written before the prompt was timed (a decode spread, no prompt) loads without it
+    stored = json.loads((tmp_path / "compute.json").read_text())
+    for entry in stored.values():
+        entry["value"] = {"1": {"gflops": 9.5, "low": 9.0, "high": 10.0}}
+    (tmp_path / "compute.json").write_text(json.dumps(stored))
+    assert compute(facts, 10 * MAX_AGE_SECONDS)[0] == {1: DecodeRate(9.5, 9.0, 10.0)}
+    assert len(calls) == before
 
 
 def _rate(gflops: float) -> DecodeRate:
-    return DecodeRate(gflops, gflops - 1.0, gflops + 1.0)
+    return DecodeRate(gflops, gflops - 1.0, gflops + 1.0,
+                      Rate(3 * gflops, 3 * gflops - 1.0, 3 * gflops + 1.0))
 
 
 def test_an_absent_measurement_is_not_cached(tmp_path, monkeypatch):
@@ -201,7 +221,10 @@ def test_an_absent_measurement_is_not_cached(tmp_path, monkeypatch):
 def test_measured_fields_round_trip_through_toml_and_json(tmp_path):
     base = load_profile_ref("laptop-x86-16gb")
     p = _measured(base, 41.5, 12.25, "llama.cpp Q8_0 decode of a synthetic model; test",
-                  (38.0, 44.25), (11.0, 13.5))
+                  (38.0, 44.25), (11.0, 13.5), **{"": 120.0, "_1t": 35.5,
+                                                 "_range": (110.0, 121.0),
+                                                 "_1t_range": (35.0, 36.0)})
+    assert "measured_prompt_gflops_1t_range = [35.0, 36.0]" in profile_to_toml(p)
     assert "measured_decode_gflops_range = [38.0, 44.25]" in profile_to_toml(p)
     path = tmp_path / "laptop-x86-16gb.toml"
     path.write_text(profile_to_toml(p))
@@ -233,11 +256,14 @@ def test_measured_fields_round_trip_through_toml_and_json(tmp_path):
          "a range around cpu.measured_decode_gflops = 41.5"),
         ("measured_decode_gflops_1t_range", [1.0, 2.0],
          "a range around cpu.measured_decode_gflops_1t = 12.25"),
+        ("measured_prompt_gflops", 0, "a finite number > 0"),
+        ("measured_prompt_gflops_range", [1.0, 2.0],
+         "a range around cpu.measured_prompt_gflops = 120"),
     ],
 )
 def test_bad_measured_compute_is_named_with_value_and_expectation(key, bad, expected):
     data = _measured(load_profile_ref("laptop-x86-16gb"), 41.5, 12.25, "test", (40.0, 43.0),
-                     (12.0, 13.0)).to_dict()
+                     (12.0, 13.0), **{"": 120.0, "_range": (110.0, 121.0)}).to_dict()
     data["cpu"][key] = bad
     with pytest.raises(ProfileError) as e:
         parse_profile_dict(data, origin="lab.toml")
@@ -328,6 +354,25 @@ def test_the_estimate_uses_the_measured_rate_in_the_direction_expected():
     assert "repacked" in basis
 
 
+def test_the_prompt_estimate_uses_the_measured_prompt_rate():
+    facts = _smollm_facts()
+    base = load_profile_ref("laptop-x86-16gb")
+    flops = 2 * facts.n_params  # SmolLM2 ties its embeddings
+    nominal = estimate_gguf(facts, base, "Q8_0", 512).prompt_tps
+    assert nominal == pytest.approx(0.35 * base.cpu.peak_gflops_fp32 * 1e9 / flops)
+    p = _measured(base, 20.0, None, "t", **{"": 90.0, "_range": (80.0, 95.5)})
+    assert estimate_gguf(facts, p, "Q8_0", 512).prompt_tps == pytest.approx(90.0e9 / flops)
+    rate, basis = prompt_compute_gflops(p)
+    assert (rate, basis) == (90.0, "measured: llama.cpp Q8_0 prompt 90 GFLOPS at 8 threads, "
+                                   "batches 80-95.5")
+    # a repacked Q4_0 (AVX2) gets the measured Q8_0 rate x ETA_PROMPT_REPACK / ETA_PROMPT
+    assert prompt_compute_gflops(p, repacked=True)[0] == pytest.approx(90.0 * 0.50 / 0.35)
+    assert prompt_compute_gflops(base)[1].startswith("nominal: 0.35 x ")
+    # the thread count the plan uses: 1 thread gets the 1-thread figure
+    one = with_threads(_measured(base, 20.0, 4.0, "t", **{"": 90.0, "_1t": 14.0}), 1)
+    assert prompt_compute_gflops(one)[0] == 14.0
+
+
 def test_on_arm_with_dotprod_the_q8_0_probe_is_the_repacked_kernel():
     pi5 = _measured(load_profile_ref("raspberry-pi-5-8gb"), 8.0, 2.5)
     assert decode_compute_gflops(pi5, repacked=True)[0] == 8.0
@@ -356,6 +401,16 @@ def test_the_plan_says_where_its_compute_figure_came_from():
     assert ranged["device"]["compute_basis"] == (
         "measured: llama.cpp Q8_0 decode 20 GFLOPS at 8 threads, chunks 18.5-21.25")
     assert ranged["device"]["measured_decode_gflops_range"] == [18.5, 21.25]
+    assert ranged["device"]["prompt_basis"].startswith("nominal: 0.35 x ")  # not measured
+    assert ranged["device"]["measured_prompt_gflops_range"] is None
+    prompted = plan_build(facts, _measured(base, 20.0, 4.0, "t", **{"": 75.0, "_range": (
+        70.0, 77.0)}), opts).to_dict()
+    assert prompted["device"]["prompt_gflops"] == 75.0
+    assert prompted["device"]["measured_prompt_gflops_range"] == [70.0, 77.0]
+    assert any("prompt estimate from 75 GFLOPS (measured: llama.cpp Q8_0 prompt 75 GFLOPS at 8 "
+               "threads, batches 70-77)" in r for r in prompted["rationale"])
+    assert prompted["speed"]["prompt_tokens_per_second"] == pytest.approx(
+        75.0e9 / (2 * facts.n_params), rel=1e-3)
     assert any("compute rate of 20 GFLOPS (measured: llama.cpp Q8_0 decode 20 GFLOPS at 8 "
                "threads, chunks 18.5-21.25)" in r for r in ranged["rationale"])
     one = plan_build(facts, with_threads(
@@ -397,6 +452,12 @@ def test_profiles_detect_measure_json_includes_the_measured_compute_and_its_sour
     assert low <= data["cpu"]["measured_decode_gflops"] <= high
     assert data["derived"]["decode_gflops_range"] == [low, high]
     assert "cpu.measured_decode_gflops_range" in data["sources"]
+    low, high = data["cpu"]["measured_prompt_gflops_range"]
+    assert 0 < low <= data["cpu"]["measured_prompt_gflops"] <= high
+    assert data["derived"]["prompt_gflops"] == data["cpu"]["measured_prompt_gflops"]
+    assert f"at {cores} thread(s)" in data["sources"]["cpu.measured_prompt_gflops"]
+    if cores > 1:
+        assert "at 1 thread(s)" in data["sources"]["cpu.measured_prompt_gflops_1t"]
     assert data["derived"]["compute_basis"].startswith("measured")
 
 

@@ -299,6 +299,7 @@ def test_local_ref_measures_decode_compute_once_and_caches_it(tmp_path, monkeypa
     stored = entry["value"][str(first.cpu.cores)]
     assert stored["gflops"] == first.cpu.measured_decode_gflops
     assert (stored["low"], stored["high"]) == first.cpu.measured_decode_gflops_range
+    assert stored["prompt"]["gflops"] == first.cpu.measured_prompt_gflops
     assert second.cpu == first.cpu  # the stored figures, not a second measurement
     assert "cached in" in second.sources["cpu.measured_decode_gflops"]
 

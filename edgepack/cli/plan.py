@@ -16,6 +16,8 @@ header bytes of a local file); the device from a shipped profile id, a profile .
                  # GGUF plans: what the CPU decode estimate used and where it came from
                  "decode_gflops", "compute_basis": "measured: ..." | "nominal: ...",
                  "measured_decode_gflops_range": [slowest, fastest] | null,  # probe chunks
+                 "prompt_gflops", "prompt_basis": "measured: ..." | "nominal: ...",
+                 "measured_prompt_gflops_range": [slowest, fastest] | null,  # probe batches
                  "bandwidth_basis": "measured" | "theoretical x derating"},
       "format": "gguf" | "onnx",
       "quant": "Q4_K_M" | ... | "int8" | ...,    # llama.cpp file type or ONNX weight format

@@ -7,9 +7,10 @@ JSON output (``--json``), stable:
 
 where PROFILE is the profile's schema-1 data (see edgepack.device.profile) plus
 ``"derived": {"usable_gib", "effective_bandwidth_gbps", "bandwidth_basis", "decode_gflops",
-"decode_gflops_range", "compute_basis", "digest"}`` (``decode_gflops``: llama.cpp's measured
-Q8_0 decode rate at ``cpu.cores`` threads, null when the profile has no measurement;
-``decode_gflops_range``: its [slowest, fastest] probe chunk, null when not recorded).
+"decode_gflops_range", "prompt_gflops", "prompt_gflops_range", "compute_basis", "digest"}``
+(``decode_gflops``: llama.cpp's measured Q8_0 decode rate at ``cpu.cores`` threads, null when
+the profile has no measurement; ``decode_gflops_range``: its [slowest, fastest] probe chunk,
+null when not recorded; ``prompt_gflops`` and its range: the same for prompt evaluation).
 """
 
 from __future__ import annotations
@@ -68,6 +69,11 @@ def _render_details(profile: DeviceProfile) -> None:
                    f"{profile.cpu.cores} threads{chunks} ({derived['compute_basis']})")
     else:
         click.echo(f"  decode compute: {derived['compute_basis']}")
+    if derived["prompt_gflops"] is not None:
+        spread = derived["prompt_gflops_range"]
+        batches = "" if spread is None else f", batches {spread[0]:g}-{spread[1]:g}"
+        click.echo(f"  prompt compute: {derived['prompt_gflops']} GFLOPS at "
+                   f"{profile.cpu.cores} threads{batches} (measured: llama.cpp Q8_0 prompt)")
     for key, value in flatten_profile(profile).items():
         if key in ("schema", "id", "name"):
             continue

@@ -29,6 +29,12 @@ thread an hour apart) and the plan-accuracy table overestimated decode by up to 
 chunks of 3 tokens decode 36 tokens where 4 x 8 decoded 32: the same ~1.3 s on this VM when
 idle (1 and 2 threads), a little more on a slow one.
 
+Prompt (prefill): after the decode chunks, each thread count also evaluates up to
+:data:`PROMPT_BATCHES` prompts of :data:`PROMPT_TOKENS` tokens as one batch (stopping early
+once it has spent :data:`PROMPT_BUDGET_SECONDS`), the figure again the median with the
+slowest and fastest batch (``cpu.measured_prompt_gflops``; 2 x parameters x prompt tok/s).
+1.5-2 s more on this VM (one 128-token batch: ~0.5 s on 1 thread, ~0.3 s on 2 when idle).
+
 Without llama_cpp or gguf (a device without the GGUF runtime), or when llama.cpp fails to load
 the probe, the result is None with the reason: never an exception. Device-side: imports nothing
 from the build side.
@@ -55,6 +61,9 @@ CHUNK_TOKENS = 3
 CHUNKS = 12
 BUDGET_SECONDS = 1.5
 WARMUP_TOKENS = 4
+PROMPT_TOKENS = 128
+PROMPT_BATCHES = 3
+PROMPT_BUDGET_SECONDS = 1.5
 
 
 def probe_params(shape: tuple[int, ...] = PROBE_SHAPE) -> int:
@@ -141,9 +150,9 @@ def _scratch_dir(need_bytes: int) -> Iterator[Path]:
 
 
 @dataclass(frozen=True)
-class DecodeRate:
-    """One thread count's measured decode rate, GFLOPS: the median chunk, and the slowest and
-    fastest chunks (None for a figure cached before the spread was kept)."""
+class Rate:
+    """A measured rate, GFLOPS: the median chunk (or prompt batch), and the slowest and fastest
+    (None for a figure cached before the spread was kept)."""
 
     gflops: float
     low: float | None = None
@@ -152,6 +161,14 @@ class DecodeRate:
     @property
     def spread(self) -> tuple[float, float] | None:
         return None if self.low is None or self.high is None else (self.low, self.high)
+
+
+@dataclass(frozen=True)
+class DecodeRate(Rate):
+    """One thread count's measurement: the decode rate (the :class:`Rate` fields) and the prompt
+    (prefill) rate (None for a figure cached before the probe timed prompts)."""
+
+    prompt: Rate | None = None
 
 
 def _chunk_rates(llm: Any) -> list[float]:
@@ -171,14 +188,36 @@ def _chunk_rates(llm: Any) -> list[float]:
     return rates
 
 
+def _prompt_rates(llm: Any) -> list[float]:
+    """Tokens/s of each of up to PROMPT_BATCHES prompts of PROMPT_TOKENS tokens, each evaluated
+    as one batch from an empty cache."""
+    rates: list[float] = []
+    start = time.perf_counter()
+    for i in range(PROMPT_BATCHES):
+        llm.reset()
+        tokens = [1] + [3 + (7 * j + i) % 250 for j in range(PROMPT_TOKENS - 1)]
+        t0 = time.perf_counter()
+        llm.eval(tokens)
+        rates.append(PROMPT_TOKENS / (time.perf_counter() - t0))
+        if time.perf_counter() - start >= PROMPT_BUDGET_SECONDS:
+            break
+    return rates
+
+
 def decode_rate(chunk_tps: Sequence[float], params: int) -> DecodeRate:
     """The :class:`DecodeRate` of chunks decoded at ``chunk_tps`` tokens/s by a model
     multiplying ``params`` matrix parameters per token (2 FLOP each)."""
-    def gflops(tps: float) -> float:
-        return round(2 * params * tps / 1e9, 2)
+    r = rate_of(chunk_tps, params)
+    return DecodeRate(r.gflops, r.low, r.high)
 
-    return DecodeRate(gflops(statistics.median(chunk_tps)), gflops(min(chunk_tps)),
-                      gflops(max(chunk_tps)))
+
+def rate_of(tps: Sequence[float], params: int) -> Rate:
+    """The median, slowest and fastest of ``tps`` (tokens/s) as GFLOPS: 2 x ``params`` FLOP a
+    token."""
+    def gflops(x: float) -> float:
+        return round(2 * params * x / 1e9, 2)
+
+    return Rate(gflops(statistics.median(tps)), gflops(min(tps)), gflops(max(tps)))
 
 
 METHOD = (
@@ -186,12 +225,17 @@ METHOD = (
     f"(edgepack.device.compute_probe: median of {CHUNKS} x {CHUNK_TOKENS} tokens, "
     "2 x parameters x tok/s)"
 )
+PROMPT_METHOD = (
+    f"llama.cpp Q8_0 prompt evaluation of a synthetic {probe_params() / 1e6:.0f} M-parameter "
+    f"Llama (edgepack.device.compute_probe: median of up to {PROMPT_BATCHES} batches of "
+    f"{PROMPT_TOKENS} tokens, 2 x parameters x tok/s)"
+)
 
 
 def measure_decode_gflops(threads: Sequence[int]) -> tuple[dict[int, DecodeRate] | None, str]:
-    """({thread count: effective decode GFLOPS, median chunk and spread}, how) of llama.cpp's
-    Q8_0 kernels, or (None, why not) when the GGUF runtime is missing or cannot run the
-    probe."""
+    """({thread count: effective decode GFLOPS, median chunk and spread, and the same for a
+    prompt batch}, how) of llama.cpp's Q8_0 kernels, or (None, why not) when the GGUF runtime
+    is missing or cannot run the probe."""
     try:
         import gguf  # noqa: F401
         import llama_cpp
@@ -201,7 +245,7 @@ def measure_decode_gflops(threads: Sequence[int]) -> tuple[dict[int, DecodeRate]
     if not counts:
         return None, "not measured: no thread count given"
     params = probe_params()
-    n_ctx = WARMUP_TOKENS + CHUNKS * CHUNK_TOKENS + 8
+    n_ctx = max(WARMUP_TOKENS + CHUNKS * CHUNK_TOKENS, PROMPT_TOKENS) + 8
     rates: dict[int, DecodeRate] = {}
     t_start = time.perf_counter()
     try:
@@ -209,10 +253,12 @@ def measure_decode_gflops(threads: Sequence[int]) -> tuple[dict[int, DecodeRate]
             path = d / "probe-q8_0.gguf"
             write_probe_gguf(path)
             for n in counts:
-                llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=WARMUP_TOKENS,
-                                      n_threads=n, n_threads_batch=n, verbose=False)
+                llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=PROMPT_TOKENS,
+                                      n_ubatch=PROMPT_TOKENS, n_threads=n, n_threads_batch=n,
+                                      verbose=False)
                 try:
-                    rates[n] = decode_rate(_chunk_rates(llm), params)
+                    decode = decode_rate(_chunk_rates(llm), params)
+                    rates[n] = replace(decode, prompt=rate_of(_prompt_rates(llm), params))
                 finally:
                     llm.close()
     except (OSError, ValueError, RuntimeError) as e:
@@ -224,25 +270,25 @@ def measure_decode_gflops(threads: Sequence[int]) -> tuple[dict[int, DecodeRate]
 
 def with_measured_compute(cpu: CpuSpec, rates: Mapping[int, DecodeRate], how: str, stamp: str,
                           sources: dict[str, str]) -> CpuSpec:
-    """``cpu`` with the measured decode rates (and their chunk spreads, when known) at its
+    """``cpu`` with the measured decode and prompt rates (and their spreads, when known) at its
     core count and at 1 thread (a 1-core CPU gets the first only), each with its source in
     ``sources``; without rates, the source says why (``how``)."""
     at_cores = rates.get(cpu.cores)
     at_one = rates.get(1) if cpu.cores > 1 else None
-    for name, n, rate in (("measured_decode_gflops", cpu.cores, at_cores),
-                          ("measured_decode_gflops_1t", 1, at_one)):
-        if rate is None:
-            continue
-        sources[f"cpu.{name}"] = f"{METHOD} at {n} thread(s); {how}; {stamp}"
-        if rate.spread is not None:
-            sources[f"cpu.{name}_range"] = (
-                f"slowest and fastest chunk of the measurement of cpu.{name}; {stamp}")
+    fields: dict[str, Any] = {}
+    for suffix, n, rate in (("", cpu.cores, at_cores), ("_1t", 1, at_one)):
+        for kind, method, r in (("decode", METHOD, rate),
+                                ("prompt", PROMPT_METHOD, rate.prompt if rate else None)):
+            name = f"measured_{kind}_gflops{suffix}"
+            fields[name] = None if r is None else r.gflops
+            fields[f"{name}_range"] = None if r is None else r.spread
+            if r is None:
+                continue
+            sources[f"cpu.{name}"] = f"{method} at {n} thread(s); {how}; {stamp}"
+            if r.spread is not None:
+                sources[f"cpu.{name}_range"] = (
+                    f"slowest and fastest {'chunk' if kind == 'decode' else 'batch'} of the "
+                    f"measurement of cpu.{name}; {stamp}")
     if at_cores is None and at_one is None and how:
         sources["cpu.measured_decode_gflops"] = f"{how}; {stamp}"
-    return replace(
-        cpu,
-        measured_decode_gflops=None if at_cores is None else at_cores.gflops,
-        measured_decode_gflops_1t=None if at_one is None else at_one.gflops,
-        measured_decode_gflops_range=None if at_cores is None else at_cores.spread,
-        measured_decode_gflops_1t_range=None if at_one is None else at_one.spread,
-    )
+    return replace(cpu, **fields)

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from edgepack.device.compute_probe import DecodeRate
+from edgepack.device.compute_probe import DecodeRate, Rate
 from edgepack.paths import edgepack_home
 
 MAX_AGE_SECONDS = 7 * 24 * 3600
@@ -117,18 +117,39 @@ def cached_bandwidth(
     return float(value), how
 
 
+def _spread_entry(v: Any) -> bool:
+    return (isinstance(v, dict) and {"gflops", "low", "high"} <= set(v)
+            and all(_positive(v[k]) for k in ("gflops", "low", "high"))
+            and v["low"] <= v["gflops"] <= v["high"])
+
+
 def _rate_entry(v: Any) -> bool:
-    """A stored rate: {"gflops", "low", "high"} (the median chunk and the spread), or a bare
-    number (caches written before the spread was kept)."""
+    """A stored rate: {"gflops", "low", "high"} (the median chunk and the spread) with an
+    optional "prompt" of the same shape, or a bare number (caches written before the spread
+    was kept)."""
     if _positive(v):
         return True
-    return (isinstance(v, dict) and set(v) == {"gflops", "low", "high"}
-            and all(_positive(v[k]) for k in v) and v["low"] <= v["gflops"] <= v["high"])
+    return (_spread_entry(v) and set(v) <= {"gflops", "low", "high", "prompt"}
+            and ("prompt" not in v or (_spread_entry(v["prompt"]) and len(v["prompt"]) == 3)))
 
 
 def _thread_rates(v: Any) -> bool:
     return (isinstance(v, dict) and bool(v) and all(k.isdigit() and int(k) > 0 for k in v)
             and all(_rate_entry(x) for x in v.values()))
+
+
+def _stored(r: Rate) -> Any:
+    return {"gflops": r.gflops, "low": r.low, "high": r.high} if r.spread is not None else r.gflops
+
+
+def _loaded(v: Any) -> DecodeRate:
+    if _positive(v):
+        return DecodeRate(float(v))
+    prompt = v.get("prompt")
+    return DecodeRate(float(v["gflops"]), float(v["low"]), float(v["high"]),
+                      None if prompt is None else Rate(float(prompt["gflops"]),
+                                                       float(prompt["low"]),
+                                                       float(prompt["high"])))
 
 
 def cached_compute(
@@ -139,22 +160,25 @@ def cached_compute(
     now: float | None = None,
     busy: Callable[[], str | None] = machine_busy,
 ) -> tuple[dict[int, DecodeRate] | None, str]:
-    """({threads: decode GFLOPS with its chunk spread} or None, how it was obtained):
-    :func:`cached` over ``measure()``
+    """({threads: decode GFLOPS with its chunk spread and the prompt rate} or None, how it was
+    obtained): :func:`cached` over ``measure()``
     (:func:`edgepack.device.compute_probe.measure_decode_gflops`). A rate cached without its
-    spread (older edgepack) loads with none."""
+    spread or its prompt rate (older edgepack) loads without them."""
 
     def run() -> tuple[dict[str, Any] | None, str]:
         rates, how = measure()
         if rates is None:
             return None, how
-        return {str(k): {"gflops": r.gflops, "low": r.low, "high": r.high}
-                if r.spread is not None else r.gflops for k, r in rates.items()}, how
+        out: dict[str, Any] = {}
+        for k, r in rates.items():
+            entry = _stored(r)
+            if r.prompt is not None and r.prompt.spread is not None and isinstance(entry, dict):
+                entry["prompt"] = _stored(r.prompt)
+            out[str(k)] = entry
+        return out, how
 
     value, how = cached(facts, "compute", run, _thread_rates, environ=environ, now=now,
                         busy=busy)
     if value is None:
         return None, how
-    return {int(k): DecodeRate(float(v), None, None) if _positive(v)
-            else DecodeRate(float(v["gflops"]), float(v["low"]), float(v["high"]))
-            for k, v in value.items()}, how
+    return {int(k): _loaded(v) for k, v in value.items()}, how

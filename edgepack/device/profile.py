@@ -26,6 +26,10 @@ A profile is one TOML file, ``device_profiles/<id>.toml`` for the shipped ones. 
     measured_decode_gflops_range = [15.2, 17.8]     # optional: slowest and fastest chunk of
     measured_decode_gflops_1t_range = [9.1, 10.4]   # the probe (figure = median chunk);
                                         # each needs its figure, low <= figure <= high
+    measured_prompt_gflops = 60.2       # optional, > 0: llama.cpp Q8_0 prompt evaluation
+    measured_prompt_gflops_1t = 33.5    # (one 128-token batch) on `cores` / 1 thread, and
+    measured_prompt_gflops_range = [55.0, 61.9]     # their spreads, as for decode
+    measured_prompt_gflops_1t_range = [31.0, 34.4]
 
     [memory]
     total_gib = 8.0                     # > 0
@@ -130,6 +134,10 @@ SOURCED_FIELDS = (
     "cpu.measured_decode_gflops_1t",
     "cpu.measured_decode_gflops_range",
     "cpu.measured_decode_gflops_1t_range",
+    "cpu.measured_prompt_gflops",
+    "cpu.measured_prompt_gflops_1t",
+    "cpu.measured_prompt_gflops_range",
+    "cpu.measured_prompt_gflops_1t_range",
     "software.os",
     "software.python",
     "software.libc",
@@ -165,6 +173,10 @@ KNOWN_FIELDS = (
     "cpu.measured_decode_gflops_1t",
     "cpu.measured_decode_gflops_range",
     "cpu.measured_decode_gflops_1t_range",
+    "cpu.measured_prompt_gflops",
+    "cpu.measured_prompt_gflops_1t",
+    "cpu.measured_prompt_gflops_range",
+    "cpu.measured_prompt_gflops_1t_range",
     "software.os",
     "software.python",
     "software.libc",
@@ -186,6 +198,11 @@ class CpuSpec:
     # (slowest, fastest) chunk of the measurement whose median is the figure above
     measured_decode_gflops_range: tuple[float, float] | None = None
     measured_decode_gflops_1t_range: tuple[float, float] | None = None
+    # llama.cpp's measured Q8_0 prompt (prefill) rate, GFLOPS, and spreads, as above
+    measured_prompt_gflops: float | None = None
+    measured_prompt_gflops_1t: float | None = None
+    measured_prompt_gflops_range: tuple[float, float] | None = None
+    measured_prompt_gflops_1t_range: tuple[float, float] | None = None
 
     def has(self, flag: str) -> bool:
         """True when the CPU implements ISA extension ``flag`` (a name from ISA_FLAGS)."""
@@ -263,12 +280,13 @@ class DeviceProfile:
             "isa": list(self.cpu.isa),
             "peak_gflops_fp32": self.cpu.peak_gflops_fp32,
         }
-        for key in ("target", "measured_decode_gflops", "measured_decode_gflops_1t"):
-            if getattr(self.cpu, key) is not None:
-                cpu[key] = getattr(self.cpu, key)
-        for key in ("measured_decode_gflops_range", "measured_decode_gflops_1t_range"):
-            if getattr(self.cpu, key) is not None:
-                cpu[key] = list(getattr(self.cpu, key))
+        for key in ("target", "measured_decode_gflops", "measured_decode_gflops_1t",
+                    "measured_decode_gflops_range", "measured_decode_gflops_1t_range",
+                    "measured_prompt_gflops", "measured_prompt_gflops_1t",
+                    "measured_prompt_gflops_range", "measured_prompt_gflops_1t_range"):
+            value = getattr(self.cpu, key)
+            if value is not None:
+                cpu[key] = list(value) if isinstance(value, tuple) else value
         memory: dict[str, Any] = {
             "total_gib": self.memory.total_gib,
             "os_reserve_gib": self.memory.os_reserve_gib,
@@ -354,24 +372,27 @@ def _at_threads(cpu: CpuSpec, points: dict[int, float], threads: int) -> float |
     return g * t / n
 
 
-def decode_gflops_at(cpu: CpuSpec, threads: int) -> float | None:
-    """llama.cpp's measured Q8_0 decode rate on ``threads`` threads, GFLOPS, or None when the
-    profile has no measurement. A figure measured at that thread count wins; between 1 and
-    ``cores`` threads the two measurements are interpolated linearly; with one figure only,
-    it is scaled by threads / its thread count. More threads than cores get the cores' figure
-    (llama.cpp gains nothing from a second hardware thread per core)."""
-    return _at_threads(cpu, {n: g for n, g in ((1, cpu.measured_decode_gflops_1t),
-                                               (cpu.cores, cpu.measured_decode_gflops))
+def decode_gflops_at(cpu: CpuSpec, threads: int, kind: str = "decode") -> float | None:
+    """llama.cpp's measured Q8_0 decode rate (``kind="prompt"``: prompt rate) on ``threads``
+    threads, GFLOPS, or None when the profile has no measurement. A figure measured at that
+    thread count wins; between 1 and ``cores`` threads the two measurements are interpolated
+    linearly; with one figure only, it is scaled by threads / its thread count. More threads
+    than cores get the cores' figure (llama.cpp gains nothing from a second hardware thread per
+    core)."""
+    name = f"measured_{kind}_gflops"
+    return _at_threads(cpu, {n: g for n, g in ((1, getattr(cpu, f"{name}_1t")),
+                                               (cpu.cores, getattr(cpu, name)))
                              if g is not None}, threads)
 
 
-def decode_range_at(cpu: CpuSpec, threads: int) -> tuple[float, float] | None:
-    """The (slowest, fastest) chunk spread of :func:`decode_gflops_at`'s figure, by the same
-    rules, or None when a measurement it uses has no recorded spread."""
-    spreads = {n: (g, r) for n, g, r in ((1, cpu.measured_decode_gflops_1t,
-                                          cpu.measured_decode_gflops_1t_range),
-                                         (cpu.cores, cpu.measured_decode_gflops,
-                                          cpu.measured_decode_gflops_range)) if g is not None}
+def decode_range_at(cpu: CpuSpec, threads: int, kind: str = "decode") -> tuple[float, float] | None:
+    """The (slowest, fastest) spread of :func:`decode_gflops_at`'s figure, by the same rules,
+    or None when a measurement it uses has no recorded spread."""
+    name = f"measured_{kind}_gflops"
+    spreads = {n: (g, r) for n, g, r in ((1, getattr(cpu, f"{name}_1t"),
+                                          getattr(cpu, f"{name}_1t_range")),
+                                         (cpu.cores, getattr(cpu, name),
+                                          getattr(cpu, f"{name}_range"))) if g is not None}
     if not spreads or any(r is None for _, r in spreads.values()):
         return None
     ends = [_at_threads(cpu, {n: r[i] for n, (_, r) in spreads.items() if r}, threads)
@@ -388,13 +409,14 @@ def with_threads(profile: DeviceProfile, threads: int) -> DeviceProfile:
     cpu = profile.cpu
     if not 1 <= threads <= cpu.cores:
         raise ValueError(f"threads must be within 1..{cpu.cores}, got {threads}")
-    measured = decode_gflops_at(cpu, threads)
     return replace(profile, cpu=replace(
         cpu,
         cores=threads,
         peak_gflops_fp32=cpu.peak_gflops_fp32 * threads / cpu.cores,
-        measured_decode_gflops=measured,
+        measured_decode_gflops=decode_gflops_at(cpu, threads),
         measured_decode_gflops_range=decode_range_at(cpu, threads),
+        measured_prompt_gflops=decode_gflops_at(cpu, threads, "prompt"),
+        measured_prompt_gflops_range=decode_range_at(cpu, threads, "prompt"),
     ))
 
 
@@ -408,6 +430,8 @@ def derived_figures(profile: DeviceProfile) -> dict[str, Any]:
         else f"theoretical x {BANDWIDTH_DERATING}",
         "decode_gflops": decode_gflops_at(profile.cpu, profile.cpu.cores),
         "decode_gflops_range": decode_range_at(profile.cpu, profile.cpu.cores),
+        "prompt_gflops": decode_gflops_at(profile.cpu, profile.cpu.cores, "prompt"),
+        "prompt_gflops_range": decode_range_at(profile.cpu, profile.cpu.cores, "prompt"),
         "compute_basis": "measured (llama.cpp Q8_0 decode)"
         if profile.cpu.measured_decode_gflops is not None
         or profile.cpu.measured_decode_gflops_1t is not None

@@ -198,7 +198,9 @@ class Validator:
         t = self.table(
             data, "cpu", ("arch", "model", "cores", "threads", "isa", "peak_gflops_fp32",
                           "target", "measured_decode_gflops", "measured_decode_gflops_1t",
-                          "measured_decode_gflops_range", "measured_decode_gflops_1t_range")
+                          "measured_decode_gflops_range", "measured_decode_gflops_1t_range",
+                          "measured_prompt_gflops", "measured_prompt_gflops_1t",
+                          "measured_prompt_gflops_range", "measured_prompt_gflops_1t_range")
         )
         arch = self.string(t, "arch", "cpu.arch", ARCHES)
         cores = self.number(t, "cores", "cpu.cores", integer=True)
@@ -209,10 +211,11 @@ class Validator:
         isa = self.strings(
             t, "isa", "cpu.isa", ARM_ISA if arch == "aarch64" else X86_ISA, allow_empty=True
         )
-        measured = self.number(t, "measured_decode_gflops", "cpu.measured_decode_gflops",
-                               optional=True)
-        measured_1t = self.number(t, "measured_decode_gflops_1t",
-                                  "cpu.measured_decode_gflops_1t", optional=True)
+        measured: dict[str, Any] = {}
+        for kind in ("decode", "prompt"):
+            for name in (f"measured_{kind}_gflops", f"measured_{kind}_gflops_1t"):
+                measured[name] = self.number(t, name, f"cpu.{name}", optional=True)
+                measured[f"{name}_range"] = self.spread(t, name, measured[name])
         return CpuSpec(
             arch=arch,
             model=self.string(t, "model", "cpu.model"),
@@ -221,11 +224,7 @@ class Validator:
             isa=isa,
             peak_gflops_fp32=self.number(t, "peak_gflops_fp32", "cpu.peak_gflops_fp32"),
             target=self.target(t) if "target" in t else None,
-            measured_decode_gflops=measured,
-            measured_decode_gflops_1t=measured_1t,
-            measured_decode_gflops_range=self.spread(t, "measured_decode_gflops", measured),
-            measured_decode_gflops_1t_range=self.spread(t, "measured_decode_gflops_1t",
-                                                        measured_1t),
+            **measured,
         )
 
     def spread(self, t: Mapping[str, Any], figure_key: str,

@@ -42,7 +42,10 @@ the interpreter + llama_cpp import (46 MiB) plus tokenizer tables and allocator 
 
 Speed: decode time per token = max(bytes read / (eta x bandwidth), 2 x params / compute rate)
 + n_layer x tau, where tau is the per-layer fixed cost (thread sync, op dispatch) that makes
-small models overhead-bound. Prompt tok/s = eta_pp x peak FLOPS / (2 x params).
+small models overhead-bound. Prompt tok/s = prompt compute rate / (2 x params), the rate
+(:func:`prompt_compute_gflops`) measured like the decode one below
+(``cpu.measured_prompt_gflops``: one 128-token batch of the same probe), else eta_pp x peak
+FLOPS.
 
 The compute rate (:func:`decode_compute_gflops`) is, in order of preference:
 
@@ -209,19 +212,37 @@ def decode_compute_gflops(profile: DeviceProfile, *, repacked: bool = False) -> 
     are mostly ``repacked`` or not. See the module docstring: the measured rate when the
     profile has one (Q8_0-class kernels; repacked models scaled by the ETA ratio), else a
     fitted fraction of the nominal peak."""
+    probe = _eta_compute(profile, "Q8_0" in repack_types(profile))
+    return _compute_rate(profile, "decode", _eta_compute(profile, repacked), probe, repacked)
+
+
+def _eta_prompt(repacked: bool) -> float:
+    return ETA_PROMPT_REPACK if repacked else ETA_PROMPT
+
+
+def prompt_compute_gflops(profile: DeviceProfile, *, repacked: bool = False) -> tuple[float, str]:
+    """(GFLOPS llama.cpp's prompt evaluation reaches on ``profile``'s CPU with
+    ``profile.cpu.cores`` threads, the basis in words), as :func:`decode_compute_gflops` does
+    for decode: the measured prompt rate (``cpu.measured_prompt_gflops``, a 128-token batch of
+    the Q8_0 probe) when the profile has one, else ETA_PROMPT* x the nominal peak."""
+    probe = _eta_prompt("Q8_0" in repack_types(profile))
+    return _compute_rate(profile, "prompt", _eta_prompt(repacked), probe, repacked)
+
+
+def _compute_rate(profile: DeviceProfile, kind: str, eta: float, probe_eta: float,
+                  repacked: bool) -> tuple[float, str]:
     cpu = profile.cpu
-    eta = _eta_compute(profile, repacked)
-    measured = decode_gflops_at(cpu, cpu.cores)
+    measured = decode_gflops_at(cpu, cpu.cores, kind)
     if measured is None:
         return eta * cpu.peak_gflops_fp32, (
             f"nominal: {eta:g} x {cpu.peak_gflops_fp32:g} GFLOPS fp32 peak (a fraction fitted "
             "on another CPU; measure with profiles detect --measure or --device local)")
-    probe_eta = _eta_compute(profile, "Q8_0" in repack_types(profile))
-    basis = (f"measured: llama.cpp Q8_0 decode {measured:g} GFLOPS at {cpu.cores} "
+    basis = (f"measured: llama.cpp Q8_0 {kind} {measured:g} GFLOPS at {cpu.cores} "
              f"thread{'s' if cpu.cores > 1 else ''}")
-    spread = decode_range_at(cpu, cpu.cores)
+    spread = decode_range_at(cpu, cpu.cores, kind)
     if spread is not None:
-        basis += f", chunks {spread[0]:g}-{spread[1]:g}"
+        basis += (f", {'chunks' if kind == 'decode' else 'batches'} "
+                  f"{spread[0]:g}-{spread[1]:g}")
     if eta != probe_eta:
         basis += (f", x {eta:g}/{probe_eta:g} for {'repacked' if repacked else 'non-repacked'}"
                   " kernels")
@@ -234,6 +255,8 @@ def speed_basis(profile: DeviceProfile, est: Estimate) -> dict[str, Any]:
     repacked = mostly_repacked(est.tensor_types, repack_types(profile))
     gflops, basis = decode_compute_gflops(profile, repacked=repacked)
     spread = decode_range_at(profile.cpu, profile.cpu.cores)
+    prompt, prompt_basis = prompt_compute_gflops(profile, repacked=repacked)
+    prompt_spread = decode_range_at(profile.cpu, profile.cpu.cores, "prompt")
     measured_bw = profile.memory.measured_bandwidth_gbps is not None
     return {
         "decode_gflops": round(gflops, 2),
@@ -241,6 +264,9 @@ def speed_basis(profile: DeviceProfile, est: Estimate) -> dict[str, Any]:
         # the probe's slowest and fastest chunk at the plan's threads (null: not measured, or
         # measured before edgepack kept the spread)
         "measured_decode_gflops_range": None if spread is None else list(spread),
+        "prompt_gflops": round(prompt, 2),
+        "prompt_basis": prompt_basis,
+        "measured_prompt_gflops_range": None if prompt_spread is None else list(prompt_spread),
         "effective_bandwidth_gbps": effective_bandwidth_gbps(profile),
         "bandwidth_basis": "measured" if measured_bw else "theoretical x derating",
     }
@@ -415,13 +441,12 @@ def _speeds(
         t_decode = read / (ETA_GPU_DECODE * bw) + facts.n_layer * TAU_GPU
         prompt = 0.3 * tflops * 1e12 / flops_per_token
         return 1.0 / t_decode, prompt
-    peak = profile.cpu.peak_gflops_fp32 * 1e9
     repacked = mostly_repacked(counts, repack)
     t_mem = read / (ETA_DECODE * bw)
     t_comp = flops_per_token / (decode_compute_gflops(profile, repacked=repacked)[0] * 1e9)
     t_decode = max(t_mem, t_comp) + facts.n_layer * TAU_CPU
-    eta_pp = ETA_PROMPT_REPACK if repacked else ETA_PROMPT
-    return 1.0 / t_decode, eta_pp * peak / flops_per_token
+    prompt = prompt_compute_gflops(profile, repacked=repacked)[0] * 1e9
+    return 1.0 / t_decode, prompt / flops_per_token
 
 
 def estimate_onnx(facts: ModelFacts, profile: DeviceProfile, quant: str, ctx: int) -> Estimate:

@@ -513,7 +513,8 @@ def plan_build(
         rationale.append(
             f"decode estimate from a compute rate of {basis['decode_gflops']:g} GFLOPS "
             f"({basis['compute_basis']}) and {basis['effective_bandwidth_gbps']:g} GB/s of "
-            f"memory bandwidth ({basis['bandwidth_basis']})")
+            f"memory bandwidth ({basis['bandwidth_basis']}); prompt estimate from "
+            f"{basis['prompt_gflops']:g} GFLOPS ({basis['prompt_basis']})")
     requested = ladder[0]
     if ctx != requested:
         rationale.append(
