@@ -276,14 +276,27 @@ def test_ctx_refusal_points_at_the_per_model_table(chat_bundle, embed_bundle):
 
 
 def test_memory_check_uses_each_models_own_context(chat_bundle, embed_bundle, tmp_path):
-    """A per-model n_ctx rescales that model's planned KV cache in the check for all models."""
-    # llama.cpp's F16 KV cache for SmolLM2-135M (30 layers, 3 KV heads of 64) at ctx 2048.
-    kv = 2 * 30 * 3 * 64 * 2 * 2048
-    weights = next((chat_bundle / "model").glob("*.gguf")).stat().st_size
+    """A per-model n_ctx rescales that model's planned KV cache in the check for all models.
+
+    The chat bundle's memory figures are the planner's own, as a build writes them: SmolLM2-135M's
+    shape at Q4_0 (the planner's nearest to the shipped Q4_1 file), ctx 2048, one slot."""
+    from support.configs import CONFIGS, synth_tensors
+
+    from edgepack.device.resolve import load_profile
+    from edgepack.plan.facts import model_facts
+    from edgepack.plan.planner import PlanOptions, plan_build
+
+    cfg = CONFIGS["SmolLM2-135M"]
+    plan = plan_build(model_facts(cfg, synth_tensors(cfg)), load_profile("laptop-x86-16gb"),
+                      PlanOptions(quant="Q4_0", ctx=2048, parallel=1))
+    mem = plan.to_dict()["memory"]
+    kv = mem["kv_cache_bytes"]
+    assert kv == 2 * 30 * 3 * 64 * 2 * 2048  # llama.cpp's F16 KV cache for this shape
     planned = make_test_bundle(tmp_path / "planned", engine={"n_ctx": 2048}, plan_memory={
-        "required_bytes": weights + kv, "kv_cache_bytes": kv})
+        "required_bytes": mem["required_bytes"], "kv_cache_bytes": kv})
     _, embed = _needs(chat_bundle, embed_bundle)
-    budget = str(weights + kv // 2 + embed)  # fits only with the chat model at ctx 1024
+    # fits only with the chat model at ctx 1024
+    budget = str(mem["required_bytes"] - kv // 2 + embed)
     p = _serve(str(planned), str(embed_bundle), "--memory-budget-bytes", budget)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 7, err
