@@ -19,6 +19,7 @@ from edgepack.device.compute_probe import (
     PROMPT_TOKENS,
     DecodeRate,
     Rate,
+    contended,
     decode_rate,
     measure_decode_gflops,
     probe_params,
@@ -202,6 +203,30 @@ def test_compute_cache_measures_once_per_machine_and_never_stores_a_busy_or_abse
     (tmp_path / "compute.json").write_text(json.dumps(stored))
     assert compute(facts, 10 * MAX_AGE_SECONDS)[0] == {1: DecodeRate(9.5, 9.0, 10.0)}
     assert len(calls) == before
+
+
+def test_all_cores_slower_than_one_is_contention_and_is_not_cached(tmp_path, monkeypatch):
+    """At load 1.9 on this 2-vCPU VM (below the busy rule's CPU count) the 2-thread figure
+    read 0.19 GFLOPS where 1 thread read 8.7: a figure like that is used once, never stored."""
+    env = {"EDGEPACK_HOME": str(tmp_path)}
+    facts = gather_host_facts()
+    collapsed = {1: DecodeRate(8.7, 8.1, 9.2), 2: DecodeRate(0.19, 0.18, 0.2)}
+    assert contended({1: DecodeRate(8.7), 2: DecodeRate(15.9)}) is None
+    assert contended({1: DecodeRate(8.7)}) is None
+    why = contended(collapsed)
+    assert why == ("2 threads decoded at 0.19 GFLOPS, below 1 thread's 8.7: other work shares "
+                   "the cores")
+    rates, how = cached_compute(facts, lambda: (collapsed, "measured now"), environ=env,
+                                now=1000.0, busy=lambda: None)
+    assert rates == collapsed and f"while busy ({why}): not cached" in how
+    assert not (tmp_path / "compute.json").exists()
+    # detect_profile says so in the figure's source, and the plan then warns (as for load)
+    import edgepack.device.detect as detect
+
+    monkeypatch.setattr(detect, "measure_decode_gflops",
+                        lambda threads: (collapsed, "measured now"))
+    profile = detect.detect_profile(measure=True, seconds=0.05, busy=lambda: None)
+    assert f"while busy ({why})" in profile.sources["cpu.measured_decode_gflops"]
 
 
 def _rate(gflops: float) -> DecodeRate:

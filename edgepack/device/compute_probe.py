@@ -171,6 +171,21 @@ class DecodeRate(Rate):
     prompt: Rate | None = None
 
 
+def contended(rates: Mapping[int, Rate]) -> str | None:
+    """Why ``rates`` describe a machine whose cores other work shares, or None: llama.cpp on
+    all cores decoding slower than on one. The load average misses it when the other work
+    started within the minute: on this project's 2-vCPU build VM, at load 1.9, the 2-thread
+    figure read 0.19 GFLOPS where 1 thread read 8.7."""
+    if not rates:
+        return None
+    most = max(rates)
+    one = rates.get(1)
+    if most > 1 and one is not None and rates[most].gflops < one.gflops:
+        return (f"{most} threads decoded at {rates[most].gflops:g} GFLOPS, below 1 thread's "
+                f"{one.gflops:g}: other work shares the cores")
+    return None
+
+
 def _chunk_rates(llm: Any) -> list[float]:
     """Tokens/s of each of up to CHUNKS chunks of CHUNK_TOKENS single-token decode steps."""
     llm.eval([1] + list(range(3, 3 + WARMUP_TOKENS - 1)))  # first pass pages the weights in

@@ -37,6 +37,7 @@ from pathlib import Path
 from edgepack.device.catalog import list_profiles
 from edgepack.device.compute_probe import (
     DecodeRate,
+    contended,
     measure_decode_gflops,
     with_measured_compute,
 )
@@ -511,7 +512,7 @@ def detect_profile(
         return build_profile(facts)
     measured = measure_bandwidth(seconds)
     rates, how = measure_decode_gflops((1, facts.physical_cores))
-    why_busy = busy() if rates is not None else None
+    why_busy = (busy() or contended(rates)) if rates is not None else None
     if why_busy is not None:
         how += f" while busy ({why_busy}): likely below the idle figure"
     return build_profile(facts, measured_gbps=measured, measured_compute=rates,
