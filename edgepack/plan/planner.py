@@ -1,8 +1,10 @@
 """The planner: a pure function of (model facts, device profile, options) -> Plan.
 
-No I/O. The memory and speed models and their calibration live in :mod:`edgepack.plan.estimate`;
-this module makes the choice and explains it: every option it did not take is listed with the
-reason (does not fit by X MiB, slower than --min-tokens-per-second, lower quality than chosen).
+No I/O. The memory and speed models and their calibration live in :mod:`edgepack.plan.estimate`,
+the plan's types in :mod:`edgepack.plan.plan_types`, the headroom and the texts that explain a
+choice or its absence in :mod:`edgepack.plan.explain`; this module makes the choice: every option
+it did not take is listed with the reason (does not fit by X MiB, slower than
+--min-tokens-per-second, lower quality than chosen).
 
 Choice, in this order of preference:
 
@@ -26,15 +28,14 @@ from its own header (exact tensor types and sizes).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from edgepack.device.profile import (
     DeviceProfile,
     effective_bandwidth_gbps,
     profile_digest,
 )
-from edgepack.errors import BuildError, UsageError
+from edgepack.errors import UsageError
 from edgepack.plan.estimate import (
     CUDA_RUNTIME_OVERHEAD,
     MIB,
@@ -45,7 +46,22 @@ from edgepack.plan.estimate import (
     repacks_q4_0,
     speed_basis,
 )
+from edgepack.plan.explain import (
+    HEADROOM_FRACTION,  # noqa: F401 - re-exported
+    HEADROOM_MIN,  # noqa: F401 - re-exported
+    fmt_mib,
+    headroom_for,
+    nothing_fits,
+    quant_rationale,
+)
 from edgepack.plan.facts import ModelFacts
+from edgepack.plan.plan_types import (  # noqa: F401 - re-exported: build, cli, tests use them
+    PLAN_SCHEMA,
+    FileChoice,
+    Plan,
+    PlanOptions,
+    Rejected,
+)
 from edgepack.plan.quants import (
     FILE_TYPES,
     FILE_TYPES_BY_NAME,
@@ -55,13 +71,8 @@ from edgepack.plan.quants import (
 )
 from edgepack.plan.slots import choose_slots
 
-PLAN_SCHEMA = 1
 DEFAULT_CTX = 4096
 MIN_CTX = 512
-# Kept free on top of the estimate: 10% of usable memory, at least 256 MiB, for what the
-# estimate cannot see (page cache for the model file's first read, allocator fragmentation).
-HEADROOM_FRACTION = 0.10
-HEADROOM_MIN = 256 * MIB
 # The interactive speed floor: silent reading speed. Adults read English non-fiction at 238
 # words/min on average (Brysbaert 2019, "How many words do we read per minute?", Journal of
 # Memory and Language 109:104047) = 3.97 words/s; at OpenAI's rule of thumb of 100 tokens per
@@ -84,54 +95,7 @@ LOW_QUALITY_KLD = FILE_TYPES_BY_NAME["Q4_0"].kld
 # equally fast (the speed model's own error is larger than 10 %).
 NEAR_FASTEST = 0.90
 
-
-@dataclass(frozen=True)
-class PlanOptions:
-    """What the user asked for. ``None`` means "choose for me"."""
-
-    format: str = "auto"  # auto | gguf | onnx
-    ctx: int | None = None
-    quant: str | None = None
-    min_tokens_per_second: float | None = None
-    parallel: int | None = None  # slots (GGUF decoders); None: as many as fit (plan/slots.py)
-    # The build's step-up (build/step_up.py): ``quant`` is then not the user's --quant but the
-    # next precision above this one, the planner's choice that failed validation.
-    step_up_from: str | None = None
-    # GGUF decoders: plan memory for serving with flash attention (llama.cpp's CPU default in
-    # llama-server). The build plans again with False when the answers changed with it on
-    # (build/step_up.py): the bundle is then served, and its memory planned, without it.
-    flash_attn: bool = True
-
-
-@dataclass(frozen=True)
-class Rejected:
-    format: str
-    quant: str
-    ctx: int
-    reason: str
-    file: str | None = None  # the repo file, when planning over a GGUF repo's files
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {"format": self.format, "quant": self.quant, "ctx": self.ctx, "reason": self.reason}
-        if self.file is not None:
-            out["file"] = self.file
-        return out
-
-
-@dataclass(frozen=True)
-class FileChoice:
-    """A GGUF file (or set of split parts) that a repo already holds, as the planner sees it.
-
-    ``facts`` are read from its header: every TensorFact's dtype is the ggml type stored.
-    ``kld`` ranks it (see :func:`edgepack.plan.gguf_header.quality_kld`).
-    """
-
-    path: str  # the first (or only) file's path in the repo
-    files: tuple[str, ...]
-    quant: str
-    facts: ModelFacts
-    kld: float
-    kld_basis: str
+DEFAULT_OPTIONS = PlanOptions()  # choose everything
 
 
 @dataclass(frozen=True)
@@ -152,85 +116,6 @@ class _Choice:
                                  flash_attn=flash_attn)
         assert self.base is not None
         return _estimate(self.fmt, self.quant, self.base, profile, ctx, flash_attn)
-
-
-@dataclass(frozen=True)
-class Plan:
-    """A build decision. ``to_dict()`` is the stable ``--json`` schema ``build`` consumes."""
-
-    model: dict[str, Any]
-    device: dict[str, Any]
-    format: str
-    quant: str
-    ctx: int
-    threads: int
-    batch: int
-    ubatch: int
-    gpu_layers: int
-    engine: str
-    estimate: Estimate
-    usable_bytes: int
-    headroom_bytes: int
-    rationale: tuple[str, ...]
-    rejected: tuple[Rejected, ...] = field(default=())
-    warnings: tuple[str, ...] = ()
-    low_quality: bool = False
-    speed_floor: dict[str, Any] | None = None
-    gguf_file: dict[str, Any] | None = None
-    parallel: int = 1  # sequences the server decodes together (server.toml n_parallel)
-    # llama.cpp's flash-attention kernels for a GGUF decoder (server.toml [engine] flash_attn):
-    # what the build validated with and the server runs; the memory figures assume it.
-    flash_attn: bool = False
-    # Set by the build when the planner's choice failed validation: each quant tried before
-    # this one, with the failed checks and why (build/step_up.py).
-    step_up: tuple[dict[str, Any], ...] = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        e = self.estimate
-        extra: dict[str, Any] = {}
-        if self.gguf_file is not None:
-            extra["gguf_file"] = self.gguf_file
-        if self.step_up:
-            extra["step_up"] = [dict(a) for a in self.step_up]
-        return {
-            "schema": PLAN_SCHEMA,
-            "model": self.model,
-            "device": self.device,
-            "format": self.format,
-            "quant": self.quant,
-            "engine": self.engine,
-            "ctx": self.ctx,
-            "threads": self.threads,
-            "batch": self.batch,
-            "ubatch": self.ubatch,
-            "gpu_layers": self.gpu_layers,
-            "memory": {
-                **e.memory_dict(),
-                "usable_bytes": self.usable_bytes,
-                "headroom_bytes": self.headroom_bytes,
-                "free_after_headroom_bytes": self.usable_bytes
-                - self.headroom_bytes
-                - e.required_bytes,
-            },
-            "speed": e.speed_dict(),
-            "quality": {
-                "metric": e.quality_metric,
-                "value": e.quality_value,
-                "low": self.low_quality,
-            },
-            "rationale": list(self.rationale),
-            "rejected": [r.to_dict() for r in self.rejected],
-            # additions to schema 1 (new keys after the old ones)
-            "speed_floor": self.speed_floor,
-            "warnings": list(self.warnings),
-            "parallel": self.parallel,
-            "flash_attn": self.flash_attn,
-            **extra,
-        }
-
-
-def _fmt_mib(n: int) -> str:
-    return f"{n / MIB:,.0f} MiB"
 
 
 def _format_for(facts: ModelFacts, profile: DeviceProfile, options: PlanOptions) -> tuple[str, str]:
@@ -362,7 +247,7 @@ def _low_quality(kld: float) -> bool:
 def plan_build(
     facts: ModelFacts,
     profile: DeviceProfile,
-    options: PlanOptions = PlanOptions(),
+    options: PlanOptions = DEFAULT_OPTIONS,
     *,
     alternatives: Sequence[DeviceProfile] = (),
     files: Sequence[FileChoice] = (),
@@ -395,7 +280,7 @@ def plan_build(
     if forced and options.ctx is not None:
         ladder = ladder[:1]  # both pinned: no silent shrinking
     usable = int(profile.memory.usable_gib * 1024**3)
-    headroom = max(HEADROOM_MIN, int(usable * HEADROOM_FRACTION))
+    headroom = headroom_for(usable)
     budget = usable - headroom
     floor, explicit_floor, floor_source = _floor_for(profile, options)
 
@@ -424,9 +309,9 @@ def plan_build(
                             fmt,
                             c.quant,
                             ctx,
-                            f"does not fit: needs {_fmt_mib(est.required_bytes)}, "
-                            f"{_fmt_mib(over)} over the {_fmt_mib(budget)} left after "
-                            f"{_fmt_mib(headroom)} headroom",
+                            f"does not fit: needs {fmt_mib(est.required_bytes)}, "
+                            f"{fmt_mib(over)} over the {fmt_mib(budget)} left after "
+                            f"{fmt_mib(headroom)} headroom",
                             c.file,
                         )
                     )
@@ -468,10 +353,15 @@ def plan_build(
                                    and r.ctx == chosen[1])]
             break
     if chosen is None:
-        raise _nothing_fits(
-            facts, profile, fmt, options, smallest, budget, fastest, alternatives, floor,
-            files,
-        )
+        def on(other: DeviceProfile, q: str, ctx: int) -> Estimate:
+            stored = next((f for f in files if f.quant == q), None)
+            if stored is not None:
+                return estimate_gguf(stored.facts, other, q, ctx, stored_kld=stored.kld,
+                                     flash_attn=options.flash_attn)
+            return _estimate(fmt, q, facts, other, ctx, options.flash_attn)
+
+        raise nothing_fits(facts.architecture, profile, fmt, smallest, budget, fastest,
+                           alternatives, floor, on)
 
     c, ctx, est = chosen
     q = c.quant
@@ -482,8 +372,8 @@ def plan_build(
     rationale = [fmt_reason]
     warnings: list[str] = []
     speed = _speed(est)
-    rationale += _quant_rationale(fmt, c, est, forced, floor, floor_source, speed >= floor,
-                                  options.step_up_from)
+    rationale += quant_rationale(fmt, q, c.kld_basis, est, forced, floor_source,
+                                 speed >= floor, options.step_up_from)
     if c.file is not None:
         rationale.append(f"file {c.file}" + (f" (+{len(c.files) - 1} split parts)"
                                              if len(c.files) > 1 else ""))
@@ -554,14 +444,14 @@ def plan_build(
     if fmt == "gguf" and not layers and est.repack_duplicate_bytes:
         rationale.append(
             f"llama.cpp repacks this CPU's {q} matrices into interleaved blocks at load (faster "
-            f"kernels); the file's pages ({_fmt_mib(est.repack_duplicate_bytes)}) stay as "
+            f"kernels); the file's pages ({fmt_mib(est.repack_duplicate_bytes)}) stay as "
             "reclaimable page cache"
         )
     elif fmt == "gguf" and q == "Q4_0" and not repacks_q4_0(profile):
         rationale.append("no dotprod/i8mm/AVX2 here: llama.cpp does not repack Q4_0 on this CPU")
     rationale.append(
-        f"memory: {_fmt_mib(est.required_bytes)} of {_fmt_mib(usable)} usable "
-        f"({_fmt_mib(headroom)} kept as headroom)"
+        f"memory: {fmt_mib(est.required_bytes)} of {fmt_mib(usable)} usable "
+        f"({fmt_mib(headroom)} kept as headroom)"
     )
     if not forced and not files and higher_precision(fmt, q):
         rationale.append(
@@ -613,91 +503,3 @@ def step_up_skip(fmt: str, quant: str, *, profile: DeviceProfile) -> str | None:
 
 def _speed(est: Estimate) -> float:
     return est.decode_tps if est.decode_tps is not None else est.prompt_tps
-
-
-def _quant_rationale(
-    fmt: str,
-    c: _Choice,
-    est: Estimate,
-    forced: bool,
-    floor: float,
-    floor_source: str,
-    met: bool,
-    step_up_from: str | None = None,
-) -> list[str]:
-    q = c.quant
-    if step_up_from is not None and step_up_from != q:
-        return [f"{q}: stepped up by the build from the planner's {step_up_from}, which failed "
-                "validation (see step_up)"]
-    if forced and step_up_from is None:
-        return [f"{q} as asked with --quant"]
-    if met:
-        why = f"{q}: the highest-quality option that fits with headroom"
-        if fmt == "gguf" or est.decode_tps is not None:
-            why += f" and reaches {floor_source}"
-    else:
-        why = f"{q}: the fastest option of Q4 quality or better that fits"
-    if fmt == "gguf":
-        why += f" (KLD {est.quality_value:g} vs FP16 on LLaMA 3 8B, {c.kld_basis})"
-    if step_up_from == q:  # the build's second plan of the planner's choice (build/step_up.py)
-        why += "; planned again by the build without flash attention (see step_up)"
-    return [why]
-
-
-def _nothing_fits(
-    facts: ModelFacts,
-    profile: DeviceProfile,
-    fmt: str,
-    options: PlanOptions,
-    smallest: tuple[int, str, int, Estimate] | None,
-    budget: int,
-    fastest: tuple[float, str] | None,
-    alternatives: Sequence[DeviceProfile],
-    floor: float,
-    files: Sequence[FileChoice],
-) -> BuildError:
-    if smallest is None:
-        return BuildError(
-            f"no {fmt} option was left to try for {profile.id}",
-            hint="drop --quant or pick another --format",
-        )
-    need, q, ctx, est = smallest
-    over = need - budget
-    if over <= 0:
-        fast = (
-            f" (fastest that fits: {fastest[1]}, about {fastest[0]:.1f} tok/s)" if fastest else ""
-        )
-        return BuildError(
-            f"no {fmt} build of {facts.architecture} reaches {floor:g} tok/s on {profile.id}"
-            + fast,
-            hint="lower --min-tokens-per-second, or pick a faster device",
-        )
-    fits_elsewhere = []
-    for other in alternatives:
-        if other.id == profile.id:
-            continue
-        o_usable = int(other.memory.usable_gib * 1024**3)
-        o_budget = o_usable - max(HEADROOM_MIN, int(o_usable * HEADROOM_FRACTION))
-        stored = next((f for f in files if f.quant == q), None)
-        other_est = (
-            estimate_gguf(stored.facts, other, q, ctx, stored_kld=stored.kld,
-                          flash_attn=options.flash_attn)
-            if stored is not None
-            else _estimate(fmt, q, facts, other, ctx, options.flash_attn)
-        )
-        if other_est.required_bytes <= o_budget:
-            fits_elsewhere.append(other.id)
-    hint = (
-        f"the smallest option ({fmt} {q} at ctx {ctx}) needs {_fmt_mib(need)}: weights "
-        f"{_fmt_mib(est.weights_bytes)}, KV cache {_fmt_mib(est.kv_bytes)}. "
-    )
-    hint += (
-        f"It would fit on: {', '.join(sorted(fits_elsewhere))}"
-        if fits_elsewhere
-        else "No shipped device profile has room for it; pick a smaller model"
-    )
-    return BuildError(
-        f"nothing fits {profile.id}: the smallest option, {fmt} {q} at ctx {ctx}, is "
-        f"{_fmt_mib(over)} over the {_fmt_mib(budget)} available after headroom",
-        hint=hint,
-    )
