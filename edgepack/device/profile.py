@@ -114,6 +114,21 @@ ENGINES = ("llama.cpp", "onnxruntime")
 BANDWIDTH_DERATING = 0.6
 
 
+# The figures `profiles detect --measure` and `--device local` measure (compute_probe.py) and
+# the software a runtime pack is built for; sourced when present, like those below.
+MEASURED_AND_SOFTWARE_FIELDS = (
+    "cpu.measured_decode_gflops",
+    "cpu.measured_decode_gflops_1t",
+    "cpu.measured_decode_gflops_range",
+    "cpu.measured_decode_gflops_1t_range",
+    "cpu.measured_prompt_gflops",
+    "cpu.measured_prompt_gflops_1t",
+    "cpu.measured_prompt_gflops_range",
+    "cpu.measured_prompt_gflops_1t_range",
+    "software.os",
+    "software.python",
+    "software.libc",
+)
 # Fields that must carry a source when present (the figures a plan depends on).
 SOURCED_FIELDS = (
     "cpu.cores",
@@ -130,17 +145,7 @@ SOURCED_FIELDS = (
     "accelerator.cuda_cores",
     "storage.read_mbps",
     "cpu.target",
-    "cpu.measured_decode_gflops",
-    "cpu.measured_decode_gflops_1t",
-    "cpu.measured_decode_gflops_range",
-    "cpu.measured_decode_gflops_1t_range",
-    "cpu.measured_prompt_gflops",
-    "cpu.measured_prompt_gflops_1t",
-    "cpu.measured_prompt_gflops_range",
-    "cpu.measured_prompt_gflops_1t_range",
-    "software.os",
-    "software.python",
-    "software.libc",
+    *MEASURED_AND_SOFTWARE_FIELDS,
 )
 KNOWN_FIELDS = (
     "schema",
@@ -169,17 +174,7 @@ KNOWN_FIELDS = (
     "preferences.formats",
     "preferences.engines",
     "cpu.target",
-    "cpu.measured_decode_gflops",
-    "cpu.measured_decode_gflops_1t",
-    "cpu.measured_decode_gflops_range",
-    "cpu.measured_decode_gflops_1t_range",
-    "cpu.measured_prompt_gflops",
-    "cpu.measured_prompt_gflops_1t",
-    "cpu.measured_prompt_gflops_range",
-    "cpu.measured_prompt_gflops_1t_range",
-    "software.os",
-    "software.python",
-    "software.libc",
+    *MEASURED_AND_SOFTWARE_FIELDS,
 )
 
 
