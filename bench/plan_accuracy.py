@@ -101,6 +101,10 @@ def _profile_for(profile, threads: int):
     return with_threads(profile, threads)
 
 
+def _range(r: tuple[float, float] | None) -> str:
+    return "n/a" if r is None else f"{r[0]:g}-{r[1]:g}"
+
+
 def _spread(values: list[float]) -> str:
     return f"{min(values):.1f}-{max(values):.1f}"
 
@@ -153,9 +157,12 @@ def main() -> int:
         f"{base.memory.total_gib:.1f} GiB, measured bandwidth "
         f"{effective_bandwidth_gbps(base):.1f} GB/s, peak {base.cpu.peak_gflops_fp32:.0f} "
         "GFLOPS fp32, llama.cpp Q8_0 decode "
-        + (f"measured {base.cpu.measured_decode_gflops_1t} GFLOPS on 1 thread and "
-           f"{base.cpu.measured_decode_gflops} on {base.cpu.cores} (edgepack.device."
-           "compute_probe, a synthetic 90 M-parameter model; the estimates use it)"
+        + (f"measured {base.cpu.measured_decode_gflops_1t} GFLOPS on 1 thread "
+           f"(chunks {_range(base.cpu.measured_decode_gflops_1t_range)}) and "
+           f"{base.cpu.measured_decode_gflops} on {base.cpu.cores} "
+           f"(chunks {_range(base.cpu.measured_decode_gflops_range)}), the median chunk "
+           "(edgepack.device.compute_probe, a synthetic 90 M-parameter model; the estimates "
+           "use it)"
            if base.cpu.measured_decode_gflops is not None else
            "not measured (" + base.sources.get("cpu.measured_decode_gflops", "?")
            + "; the estimates use the nominal peak)"),
