@@ -76,6 +76,8 @@ def test_build_pulls_only_the_chosen_file_and_its_reference(local_hub, tmp_path)
     assert [(a["quant"], a["flash_attn"], a["failed"]) for a in m["plan"]["step_up"]] == \
         [("Q8_0", True, ["golden"])]
     assert "validating Q8_0 without it" in out
+    code, shown = run("inspect", str(bundle))
+    assert code == 0 and "kernels     without flash attention: with it (golden): " in shown, shown
     assert m["source"]["revision"] == sha and list(m["source"]["files"]) == [FILES["Q8_0"]]
     # the same documents as a checkpoint build: the ML-BOM names the shipped file's digest
     sbom = json.loads((bundle / "sbom.cdx.json").read_text())

@@ -268,11 +268,18 @@ def inspect(bundle: Path, as_json: bool, as_sbom: bool) -> None:
 
 
 def _step_up_lines(plan: dict) -> list[str]:
-    """Why the bundle is not the planner's choice: each quant the build tried before it."""
-    return [f"stepped up  from {a.get('quant')}"
-            f"{' with flash attention' if a.get('flash_attn') else ''} "
-            f"({', '.join(a.get('failed') or [])}): {a.get('message')}"
-            for a in plan.get("step_up") or []]
+    """Why the bundle is not the planner's choice: each quant (or kernels) the build tried
+    before it."""
+    lines = []
+    for a in plan.get("step_up") or []:
+        failed = f"({', '.join(a.get('failed') or [])}): {a.get('message')}"
+        if a.get("quant") == plan.get("quant") and a.get("flash_attn"):
+            # the same quant validated again without flash attention (build/step_up.py)
+            lines.append(f"kernels     without flash attention: with it {failed}")
+        else:
+            lines.append(f"stepped up  from {a.get('quant')}"
+                         f"{' with flash attention' if a.get('flash_attn') else ''} {failed}")
+    return lines
 
 
 def _card_lines(m: dict) -> list[str]:
