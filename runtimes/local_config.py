@@ -167,6 +167,11 @@ def _settings(path: Path, table: str, where: str, items: dict[str, Any]) -> dict
     out: dict[str, Any] = {}
     for key, value in items.items():
         spec = _KEYS.get((table, key))
+        if spec is None and (table, key) == ("engine", "flash_attn"):
+            raise ConfigError(
+                f"{path}: {where} flash_attn is the bundle's own setting: the attention kernels "
+                "its build validated the answers with (they can change a greedy answer)",
+                hint="remove it here; `edgepack build` chooses it and records it in the bundle")
         if spec is None:
             known = ", ".join(k for t, k in _KEYS if t == table)
             raise ConfigError(f"{path}: {where} {key} is not a setting; known: {known}")

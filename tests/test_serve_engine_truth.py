@@ -194,3 +194,7 @@ def test_local_config_cannot_change_the_model(tmp_path):
     local.write_text('[server]\nqueue_sise = 3\n')
     code, err = _serve_exit(bundle, "--config", str(local))
     assert code == 3 and "queue_sise is not a setting" in err, err
+    # the attention kernels are what the build validated the answers with: not a device knob
+    local.write_text('[engine]\nflash_attn = true\n')
+    code, err = _serve_exit(bundle, "--config", str(local))
+    assert code == 3 and "flash_attn is the bundle's own setting" in err, err
