@@ -244,6 +244,21 @@ def test_seed_repeats_whatever_ran_before(strict_server):
         assert sample("Once upon a time", 1234) == first
 
 
+def _read_by_server(port: int) -> int:
+    """Established connections to 127.0.0.1:``port`` whose bytes the server has read (its
+    receive queue is empty), from /proc/net/tcp."""
+    n = 0
+    with open("/proc/net/tcp", encoding="ascii") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            local, state, queues = fields[1], fields[3], fields[4]
+            if int(local.split(":")[1], 16) == port and state == "01" \
+                    and int(queues.split(":")[1], 16) == 0:
+                n += 1
+    return n
+
+
 def test_when_every_connection_is_busy_a_newcomer_gets_503_json(tmp_path):
     # max_connections 8, each held by a streaming generation (one runs, seven wait in the
     # queue): nothing idle can be closed, so a ninth connection gets a clear 503 and a close.
@@ -253,21 +268,33 @@ def test_when_every_connection_is_busy_a_newcomer_gets_503_json(tmp_path):
             b'"prompt": "List the numbers from one to one thousand:"}')
     busy: list[socket.socket] = []
     try:
-        for _ in range(8):
-            s = _connect(server.base_url)
-            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
-                      b"application/json\r\nContent-Length: " + str(len(body)).encode()
-                      + b"\r\n\r\n" + body)
-            busy.append(s)
-        time.sleep(1)
-        extra = _connect(server.base_url)
-        closed, got = _closed_within(extra, 10)
-        extra.close()
-        assert closed and got.startswith(b"HTTP/1.1 503"), got[:200]
-        assert b'"too_many_connections"' in got and b"retry-after: 1" in got.lower()
-    finally:
-        for s in busy:
-            s.close()
+        try:
+            for _ in range(8):
+                s = _connect(server.base_url)
+                s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                          b"application/json\r\nContent-Length: " + str(len(body)).encode()
+                          + b"\r\n\r\n" + body)
+                busy.append(s)
+            # Every request read by the server before the newcomer: under load (CI, one
+            # generation already running) a fixed 1 s wait was not always enough, and a request
+            # still unread in the kernel looks like a silent probe, not a busy connection.
+            port = int(server.base_url.rsplit(":", 1)[1])
+            deadline = time.monotonic() + 30
+            while _read_by_server(port) < 8 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert _read_by_server(port) >= 8
+            time.sleep(0.5)  # and handed to the app (its tasks start on the next loop turns)
+            extra = _connect(server.base_url)
+            closed, got = _closed_within(extra, 10)
+            extra.close()
+            assert closed and got.startswith(b"HTTP/1.1 503"), got[:200]
+            assert b'"too_many_connections"' in got and b"retry-after: 1" in got.lower()
+        finally:
+            for s in busy:
+                s.close()
+    except BaseException:
+        server.stop()  # never leave a server behind a failed test
+        raise
     try:
         # The streams' clients are gone: their generations stop and the server recovers.
         deadline = time.monotonic() + 60
