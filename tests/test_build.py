@@ -100,6 +100,8 @@ def test_smollm2_two_devices_two_quants_one_build(local_hub, smollm2_dir, tmp_pa
     assert code == 0, out
     # One pull and one conversion serve both devices (a fresh cache, so it must convert).
     assert out.count("converting to") == 1, out
+    # Q8_0 is validated again without flash attention from the same file, not quantized again
+    assert out.count("quantizing to Q8_0") == 1 and "quantized earlier in this build" in out, out
     from llama_cpp import Llama
 
     for device, quant in (("raspberry-pi-4-4gb", "Q4_0"), ("laptop-x86-16gb", "Q8_0")):

@@ -303,11 +303,15 @@ def run_build(req: BuildRequest, log: Callable[[str], None] = lambda _m: None) -
     outputs: dict[Key, _Output] = {}
     failures: dict[Key, Any] = {}  # (format, quant, flash attention) -> its ValidationFailed
     packs: dict[tuple[Any, ...], Any] = {}
+    # quant -> what its quantization reported, for files made in this build: validating a quant
+    # again without flash attention (step_up.py) reuses the file instead of quantizing again
+    quantized: dict[str, dict[str, Any]] = {}
     result = BuildResult()
 
     def make(plan: Plan) -> _Output:
         if plan.format == "gguf":
-            return _gguf_output(req, folder, source_id, facts, plan, kind, name, log)
+            return _gguf_output(req, folder, source_id, facts, plan, kind, name, log,
+                                quantized)
         return _onnx_output(req, folder, source_id, plan, kind, name, log)
 
     for profile, planned, is_forced in zip(profiles, plans, forced, strict=True):
@@ -443,6 +447,7 @@ def _gguf_output(
     kind: str,
     name: str,
     log: Callable[[str], None],
+    quantized: dict[str, dict[str, Any]],
 ) -> _Output:
     from edgepack.build.gguf_convert import (
         choose_intermediate_type,
@@ -475,6 +480,9 @@ def _gguf_output(
         qdir.mkdir(parents=True, exist_ok=True)
         model_file.unlink(missing_ok=True)
         os.link(inter, model_file)
+    elif quant in quantized and model_file.is_file():
+        log(f"reusing {model_file.name}, quantized earlier in this build")
+        tensor_info = quantized[quant]
     else:
         with build_stage(log, "quantize", f"quantizing to {quant}"):
             qres = quantize_gguf(inter, model_file, quant, threads=threads)
@@ -483,6 +491,7 @@ def _gguf_output(
             "fallback_tensors": len(qres.fallbacks),
             "fallback_types": qres.fallback_types,
         }
+        quantized[quant] = tensor_info
     golden = _golden_prompts(req, kind)
     with build_stage(log, "validate", f"validating {quant} against the {outtype} intermediate"):
         val = validate_gguf(
