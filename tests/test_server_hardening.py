@@ -264,8 +264,11 @@ def test_when_every_connection_is_busy_a_newcomer_gets_503_json(tmp_path):
     # queue): nothing idle can be closed, so a ninth connection gets a clear 503 and a close.
     bundle = make_test_bundle(tmp_path / "b", server={"max_connections": 8, "queue_size": 8})
     server = serve_bundle(bundle)
+    # Greedy, so no stream can end early: sampled at temperature 1 this prompt met its end of
+    # text after 56-111 tokens in 4 of 10 runs, and a finished stream is an idle keep-alive
+    # connection the newcomer may take (CI saw 408s from that). Greedy, it runs 1500+ tokens.
     body = (b'{"model": "smollm2-135m-instruct", "stream": true, "max_tokens": 3000, '
-            b'"prompt": "List the numbers from one to one thousand:"}')
+            b'"temperature": 0, "prompt": "List the numbers from one to one thousand:"}')
     busy: list[socket.socket] = []
     try:
         try:
