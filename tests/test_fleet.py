@@ -315,3 +315,27 @@ def test_mutual_tls_reports_from_the_agent_command(tmp_path, nginx, mosquitto): 
     r = CliRunner().invoke(cli, ["fleet", "status", "--broker", broker.url, "--fleet", FLEET,
                                  "--wait", "3", "--broker-ca", str(tls["ca"])])
     assert r.exit_code == 4, r.output
+
+
+def test_a_stop_while_reconnecting_for_a_new_will_still_leaves_the_device_offline(
+        tmp_path, mosquitto):  # noqa: F811
+    """A new result re-arms the last will by reconnecting; an agent that stops during that
+    reconnect (CI: it took over 3 s on a loaded machine) must still leave "offline" with its
+    last result retained, never the "online" of the first connection. close(timeout=0) stands
+    for a connection wait that is shorter than the reconnect."""
+    broker = mosquitto()
+    cfg = parse_broker(broker.url, fleet=FLEET)
+    status = {"device_id": "dev-r", "installed": None, "last_result": None}
+    rep = MqttReporter(cfg, "dev-r", lambda: dict(status)).start()
+    try:
+        assert rep._up.wait(10), "the reporter never connected"
+        status["last_result"] = "held-back"
+        rep.state_changed()  # a new will: a clean disconnect and a reconnect under way
+    finally:
+        rep.close(timeout=0.0)
+    r = CliRunner().invoke(cli, ["fleet", "status", "--broker", broker.url, "--fleet", FLEET,
+                                 "--wait", "3", "--json"])
+    assert r.exit_code == 0, r.output
+    d = by_device(json.loads(r.stdout))["dev-r"]
+    assert (d["state"], d["last_result"], d["report"].get("offline_reason")) == \
+        ("offline", "held-back", "agent stopped"), d

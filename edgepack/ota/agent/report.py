@@ -34,6 +34,8 @@ log = logging.getLogger("edgepack.agent")
 MAX_PENDING_EVENTS = 256
 # Seconds close() waits, once connected, for the broker to take the offline state.
 ACK_TIMEOUT = 10.0
+# Seconds a re-arm of the last will waits for earlier states to be acknowledged.
+SETTLE_TIMEOUT = 2.0
 
 
 class Reporter(Protocol):
@@ -127,6 +129,14 @@ def serving_readiness(serve_url: str | None, timeout: float = 2.0) -> dict[str, 
         return {"url": serve_url, "ready": False, "error": str(e)[:200]}
 
 
+def _done(info: Any) -> bool:
+    """Whether a publish is acknowledged, or will never be sent (paho raises for those)."""
+    try:
+        return bool(info.is_published())
+    except (ValueError, RuntimeError):
+        return True
+
+
 class MqttReporter:
     """Publishes the device's state and events to an MQTT broker (see module docstring)."""
 
@@ -149,6 +159,11 @@ class MqttReporter:
         self._connected = False
         self._up = threading.Event()  # set while connected
         self._down = threading.Event()  # set by each disconnect the network thread sees
+        self._rearming = False  # our own reconnect for a new will is under way
+        # State messages not yet acknowledged. paho sends them again after a reconnect, after
+        # the new connection's own: an old "online" could then replace a newer state.
+        self._unacked: deque[Any] = deque(maxlen=max_pending)
+        self._closing: str | None = None  # why, once close() has begun
         self._will_key: tuple | None = None
         self.published = 0  # messages handed to the broker connection (for benchmarks)
         self.started_at = now_iso()
@@ -196,11 +211,17 @@ class MqttReporter:
             return
         with self._lock:
             self._connected = True
+            self._rearming = False
             pending = list(self._pending)
             self._pending.clear()
+            closing = self._closing
+        # A connection that completes while close() runs (or after it gave up waiting) must
+        # not leave "online" retained for a device that has stopped.
+        state = self._state()
+        payload = self._offline(state, closing) if closing else \
+            json.dumps(state, sort_keys=True, default=str).encode()
         self._up.set()
-        self._publish(self.state_topic, json.dumps(self._state(), sort_keys=True,
-                                                   default=str).encode(), retain=True)
+        self._publish(self.state_topic, payload, retain=True)
         for payload in pending:
             self._publish(self.events_topic, payload)
         log.info("reporting to MQTT broker %s as %s", self.config.describe(), self.state_topic)
@@ -216,6 +237,8 @@ class MqttReporter:
             info = self._client.publish(topic, payload, qos=1, retain=retain)
             if info.rc == 0:
                 self.published += 1
+            if retain:
+                self._unacked.append(info)
         except Exception as e:  # noqa: BLE001 - never into the agent
             log.debug("MQTT publish failed: %s", e)
 
@@ -247,30 +270,53 @@ class MqttReporter:
 
     def _rearm(self) -> None:
         """Reconnect so the broker holds the new will (on_connect republishes the state);
-        while disconnected, the next connect uses it anyway."""
+        while disconnected, the next connect uses it anyway. (The new state is not sent on
+        the old connection first: the broker may read it after the new connection's messages,
+        and an "online" state would then replace the offline one that close() sent.)"""
         if not self._connected:
             return
         from edgepack.ota.agent.broker import close_client
 
+        self._settle(time.monotonic() + SETTLE_TIMEOUT)  # nothing old left to send again
         close_client(self._client)  # a clean disconnect: the broker discards the old will
         with self._lock:
             self._connected = False
+            self._rearming = True
         self._up.clear()
         self.start()
 
+    def _settle(self, deadline: float) -> None:
+        """Wait (until ``deadline``) for the broker to acknowledge every state sent so far."""
+        while time.monotonic() < deadline:
+            while self._unacked and _done(self._unacked[0]):
+                self._unacked.popleft()
+            if not self._unacked:
+                return
+            time.sleep(0.01)
+
     def close(self, why: str = "agent stopped", timeout: float = 3.0) -> None:
         """Mark the device offline (retained) and disconnect. Waits at most ``timeout`` s for
-        a connection still being made (``agent run --once`` is over in well under a second);
-        once connected, up to ``ACK_TIMEOUT`` s for the broker to acknowledge the offline state
-        and for the disconnect to go out behind it, so queued reports go out when the broker is
-        there and exit is never held up for long when it is not."""
+        a connection still being made (``agent run --once`` is over in well under a second),
+        ``ACK_TIMEOUT`` s for a reconnect of ours for a new will (the broker was there a moment
+        ago; on a loaded machine it took CI over 3 s); once connected,
+        up to ``ACK_TIMEOUT`` s for the broker to acknowledge the offline state and for the
+        disconnect to go out behind it, so queued reports go out when the broker is there and
+        exit is never held up for long when it is not."""
         try:
-            self._up.wait(timeout)
-            if self._connected:
+            with self._lock:
+                self._closing = why
+                rearming = self._rearming
+            self._up.wait(max(timeout, ACK_TIMEOUT) if rearming else timeout)
+            if not self._connected:
+                log.warning("MQTT broker %s not connected at exit: the device's state there "
+                            "may not say it stopped", self.config.describe())
+            else:
+                deadline = time.monotonic() + ACK_TIMEOUT
+                # States sent again after a reconnect go out before this one, not after it.
+                self._settle(deadline)
                 info = self._client.publish(self.state_topic,
                                             self._offline(self._state(), why), qos=1,
                                             retain=True)
-                deadline = time.monotonic() + ACK_TIMEOUT
                 while not info.is_published() and time.monotonic() < deadline:
                     time.sleep(0.02)
                 # Let the network thread send DISCONNECT behind the offline state and see the
