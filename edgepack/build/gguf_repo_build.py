@@ -38,7 +38,7 @@ from edgepack.errors import BuildError, FetchError, UsageError, ValidationFailed
 if TYPE_CHECKING:
     from edgepack.build.gguf_repo import GgufRepo
     from edgepack.build.hub import PulledModel
-    from edgepack.build.pipeline import BuildRequest, BuildResult
+    from edgepack.build.request import BuildRequest, BuildResult
     from edgepack.device.profile import DeviceProfile
     from edgepack.plan.planner import FileChoice, Plan
 
@@ -138,8 +138,8 @@ def run_gguf_repo_build(req: BuildRequest, repo: GgufRepo, profiles: Sequence[De
     validation), FetchError (pull)."""
     from edgepack.build.gguf_repo import pull_gguf_files
     from edgepack.build.model_files import check_disk_space
-    from edgepack.build.pipeline import BuildResult, build_stage
     from edgepack.build.preflight import model_name
+    from edgepack.build.request import BuildResult, build_stage
     from edgepack.device.catalog import list_profiles
     from edgepack.plan.planner import step_up_skip
 
@@ -258,7 +258,7 @@ def _validate(req: BuildRequest, repo: GgufRepo, folder: Path, c: FileChoice,
         GoldenPrompt,
         validate_gguf,
     )
-    from edgepack.build.pipeline import build_stage
+    from edgepack.build.request import build_stage
 
     kind = _kind(repo, c)
     threads = req.threads or os.cpu_count() or 1
@@ -332,8 +332,8 @@ def _write(req: BuildRequest, repo: GgufRepo, pulled: Any, plan: Plan, c: FileCh
            out: dict[str, Any], name: str, profile: DeviceProfile, result: BuildResult,
            packs: dict[tuple[Any, ...], Any], log: Callable[[str], None]) -> None:
     from edgepack.build.gguf_convert import installed_llama_cpp_python
+    from edgepack.build.outputs import LLAMA_ENGINE_RANGE
     from edgepack.build.pipeline import (
-        LLAMA_ENGINE_RANGE,
         emit_bundle,
         plan_systemd_units,
         runtime_pack_for,
@@ -405,7 +405,7 @@ def _write(req: BuildRequest, repo: GgufRepo, pulled: Any, plan: Plan, c: FileCh
 def _staged(path: Path, sha256: str) -> Path:
     """``path`` (a hub-cache symlink to its blob) as a file of the same name that the bundle
     writer can hard-link: Linux link(2) would link the symlink itself, not the blob."""
-    from edgepack.build.pipeline import cache_root
+    from edgepack.build.request import cache_root
 
     dst = cache_root() / "gguf-repo" / sha256[:16] / path.name
     if not dst.is_file():

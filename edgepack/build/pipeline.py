@@ -10,130 +10,28 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgepack.build.outputs import ModelOutput, gguf_output, onnx_output
+from edgepack.build.request import (  # noqa: F401 - re-exported: callers import them from here
+    BuildRequest,
+    BuildResult,
+    BundleSummary,
+    Golden,
+    build_stage,
+    cache_root,
+    parse_version_option,
+)
 from edgepack.build.step_up import Key, Replan, output_for
 from edgepack.bundle import BundleSpec, archive_bundle, write_bundle
-from edgepack.errors import BuildError, UsageError
+from edgepack.errors import UsageError
 from edgepack.manifest import parse_bundle_version
 
 if TYPE_CHECKING:
     from edgepack.plan.planner import Plan
-
-# The engine a GGUF bundle is served with: the same llama-cpp-python minor series, since the
-# GGUF format and the quantization kernels are stable within it.
-LLAMA_ENGINE_RANGE = ">=0.3.36,<0.4"
-# Files the device needs besides the model. GGUF carries its tokenizer and chat template.
-_ONNX_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-
-@dataclass(frozen=True)
-class Golden:
-    prompt: str
-    expect: str
-
-
-@dataclass(frozen=True)
-class BuildRequest:
-    model: str
-    devices: tuple[str, ...]
-    fmt: str = "auto"
-    quant: str | None = None  # for every device
-    device_quants: tuple[tuple[str, str], ...] = ()  # (device ref, quant) overrides
-    ctx: int | None = None
-    out: Path = Path("bundles")
-    bundle_version: int | str = 1
-    name: str | None = None
-    token: str | None = None
-    golden: tuple[Golden, ...] | None = None  # None: the default golden prompts
-    min_agreement: float | None = None
-    max_kl: float | None = None
-    min_cosine: float | None = None
-    archive: bool = False
-    overwrite: bool = False
-    threads: int | None = None
-    runtime: bool = False  # add runtime/ (offline wheels + install.sh) to each bundle
-    allow_licenses: tuple[str, ...] = ()  # empty: no licence policy
-    min_tokens_per_second: float | None = None  # None: the device class's interactive floor
-    parallel: int | None = None  # slots for GGUF decoders; None: the plan's choice
-
-
-@dataclass(frozen=True)
-class BundleSummary:
-    """One built bundle, as the CLI's summary and ``build --json`` report it."""
-
-    device: str
-    path: Path
-    format: str
-    quant: str
-    size_bytes: int
-    validation: dict[str, Any]
-    archive: Path | None = None
-    # the plan's step-up record, as the manifest's plan.step_up (build/step_up.py): the
-    # quants tried before ``quant`` and why each failed; empty when the plan's choice shipped
-    step_up: tuple[dict[str, Any], ...] = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        v = self.validation
-        return {
-            "device": self.device, "path": str(self.path), "format": self.format,
-            "quant": self.quant, "size_bytes": self.size_bytes,
-            "validation": {k: v.get(k) for k in ("metric", "value", "threshold", "passed")},
-            "archive": None if self.archive is None else str(self.archive),
-            "step_up": [dict(a) for a in self.step_up],
-        }
-
-
-@dataclass
-class BuildResult:
-    bundles: list[Path] = field(default_factory=list)
-    archives: list[Path] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    summaries: list[BundleSummary] = field(default_factory=list)
-
-
-@contextmanager
-def build_stage(log: Callable[[str], None], name: str, text: str) -> Iterator[None]:
-    """Log what starts, then how long it took (``name: 1.2 s``; bench/build.py reads it).
-
-    A ``log`` with a ``stage(name, text)`` context manager (the CLI's progress reporter)
-    shows the step live instead (a spinner with the elapsed time on a terminal).
-    """
-    stage = getattr(log, "stage", None)
-    if stage is not None:
-        with stage(name, text):
-            yield
-        return
-    log(text)
-    t0 = time.perf_counter()
-    yield
-    log(f"{name}: {time.perf_counter() - t0:.2f} s")
-
-
-def cache_root() -> Path:
-    from edgepack.paths import cache_dir
-
-    return cache_dir()
-
-
-def parse_version_option(text: str) -> int | str:
-    """``--bundle-version``: an integer stays an integer in the manifest, semver a string."""
-    value: int | str = int(text) if text.isdigit() else text
-    try:
-        parse_bundle_version(value)
-    except Exception as e:  # IntegrityError: re-raise as a usage problem
-        raise UsageError(
-            f"--bundle-version {text!r} is not an integer or MAJOR[.MINOR[.PATCH]]",
-            hint="for example --bundle-version 3 or --bundle-version 1.4.2",
-        ) from e
-    return value
 
 
 def _source_digest(files: dict[str, str]) -> str:
@@ -300,7 +198,7 @@ def run_build(req: BuildRequest, log: Callable[[str], None] = lambda _m: None) -
     if work.changes:
         source["working_copy"] = work.to_dict()
 
-    outputs: dict[Key, _Output] = {}
+    outputs: dict[Key, ModelOutput] = {}
     failures: dict[Key, Any] = {}  # (format, quant, flash attention) -> its ValidationFailed
     packs: dict[tuple[Any, ...], Any] = {}
     # quant -> what its quantization reported, for files made in this build: validating a quant
@@ -308,11 +206,11 @@ def run_build(req: BuildRequest, log: Callable[[str], None] = lambda _m: None) -
     quantized: dict[str, dict[str, Any]] = {}
     result = BuildResult()
 
-    def make(plan: Plan) -> _Output:
+    def make(plan: Plan) -> ModelOutput:
         if plan.format == "gguf":
-            return _gguf_output(req, folder, source_id, facts, plan, kind, name, log,
+            return gguf_output(req, folder, source_id, facts, plan, kind, name, log,
                                 quantized)
-        return _onnx_output(req, folder, source_id, plan, kind, name, log)
+        return onnx_output(req, folder, source_id, plan, kind, name, log)
 
     for profile, planned, is_forced in zip(profiles, plans, forced, strict=True):
         plan, out = output_for(
@@ -414,180 +312,3 @@ def runtime_pack_for(req: BuildRequest, profile: Any, fmt: str, packs: dict[tupl
             packs[key] = build_runtime_pack(profile, fmt, cache_root(), log)
         atexit.register(packs[key].cleanup)  # a build that fails later leaves no temp files
     return packs[key]
-
-
-@dataclass(frozen=True)
-class _Output:
-    model_file: Path
-    engine: dict[str, Any]
-    validation: dict[str, Any]
-    golden: tuple[dict[str, Any], ...]
-    details: dict[str, Any]
-    converter: dict[str, Any]
-    extra_files: tuple[Path, ...] = ()
-    tokenizer_files: tuple[Path, ...] = ()
-
-
-def _golden_prompts(req: BuildRequest, kind: str) -> tuple[Any, ...]:
-    """The golden prompts a build asks: explicit ``--golden``, else the defaults for chat
-    models (both formats: the update agent's health gate asks what the manifest stores)."""
-    from edgepack.build.gguf_validate import DEFAULT_GOLDEN, GoldenPrompt
-
-    if req.golden is None:
-        return DEFAULT_GOLDEN if kind == "chat" else ()
-    return tuple(GoldenPrompt(g.prompt, g.expect) for g in req.golden)
-
-
-def _gguf_output(
-    req: BuildRequest,
-    folder: Path,
-    source_id: str,
-    facts: Any,
-    plan: Plan,
-    kind: str,
-    name: str,
-    log: Callable[[str], None],
-    quantized: dict[str, dict[str, Any]],
-) -> _Output:
-    from edgepack.build.gguf_convert import (
-        choose_intermediate_type,
-        convert_to_gguf,
-        converter_version,
-        installed_llama_cpp_python,
-        intermediate_path,
-    )
-    from edgepack.build.gguf_quantize import quantize_gguf
-    from edgepack.build.gguf_validate import validate_gguf
-
-    root = cache_root()
-    conv = converter_version()
-    outtype = choose_intermediate_type(facts.n_params)
-    inter = intermediate_path(root, source_id, outtype, converter=conv)
-    if inter.is_file():
-        log(f"reusing intermediate {inter.name}")
-    else:
-        with build_stage(log, "convert",
-                         f"converting to {outtype} GGUF with convert_hf_to_gguf.py"):
-            convert_to_gguf(folder, inter, outtype)
-    quant = plan.quant
-    threads = req.threads or os.cpu_count() or 1
-    engine_version = installed_llama_cpp_python()
-    qdir = root / "quantized" / f"{inter.stem}-llama-cpp-python-{engine_version}"
-    model_file = qdir / f"{name}-{quant}.gguf"
-    tensor_info: dict[str, Any] = {}
-    if quant.lower() == outtype:
-        # The intermediate is already the requested type: ship it under the bundle's name.
-        qdir.mkdir(parents=True, exist_ok=True)
-        model_file.unlink(missing_ok=True)
-        os.link(inter, model_file)
-    elif quant in quantized and model_file.is_file():
-        log(f"reusing {model_file.name}, quantized earlier in this build")
-        tensor_info = quantized[quant]
-    else:
-        with build_stage(log, "quantize", f"quantizing to {quant}"):
-            qres = quantize_gguf(inter, model_file, quant, threads=threads)
-        tensor_info = {
-            "tensor_types": qres.type_counts,
-            "fallback_tensors": len(qres.fallbacks),
-            "fallback_types": qres.fallback_types,
-        }
-        quantized[quant] = tensor_info
-    golden = _golden_prompts(req, kind)
-    with build_stage(log, "validate", f"validating {quant} against the {outtype} intermediate"):
-        val = validate_gguf(
-            model_file,
-            inter,
-            quant,
-            golden=golden,
-            min_agreement=req.min_agreement,
-            max_kl=req.max_kl,
-            min_cosine=req.min_cosine,
-            threads=threads,
-            flash_attn=plan.flash_attn,
-        )
-    return _Output(
-        model_file=model_file,
-        engine={
-            "name": "llama.cpp",
-            "package": "llama-cpp-python",
-            "version_range": LLAMA_ENGINE_RANGE,
-            "built_with": engine_version,
-        },
-        validation={
-            "metric": val.metric,
-            "value": val.value,
-            "threshold": val.threshold,
-            "passed": val.passed,
-            "reference": val.reference,
-            "details": val.details,
-        },
-        golden=tuple({"prompt": g.prompt, "expect": g.expect} for g in golden),
-        details={"intermediate": outtype, **tensor_info},
-        converter={"name": "convert_hf_to_gguf.py", "version": conv},
-    )
-
-
-def _onnx_output(
-    req: BuildRequest,
-    folder: Path,
-    source_id: str,
-    plan: Plan,
-    kind: str,
-    name: str,
-    log: Callable[[str], None],
-) -> _Output:
-    from importlib.metadata import version
-
-    from edgepack.build.onnx_export import TASKS, ExportResult, export_onnx, infer_task
-    from edgepack.build.onnx_quantize import quantize_onnx
-    from edgepack.build.onnx_validate import validate_onnx
-
-    root = cache_root()
-    task = infer_task(folder)
-    tools = f"optimum-onnx-{version('optimum-onnx')}-onnxruntime-{version('onnxruntime')}"
-    export_dir = root / "onnx" / f"{source_id}-{task}-{tools}"
-    if (export_dir / "model.onnx").is_file():
-        # export_onnx renames a finished export into place, so a present graph is complete.
-        log(f"reusing ONNX export {export_dir.name}")
-        export = ExportResult(
-            out_dir=export_dir, task=task, kind=TASKS[task][1],
-            model_path=export_dir / "model.onnx", tokenizer_dir=export_dir / "tokenizer",
-            files=(),
-        )
-    else:
-        with build_stage(log, "export", f"exporting to ONNX with optimum ({task})"):
-            export = export_onnx(folder, export_dir, task)
-    if export.kind == "classification":
-        raise BuildError(
-            f"{name} is a sequence-classification model; edgepack's server has no "
-            "classification route yet",
-            hint="build an embedding or text-generation model, or export it with optimum",
-        )
-    scheme = plan.quant
-    qdir = root / "onnx-quantized" / f"{export_dir.name}-{scheme}"
-    with build_stage(log, "quantize", f"quantizing the ONNX graph ({scheme})"):
-        q = quantize_onnx(export.model_path, qdir / "model.onnx", scheme)
-    threads = req.threads or os.cpu_count() or 1
-    threshold = req.min_cosine if export.kind == "embedding" else req.min_agreement
-    golden = _golden_prompts(req, kind) if export.kind == "generation" else ()
-    with build_stage(log, "validate", f"validating {scheme} against the PyTorch model"):
-        val = validate_onnx(
-            folder, q.model_path, export.tokenizer_dir, kind=export.kind, scheme=scheme,
-            threshold=threshold, n_threads=threads, golden=golden,
-        )
-    tok_files = tuple(sorted(p for p in export.tokenizer_dir.iterdir() if p.is_file()))
-    return _Output(
-        model_file=q.model_path,
-        extra_files=(q.external_data,) if q.external_data else (),
-        tokenizer_files=tok_files,
-        engine={
-            "name": "onnxruntime",
-            "package": "onnxruntime",
-            "version_range": f">={version('onnxruntime')},<2",
-            "built_with": version("onnxruntime"),
-        },
-        validation=val.to_dict(),
-        golden=tuple({"prompt": g.prompt, "expect": g.expect} for g in golden),
-        details={"task": task, "notes": list(q.notes), "size_bytes": q.size_bytes},
-        converter={"name": "optimum-onnx", "version": version("optimum-onnx")},
-    )

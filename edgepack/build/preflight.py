@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from edgepack.errors import UsageError
 
 if TYPE_CHECKING:
-    from edgepack.build.pipeline import BuildRequest
+    from edgepack.build.request import BuildRequest
 
 
 def model_slug(text: str) -> str:
