@@ -71,6 +71,35 @@ def test_tiny_llama_q8_0_validates(tiny_llama_f32_gguf: Path, tmp_path: Path) ->
     assert result.details["golden"] == []
 
 
+def test_the_reference_is_scored_once_for_several_quants(
+    tiny_llama_f32_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build validates several quants (devices, a step up, a retry without flash attention)
+    against one intermediate: its scores are computed once, and again after it changes."""
+    import edgepack.build.gguf_validate as gv
+
+    scored: list[str] = []
+    real = gv._score_text
+
+    def counted(path, *a, **kw):
+        scored.append(Path(path).name)
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(gv, "_score_text", counted)
+    monkeypatch.setattr(gv, "_last_reference", None)
+    q8 = quantize_gguf(tiny_llama_f32_gguf, tmp_path / "q8.gguf", "Q8_0", threads=2).path
+    q4 = quantize_gguf(tiny_llama_f32_gguf, tmp_path / "q4.gguf", "Q4_0", threads=2).path
+    first = validate_gguf(q8, tiny_llama_f32_gguf, "Q8_0", golden=(), threads=2)
+    validate_gguf(q4, tiny_llama_f32_gguf, "Q4_0", golden=(), threads=2, check=False)
+    again = validate_gguf(q8, tiny_llama_f32_gguf, "Q8_0", golden=(), threads=2)
+    assert scored == [tiny_llama_f32_gguf.name, "q8.gguf", "q4.gguf", "q8.gguf"]
+    assert again.value == first.value and again.details["mean_kl"] == first.details["mean_kl"]
+    copy = tmp_path / "ref.gguf"  # another file (or the same one rewritten) is scored anew
+    copy.write_bytes(tiny_llama_f32_gguf.read_bytes())
+    validate_gguf(q8, copy, "Q8_0", golden=(), threads=2)
+    assert scored[-2:] == ["ref.gguf", "q8.gguf"]
+
+
 @pytest.mark.slow
 def test_a_different_model_fails_validation(
     tiny_llama_f32_gguf: Path, smollm2_f16_gguf: Path, tmp_path: Path
