@@ -279,13 +279,8 @@ class BatchedLlamaEngine(LlamaEngine):
         """
         pump = Pump(make)
         with self._cond:
-            if self._failure is None:
-                self._new_pumps.append(pump)
-                self._cond.notify_all()
-                return pump.items()
-        out: list[Any] = []  # the scheduler has stopped: generate() raises, here
-        pump.advance(out)
-        deliver(pump.loop, out)
+            self._new_pumps.append(pump)
+            self._cond.notify_all()
         return pump.items()
 
     # -- the scheduler thread ----------------------------------------------------------------
@@ -297,7 +292,7 @@ class BatchedLlamaEngine(LlamaEngine):
                     while not (self._stop or self._pending or self._new_pumps or self._busy()):
                         self._cond.wait()
                     if self._stop:
-                        break
+                        return
                     starting = list(self._new_pumps)
                     self._new_pumps.clear()
                 for pump in starting:  # each queues its request (generate) and pauses
@@ -307,19 +302,13 @@ class BatchedLlamaEngine(LlamaEngine):
                 self._step()
                 self._wake_cancelled()
                 self._deliver()
-            # Closed with requests still in: they end with an error, not an endless wait.
-            raise EngineError("the engine was closed while this request ran")
         except BaseException as e:  # noqa: BLE001 - every waiting consumer must hear of it
             self._failure = e
             with self._cond:
                 reqs = [s.req for s in self._slots if s.req is not None] + list(self._pending)
                 self._pending.clear()
-                unstarted = list(self._new_pumps)
-                self._new_pumps.clear()
             for req in reqs:
                 self._feed(req, e)
-            for pump in unstarted:  # generate() raises: the scheduler has failed
-                self._advance(pump)
             self._deliver()
 
     def _advance(self, pump: Pump) -> None:
