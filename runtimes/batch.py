@@ -14,8 +14,7 @@ prompt prefix and only decodes the rest (llama-server's slot prompt cache does t
 ``generate`` may be called from any thread and from several at once: it queues the request
 and yields its tokens through the shared loop (``token_stream.token_events``) on the caller's
 thread, so stop strings, limits, UTF-8 and logprobs behave exactly as in the one-sequence
-engine. The server uses ``stream`` instead: the same generation, advanced by the scheduler
-thread itself between decodes (``worker.Pump``), with no thread per request.
+engine.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ import logging
 import queue
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,8 +42,7 @@ from edgepack.runtimes.engine import (
     generation_limit,
 )
 from edgepack.runtimes.llama_engine import LlamaEngine, LlamaSettings, token_logprob
-from edgepack.runtimes.token_stream import PAUSE, token_events
-from edgepack.runtimes.worker import Pump, deliver
+from edgepack.runtimes.token_stream import token_events
 
 _DEFAULT_SEED = 0xFFFFFFFF
 _PENALTY_LAST_N = 64  # llama-cpp-python's last_n_tokens_size default
@@ -85,9 +83,6 @@ class _Request:
     limit: int
     out: queue.SimpleQueue[Any] = field(default_factory=queue.SimpleQueue)
     closed: bool = False  # the consumer stopped reading: free the slot
-    cancel: CancelToken | None = None
-    pump: Pump | None = None  # advanced by the scheduler (``stream``), reading ``ready``
-    ready: deque[Any] = field(default_factory=deque)
 
 
 @dataclass
@@ -117,9 +112,6 @@ class BatchedLlamaEngine(LlamaEngine):
         self._thread: threading.Thread | None = None
         self._slots: list[_Slot] = []
         self._failure: BaseException | None = None
-        self._new_pumps: deque[Pump] = deque()
-        self._pumping: Pump | None = None  # the pump the scheduler is advancing right now
-        self._out: dict[Any, list[Any]] = {}  # pumped items per event loop, sent each step
 
     # -- loading -------------------------------------------------------------------------
 
@@ -211,13 +203,11 @@ class BatchedLlamaEngine(LlamaEngine):
         self, prompt: Prompt, params: SamplingParams, cancel: CancelToken
     ) -> Iterator[TokenEvent | FinishEvent]:
         llm = self._require()
-        pump = self._pumping if threading.current_thread() is self._thread else None
-        if params.grammar is not None and pump is None:
-            # (a pumped request comes from the server, which checked it off this thread)
+        if params.grammar is not None:
             self.check_grammar(params.grammar)
         n_prompt = len(prompt.tokens)
         limit = generation_limit(self.n_ctx, n_prompt, params.max_tokens)
-        req = _Request(prompt.tokens, params, limit, cancel=cancel, pump=pump)
+        req = _Request(prompt.tokens, params, limit)
         if limit > 0 and not cancel.cancelled:
             with self._cond:
                 if self._failure is not None:
@@ -229,24 +219,14 @@ class BatchedLlamaEngine(LlamaEngine):
         is_eog = self._is_eog
         infos: dict[int, TokenLogprob] = {}
 
-        def next_item() -> Any:
-            if pump is not None:  # the scheduler advances us when there is more
-                return req.ready.popleft() if req.ready else (-1 if cancel.cancelled else PAUSE)
-            try:
-                return req.out.get(timeout=0.05)
-            except queue.Empty:
-                return -1 if cancel.cancelled else PAUSE
-
         def tokens() -> Iterator[int]:
             try:
                 while True:
-                    item = next_item()
-                    if item is PAUSE:
-                        if pump is not None:
-                            yield item  # type: ignore[misc]
-                        continue
-                    if item == -1:
-                        yield -1  # token_events sees the cancel before using it
+                    try:
+                        item = req.out.get(timeout=0.05)
+                    except queue.Empty:
+                        if cancel.cancelled:
+                            yield -1  # token_events sees the cancel before using it
                         continue
                     if item is _END:
                         return
@@ -273,71 +253,27 @@ class BatchedLlamaEngine(LlamaEngine):
             describe=describe,
         )
 
-    def stream(self, make: Callable[[], Iterator[Any]]) -> AsyncIterator[Any]:
-        """Run ``make()`` (a generation that calls ``generate``) on the scheduler thread,
-        advanced after each step that gives it tokens; iterate its items on the calling loop.
-        """
-        pump = Pump(make)
-        with self._cond:
-            self._new_pumps.append(pump)
-            self._cond.notify_all()
-        return pump.items()
-
     # -- the scheduler thread ----------------------------------------------------------------
 
     def _run(self) -> None:
         try:
             while True:
                 with self._cond:
-                    while not (self._stop or self._pending or self._new_pumps or self._busy()):
+                    while not self._stop and not self._pending and not self._busy():
                         self._cond.wait()
                     if self._stop:
                         return
-                    starting = list(self._new_pumps)
-                    self._new_pumps.clear()
-                for pump in starting:  # each queues its request (generate) and pauses
-                    self._advance(pump)
-                with self._cond:
                     self._admit()
                 self._step()
-                self._wake_cancelled()
-                self._deliver()
         except BaseException as e:  # noqa: BLE001 - every waiting consumer must hear of it
             self._failure = e
+            for slot in self._slots:
+                if slot.req is not None:
+                    slot.req.out.put(e)
             with self._cond:
-                reqs = [s.req for s in self._slots if s.req is not None] + list(self._pending)
+                for req in self._pending:
+                    req.out.put(e)
                 self._pending.clear()
-            for req in reqs:
-                self._feed(req, e)
-            self._deliver()
-
-    def _advance(self, pump: Pump) -> None:
-        self._pumping = pump
-        try:
-            pump.advance(self._out.setdefault(pump.loop, []))
-        finally:
-            self._pumping = None
-
-    def _feed(self, req: _Request, item: Any) -> None:
-        """Hand a sampled token (or the end, or a failure) to the request's consumer."""
-        if req.pump is None:
-            req.out.put(item)
-        else:
-            req.ready.append(item)
-            self._advance(req.pump)
-
-    def _wake_cancelled(self) -> None:
-        # A pumped request has no thread polling its cancel token: the scheduler looks once a
-        # step (a step takes milliseconds), and the generation then ends as cancelled.
-        for req in [s.req for s in self._slots] + list(self._pending):
-            if req is not None and req.pump is not None and not req.closed \
-                    and req.cancel is not None and req.cancel.cancelled:
-                self._advance(req.pump)
-
-    def _deliver(self) -> None:
-        for loop, out in self._out.items():
-            deliver(loop, out)
-        self._out = {}
 
     def _busy(self) -> bool:
         return any(s.req is not None for s in self._slots)
@@ -438,18 +374,12 @@ class BatchedLlamaEngine(LlamaEngine):
             token = llama_cpp.llama_sampler_sample(slot.sampler.sampler, self._ctx.ctx, idx)
             info = self._logprob(idx, token, req.params.logprobs) \
                 if req.params.logprobs is not None else None
+            req.out.put((token, info))
             slot.n_out += 1
             slot.last = token
             if is_eog(vocab, token) or slot.n_out >= req.limit:
+                req.out.put(_END)
                 self._release(slot)
-                if req.pump is not None:
-                    req.ready.append((token, info))
-                    self._feed(req, _END)
-                else:
-                    req.out.put((token, info))
-                    req.out.put(_END)
-            else:
-                self._feed(req, (token, info))
 
     def _release(self, slot: _Slot) -> None:
         # The KV cache stays: the next request with the same prefix reuses it.

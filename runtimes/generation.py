@@ -48,7 +48,7 @@ from edgepack.runtimes.openai_schema import (
     parse_completion,
     parse_embedding,
 )
-from edgepack.runtimes.worker import _post
+from edgepack.runtimes.worker import _post, stream_in_thread
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
@@ -203,10 +203,9 @@ async def _generate(request: Request, chat: bool) -> Response:
     cancel = CancelToken()
     loop = asyncio.get_running_loop()
     try:
-        # An engine with several slots decodes on its own thread and advances each request's
-        # generation there, between decodes (batch.py, worker.Pump), instead of queueing it
-        # behind the others on the worker.
-        run = engine.stream if getattr(engine, "slots", 1) > 1 else s.worker.stream
+        # An engine with several slots decodes on its own thread; each request waits for its
+        # tokens on a thread of its own instead of queueing behind the others on the worker.
+        run = stream_in_thread if getattr(engine, "slots", 1) > 1 else s.worker.stream
         events = run(_engine_events(s, job, cancel, ticket, loop))
     except BaseException:
         ticket.release()

@@ -22,10 +22,6 @@ from edgepack.runtimes.engine import (
 )
 from edgepack.runtimes.stops import StopScanner
 
-# A token source with nothing ready yet (see ``worker.Pump``) yields PAUSE; token_events passes
-# it out unchanged so that whoever drives the generator stops advancing it until there is.
-PAUSE: object = type("Pause", (), {"__repr__": lambda _self: "PAUSE"})()
-
 
 def token_events(
     tokens: Generator[int, None, None],
@@ -60,9 +56,6 @@ def token_events(
             reason = FINISH_LENGTH
         else:
             for token in tokens:
-                if token is PAUSE:
-                    yield PAUSE  # type: ignore[misc]
-                    continue
                 if not t_first:
                     t_first = time.perf_counter()
                 if cancel.cancelled:

@@ -114,57 +114,18 @@ class EngineWorker:
             self._thread.join(timeout)
 
 
-class Pump:
-    """A generation driven by the thread that makes its tokens, delivered to an event loop.
+def stream_in_thread(
+    make: Callable[[], Iterator[T]], name: str = "edgepack-stream"
+) -> AsyncIterator[T]:
+    """Like ``EngineWorker.stream``, on a thread of its own.
 
-    A thread per request that blocks for its tokens (what the batched engine used before)
-    wakes one thread per sequence at every decode step of a batch, and on a device with no
-    spare core those threads take cores from llama.cpp's compute threads mid-step. A Pump has
-    no thread: the engine's scheduler creates and advances the generator (``advance``) right
-    after the step that made its tokens, between decodes, until the token source yields
-    ``token_stream.PAUSE``; the items of every sequence of a step then reach the loop in one
-    wake-up (``deliver``).
+    For engines that decode on their own scheduler thread (``batch.py``) and only block the
+    caller while waiting for tokens: one thread per admitted request, so requests in
+    different slots do not wait for each other.
     """
-
-    def __init__(self, make: Callable[[], Iterator[Any]]) -> None:
-        self._make = make
-        self._gen: Iterator[Any] | None = None
-        self._items: asyncio.Queue[Any] = asyncio.Queue()  # on the calling loop
-        self.loop = asyncio.get_running_loop()
-        self.done = False
-
-    def advance(self, out: list[tuple[asyncio.Queue[Any], Any]]) -> None:
-        """Run the generation until its token source pauses or it ends; its items (and its
-        end or failure) are appended to ``out`` for ``deliver``."""
-        from edgepack.runtimes.token_stream import PAUSE
-
-        if self.done:
-            return
-        try:
-            if self._gen is None:
-                self._gen = self._make()
-            for item in self._gen:
-                if item is PAUSE:
-                    return
-                out.append((self._items, item))
-        except BaseException as e:  # noqa: BLE001 - re-raised on the loop
-            out.append((self._items, _Failure(e)))
-        self.done = True
-        out.append((self._items, _END))
-
-    def items(self) -> AsyncIterator[Any]:
-        return _drain(self._items)
-
-
-def deliver(loop: asyncio.AbstractEventLoop, out: list[tuple[asyncio.Queue[Any], Any]]) -> None:
-    """Hand the items ``Pump.advance`` collected to their loop in one wake-up."""
-    if out:
-        _post(loop, _put_all, list(out))
-
-
-def _put_all(out: list[tuple[asyncio.Queue[Any], Any]]) -> None:
-    for items, item in out:
-        items.put_nowait(item)
+    job, items = _piped(make)
+    threading.Thread(target=job, name=name, daemon=True).start()
+    return items
 
 
 def _piped(make: Callable[[], Iterator[T]]) -> tuple[Callable[[], None], AsyncIterator[T]]:

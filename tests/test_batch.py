@@ -6,19 +6,14 @@ SmolLM2-135M-Instruct Q4_1, a server with ``n_parallel`` slots beside the one-se
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
-from edgepack.runtimes.batch import BatchedLlamaEngine
-from edgepack.runtimes.engine import CancelToken, FinishEvent, SamplingParams, TokenEvent
-from edgepack.runtimes.llama_engine import LlamaSettings
 from pydantic import BaseModel
-from support.bundles import make_test_bundle, serve_bundle, shipped_smollm_gguf
+from support.bundles import make_test_bundle, serve_bundle
 
 MODEL = "smollm2-135m-instruct"
 pytestmark = pytest.mark.slow
@@ -135,50 +130,3 @@ def test_beyond_slots_and_queue_is_429(tmp_path):
                 assert third.json()["error"]["code"] == "queue_full"
     finally:
         server.stop()
-
-
-def test_the_scheduler_advances_each_generation_itself(tmp_path):
-    """``stream`` (what the server uses): four generations advanced by the scheduler thread
-    between decodes, with no thread of their own, give generate()'s greedy texts; a cancelled
-    one ends as cancelled and its slot serves the next request; a stop string ends one early."""
-    engine = BatchedLlamaEngine(LlamaSettings(shipped_smollm_gguf(), MODEL, "completion",
-                                              n_ctx=512, n_threads=2), slots=4)
-    engine.load()
-    try:
-        greedy = SamplingParams(temperature=0, max_tokens=24)
-        prompts = [engine.prepare_completion(p) for p in PROMPTS]
-
-        def text(events) -> tuple[str, str]:
-            evs = list(events)
-            assert isinstance(evs[-1], FinishEvent)
-            return "".join(e.text for e in evs if isinstance(e, TokenEvent)), evs[-1].reason
-
-        alone = [text(engine.generate(p, greedy, CancelToken())) for p in prompts]
-
-        async def run() -> tuple[list[tuple[str, str]], tuple[str, str], tuple[str, str], int]:
-            async def collect(items) -> tuple[str, str]:
-                return text([e async for e in items])
-
-            threads = threading.active_count()
-            long_cancel = CancelToken()
-            long = collect(engine.stream(lambda: engine.generate(
-                engine.prepare_completion("Count from one to five hundred:"),
-                SamplingParams(temperature=0, max_tokens=400), long_cancel)))
-            long_task = asyncio.ensure_future(long)
-            together = [asyncio.ensure_future(collect(engine.stream(
-                lambda p=p: engine.generate(p, greedy, CancelToken())))) for p in prompts]
-            await asyncio.sleep(0.5)
-            peak = threading.active_count() - threads
-            long_cancel.cancel()
-            stopped = await collect(engine.stream(lambda: engine.generate(
-                prompts[0], SamplingParams(temperature=0, max_tokens=24,
-                                           stop=(alone[0][0][5:9],)), CancelToken())))
-            return await asyncio.gather(*together), await long_task, stopped, peak
-
-        together, cancelled, stopped, extra_threads = asyncio.run(run())
-        assert together == alone
-        assert cancelled[1] == "cancelled"
-        assert stopped == (alone[0][0][:5], "stop"), (stopped, alone[0])
-        assert extra_threads <= 0, f"{extra_threads} threads started for 5 generations"
-    finally:
-        engine.close()
