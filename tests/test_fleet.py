@@ -339,3 +339,47 @@ def test_a_stop_while_reconnecting_for_a_new_will_still_leaves_the_device_offlin
     d = by_device(json.loads(r.stdout))["dev-r"]
     assert (d["state"], d["last_result"], d["report"].get("offline_reason")) == \
         ("offline", "held-back", "agent stopped"), d
+
+
+def test_a_new_will_does_not_hold_up_the_agent_while_the_broker_is_slow(
+        tmp_path, mosquitto, monkeypatch):  # noqa: F811
+    """Re-arming the will waits for the broker to acknowledge earlier states (or paho would
+    send an old "online" again after the new connection's). That wait is the reporter's own:
+    with the broker not answering (stopped by SIGSTOP), ``state_changed`` returns at once on
+    the old connection, and once the broker answers the re-arm completes: a connection lost
+    after it leaves the new result in the will."""
+    from edgepack.ota.agent import report
+    from edgepack.ota.agent.broker import close_client
+
+    monkeypatch.setattr(report, "SETTLE_TIMEOUT", 60.0)  # longer than any stall of this test
+    broker = mosquitto()
+    cfg = parse_broker(broker.url, fleet=FLEET)
+    status = {"device_id": "dev-s", "installed": "1", "last_result": "installed"}
+    rep = MqttReporter(cfg, "dev-s", lambda: dict(status)).start()
+    try:
+        assert rep._up.wait(10), "the reporter never connected"
+        broker.proc.send_signal(signal.SIGSTOP)
+        try:
+            rep.state_changed()  # the same will: sent on this connection, never acknowledged
+            status["last_result"] = "held-back"
+            rep.state_changed()  # a new will: the re-arm must wait for the one above
+            assert rep._connected and rep._rearming, "state_changed waited for the broker"
+        finally:
+            broker.proc.send_signal(signal.SIGCONT)
+        wait_for(lambda: rep._up.is_set() and not rep._rearming, what="the re-arm")
+        assert rep._conn_will_key == rep._will_key
+        # The connection drops without a DISCONNECT: the broker publishes the will.
+        rep._client.loop_stop()
+        rep._client.socket().close()
+
+        def dev() -> dict:
+            r = CliRunner().invoke(cli, ["fleet", "status", "--broker", broker.url, "--fleet",
+                                         FLEET, "--wait", "2", "--json"])
+            assert r.exit_code == 0, r.output
+            return by_device(json.loads(r.stdout)).get("dev-s") or {}
+
+        d = wait_for(lambda: dev().get("state") == "offline" and dev(), what="the last will")
+        assert (d["last_result"], d["report"].get("offline_reason")) == \
+            ("held-back", "connection lost"), d
+    finally:
+        close_client(rep._client)

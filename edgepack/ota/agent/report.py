@@ -4,8 +4,9 @@
 MQTT state message). ``MqttReporter`` publishes it retained on
 ``edgepack/<fleet>/<device-id>/state`` with a last will that marks the device offline, and the
 update's events on ``.../events``. Reporting is best effort by design: it runs on paho's own
-network thread, never raises into the agent, and never waits for the broker, so a broker that
-is down or slow cannot delay or fail an update; the state is republished on every
+network thread (and a short-lived thread of its own to re-arm the last will), never raises
+into the agent, and never waits for the broker, so a broker that is down or slow cannot delay
+or fail an update; the state is republished on every
 (re)connect and events wait in a bounded queue until the broker is back.
 
 Device side: standard library, paho-mqtt (through ``broker``), edgepack's agent modules.
@@ -160,6 +161,8 @@ class MqttReporter:
         self._up = threading.Event()  # set while connected
         self._down = threading.Event()  # set by each disconnect the network thread sees
         self._rearming = False  # our own reconnect for a new will is under way
+        self._rearmer: threading.Thread | None = None
+        self._conn_will_key: tuple | None = None  # the will the current connection carries
         # State messages not yet acknowledged. paho sends them again after a reconnect, after
         # the new connection's own: an old "online" could then replace a newer state.
         self._unacked: deque[Any] = deque(maxlen=max_pending)
@@ -168,6 +171,7 @@ class MqttReporter:
         self.published = 0  # messages handed to the broker connection (for benchmarks)
         self.started_at = now_iso()
         self._client = make_client(config, f"edgepack-{config.fleet}-{device_id}"[:200])
+        self._client.on_pre_connect = self._on_pre_connect
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._arm_will(self._state())
@@ -204,6 +208,9 @@ class MqttReporter:
         self._client.loop_start()
         return self
 
+    def _on_pre_connect(self, client, userdata) -> None:
+        self._conn_will_key = self._will_key  # paho sends the will it holds now
+
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             log.warning("MQTT broker %s refused the connection: %s", self.config.describe(),
@@ -215,6 +222,8 @@ class MqttReporter:
             pending = list(self._pending)
             self._pending.clear()
             closing = self._closing
+            # A result that changed while this connection was being made is not in its will.
+            stale_will = closing is None and self._conn_will_key != self._will_key
         # A connection that completes while close() runs (or after it gave up waiting) must
         # not leave "online" retained for a device that has stopped.
         state = self._state()
@@ -225,6 +234,8 @@ class MqttReporter:
         for payload in pending:
             self._publish(self.events_topic, payload)
         log.info("reporting to MQTT broker %s as %s", self.config.describe(), self.state_topic)
+        if stale_will:
+            self._rearm()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         with self._lock:
@@ -270,20 +281,36 @@ class MqttReporter:
 
     def _rearm(self) -> None:
         """Reconnect so the broker holds the new will (on_connect republishes the state);
-        while disconnected, the next connect uses it anyway. (The new state is not sent on
-        the old connection first: the broker may read it after the new connection's messages,
-        and an "online" state would then replace the offline one that close() sent.)"""
-        if not self._connected:
-            return
+        while disconnected, the next connect uses it anyway. Done on a thread of its own, so
+        the agent never waits for the broker: earlier states must be acknowledged first, or
+        paho would send them again after the new connection's and an old "online" could
+        replace a newer state. (The new state is not sent on the old connection either, for
+        the same reason.)"""
+        with self._lock:
+            if not self._connected or self._rearming or self._closing is not None:
+                return  # a connect under way checks its will in on_connect
+            self._rearming = True
+            self._rearmer = threading.Thread(target=self._reconnect_for_will,
+                                             name="edgepack-mqtt-rearm", daemon=True)
+            self._rearmer.start()
+
+    def _reconnect_for_will(self) -> None:
         from edgepack.ota.agent.broker import close_client
 
-        self._settle(time.monotonic() + SETTLE_TIMEOUT)  # nothing old left to send again
-        close_client(self._client)  # a clean disconnect: the broker discards the old will
-        with self._lock:
-            self._connected = False
-            self._rearming = True
-        self._up.clear()
-        self.start()
+        try:
+            self._settle(time.monotonic() + SETTLE_TIMEOUT)  # nothing old left to send again
+            with self._lock:
+                if self._closing is not None:  # close() sends the offline state on this one
+                    self._rearming = False
+                    return
+                self._connected = False
+            close_client(self._client)  # a clean disconnect: the broker discards the old will
+            self._up.clear()
+            self.start()
+        except Exception as e:  # noqa: BLE001 - never into the agent
+            log.debug("MQTT re-arm failed: %s", e)
+            with self._lock:
+                self._rearming = False
 
     def _settle(self, deadline: float) -> None:
         """Wait (until ``deadline``) for the broker to acknowledge every state sent so far."""
@@ -305,6 +332,10 @@ class MqttReporter:
         try:
             with self._lock:
                 self._closing = why
+                rearmer = self._rearmer
+            if rearmer is not None:
+                rearmer.join(SETTLE_TIMEOUT + ACK_TIMEOUT)
+            with self._lock:
                 rearming = self._rearming
             self._up.wait(max(timeout, ACK_TIMEOUT) if rearming else timeout)
             if not self._connected:
