@@ -1,8 +1,9 @@
 """Benchmark edgepack's server against llama.cpp's llama-server and llama_cpp.server.
 
 Same GGUF, same thread count, same context per slot, same slots (``--parallel``). All servers
-are loaded at once and measured in alternating rounds (A B, B A, ...), one server busy at a
-time: time to first token (short and ~500-token prompt), decode tok/s of one stream,
+are loaded at once and measured in alternating rounds, one server busy at a time, each
+metric from every server back to back (A B, then B A the next round): time to first token
+(short prompt: median of 5 requests; ~500-token prompt), decode tok/s of one stream,
 aggregate tok/s of 4 concurrent streams; medians with min–max over ``--reps`` rounds; RSS
 after load and after the runs. Prompts start with a random nonce so no server can answer
 from a prompt cache. ``--only edgepack --only edgepack-1slot`` compares batching with the
@@ -131,30 +132,45 @@ def _nonce() -> str:
     return f"[{uuid.uuid4().hex[:8]}] "
 
 
-METRICS = ("ttft_short_ms", "ttft_long_ms", "decode_tps", "aggregate4_tps")
+def _ttft_short(t: Target) -> float:
+    # One request takes ~50-150 ms here, about the size of a scheduling hiccup on a shared
+    # VM: the median of five, so one hiccup does not decide the round.
+    return statistics.median(1000 * _stream(t, _nonce() + "Write a story about a cat:", 2)[0]
+                             for _ in range(5))
 
 
-def measure_round(t: Target) -> dict[str, float]:
-    """One round of every metric against a running target."""
+def _ttft_long(t: Target) -> float:
     long_prompt = LONG_TEXT * 9  # about 500 tokens with SmolLM2's tokenizer
-    out = {"ttft_short_ms": 1000 * _stream(t, _nonce() + "Write a story about a cat:", 2)[0],
-           "ttft_long_ms": 1000 * _stream(t, _nonce() + long_prompt + "\nSummary:", 2)[0]}
+    return 1000 * _stream(t, _nonce() + long_prompt + "\nSummary:", 2)[0]
+
+
+def _decode(t: Target) -> float:
     _, d_s, n = _stream(t, _nonce() + "List the numbers from one to one thousand:", 128)
-    out["decode_tps"] = (n - 1) / d_s if d_s > 0 else 0.0
+    return (n - 1) / d_s if d_s > 0 else 0.0
+
+
+def _aggregate4(t: Target) -> float:
     t0 = time.perf_counter()
     with ThreadPoolExecutor(4) as pool:
         counts = list(pool.map(
             lambda i: _complete(t, _nonce() + f"Story number {i}: Once upon a time", 64),
             range(4)))
-    out["aggregate4_tps"] = sum(counts) / (time.perf_counter() - t0)
-    return out
+    return sum(counts) / (time.perf_counter() - t0)
+
+
+PROBES = {"ttft_short_ms": _ttft_short, "ttft_long_ms": _ttft_long, "decode_tps": _decode,
+          "aggregate4_tps": _aggregate4}
+METRICS = tuple(PROBES)
 
 
 def measure_all(targets: list[Target], reps: int) -> dict[str, dict[str, Any]]:
-    """Start every target, then alternate rounds between them (A B, B A, ...).
+    """Start every target, then measure in alternating rounds.
 
     All servers stay loaded for the whole run, so a slow spell on a shared machine falls on
-    both sides instead of on whichever ran second; medians and spread per metric.
+    both sides instead of on whichever ran second. Each metric is taken from every target
+    back to back (A B), in the reverse order the next round (B A): the two measurements a
+    ratio compares are seconds apart, and a steady drift of the machine's speed cancels over
+    two rounds. Medians and spread per metric.
     """
     results: dict[str, dict[str, Any]] = {}
     rounds: dict[str, list[dict[str, float]]] = {t.name: [] for t in targets}
@@ -164,9 +180,15 @@ def measure_all(targets: list[Target], reps: int) -> dict[str, dict[str, Any]]:
             results[t.name] = {"load_s": load_s, "rss_load_mib": t.rss() / 2**20}
             _stream(t, _nonce() + "Hello", 4)  # one request in, as a user would see it
         for r in range(reps):
-            for t in (targets if r % 2 == 0 else list(reversed(targets))):
-                print(f"round {r + 1}/{reps}: {t.name}", file=sys.stderr, flush=True)
-                rounds[t.name].append(measure_round(t))
+            order = targets if r % 2 == 0 else list(reversed(targets))
+            print(f"round {r + 1}/{reps}: " + " ".join(t.name for t in order), file=sys.stderr,
+                  flush=True)
+            got: dict[str, dict[str, float]] = {t.name: {} for t in targets}
+            for key, probe in PROBES.items():
+                for t in order:
+                    got[t.name][key] = probe(t)
+            for t in targets:
+                rounds[t.name].append(got[t.name])
         for t in targets:
             results[t.name]["rss_end_mib"] = t.rss() / 2**20
     finally:
@@ -257,7 +279,8 @@ def render(results: dict[str, dict[str, Any]], args: argparse.Namespace, cmd: st
            f"({_cpu_model()}), {psutil.virtual_memory().total / 2**30:.0f} GiB, "
            f"load average at start {os.getloadavg()[0]:.1f}",
            f"- model: `{args.gguf.name}`, threads {args.threads}, ctx {args.ctx}, "
-           f"medians (min–max) of {args.reps} alternating rounds, all servers loaded "
+           f"medians (min–max) of {args.reps} alternating rounds (each metric from every "
+           f"server back to back, the order reversed each round), all servers loaded "
            f"throughout, {args.parallel} slot(s) (edgepack-1slot: 1), greedy decoding, "
            "nonce-prefixed prompts",
            f"- command: `{cmd}`", "",
