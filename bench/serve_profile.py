@@ -5,12 +5,13 @@ alternating rounds streams ``--streams`` concurrent greedy completions of ``--to
 while ``perf record`` samples the server process, and sums the samples by shared object:
 llama.cpp's kernels (libggml*, libllama, or the llama-server binary that links them
 statically), OpenMP's thread team (libgomp: barriers and the spin after each graph), the
-Python interpreter and its extensions, the kernel, and the rest. A server whose share outside
-the kernels is larger spends that CPU on serving instead of decoding.
+Python interpreter and its extensions, and the rest; shares of the server's own samples. A
+server whose share outside the kernels is larger spends that CPU on serving, not decoding.
 
     python bench/serve_profile.py [--gguf FILE] [--streams 1] [--tokens 400] [--reps 3]
 
-Needs Linux ``perf`` (Debian: linux-perf) and ``perf_event_paranoid`` <= 1 or root.
+Needs Linux ``perf`` (Debian: linux-perf) and root or ``perf_event_paranoid`` <= 0 (it samples
+every CPU and keeps the server's samples).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import serve as bench  # noqa: E402 - bench/serve.py, beside this file
 
-GROUPS = ("llama.cpp kernels", "OpenMP team", "Python", "kernel", "other")
+GROUPS = ("llama.cpp kernels", "OpenMP team", "Python", "other")
 
 
 def _group(dso: str) -> str:
@@ -40,17 +41,17 @@ def _group(dso: str) -> str:
         return "OpenMP team"
     if name.startswith(("libpython", "python")) or ".cpython-" in name:
         return "Python"
-    if dso.startswith("[kernel"):
-        return "kernel"
-    return "other"
+    return "other"  # libc, libm, the kernel (where perf may sample it), ...
 
 
 def profile_once(t: bench.Target, streams: int, tokens: int, out: Path) -> dict[str, float]:
     """Shares of the server's samples (percent by group) and the streams' tok/s."""
     assert t.proc is not None
-    rec = subprocess.Popen(["perf", "record", "-F", "999", "-o", str(out), "-p",
-                            str(t.proc.pid)], stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
+    # System-wide sampling, then the server's samples: following the process (-p) gives
+    # each new thread perf events of its own, and edgepack starts a thread per request;
+    # with that, its 4-stream decode ran 4x slower in some rounds, and without perf never.
+    rec = subprocess.Popen(["perf", "record", "-a", "-F", "999", "-o", str(out)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.5)  # perf attaches
     t0 = time.perf_counter()
     with ThreadPoolExecutor(streams) as pool:
@@ -60,15 +61,16 @@ def profile_once(t: bench.Target, streams: int, tokens: int, out: Path) -> dict[
     wall = time.perf_counter() - t0
     rec.send_signal(2)
     rec.wait(60)
-    report = subprocess.run(["perf", "report", "-i", str(out), "--sort", "dso", "--stdio",
-                             "-g", "none", "--percent-limit", "0"],
+    report = subprocess.run(["perf", "report", "-i", str(out), "--pid", str(t.proc.pid),
+                             "--sort", "dso", "--stdio", "-g", "none", "--percent-limit", "0"],
                             capture_output=True, text=True, check=True).stdout
     shares: dict[str, float] = collections.defaultdict(float)
     for line in report.splitlines():
         parts = line.split()
         if len(parts) == 2 and parts[0].endswith("%"):
             shares[_group(parts[1])] += float(parts[0].rstrip("%"))
-    result = {g: shares.get(g, 0.0) for g in GROUPS}
+    total = sum(shares.values()) or 1.0  # perf's percentages are of every CPU's samples
+    result = {g: 100 * shares.get(g, 0.0) / total for g in GROUPS}
     result["tok/s"] = sum(n for _, _, n in got) / wall
     return result
 
@@ -101,8 +103,11 @@ def main() -> int:
                 bench._stream(t, bench._nonce() + "Hello", 4)
             for r in range(args.reps):
                 for t in (targets if r % 2 == 0 else targets[::-1]):
-                    rows[t.name].append(profile_once(t, args.streams, args.tokens,
-                                                     Path(tmp) / f"{t.name}-{r}.data"))
+                    got = profile_once(t, args.streams, args.tokens,
+                                       Path(tmp) / f"{t.name}-{r}.data")
+                    print(f"round {r + 1}/{args.reps} {t.name}: " + ", ".join(
+                        f"{k} {v:.1f}" for k, v in got.items()), file=sys.stderr, flush=True)
+                    rows[t.name].append(got)
         finally:
             for t in targets:
                 t.stop()
