@@ -194,11 +194,12 @@ class MqttReporter:
 
     def _arm_will(self, data: dict[str, Any]) -> None:
         # The will carries the last known version and result, so a device that vanishes
-        # still shows what it ran. It is set per connection, hence the re-arm below.
-        self._will_key = (data.get("installed"), data.get("last_result"),
-                          json.dumps(data.get("last_rollback"), default=str))
+        # still shows what it ran. It is set per connection, hence the re-arm below. The key
+        # follows the will: a connect between the two then re-arms once more, never once less.
         self._client.will_set(self.state_topic, self._offline(data, "connection lost"),
                               qos=1, retain=True)
+        self._will_key = (data.get("installed"), data.get("last_result"),
+                          json.dumps(data.get("last_rollback"), default=str))
 
     # -- connection -------------------------------------------------------------------------
 
