@@ -149,27 +149,22 @@ def _decode(t: Target) -> float:
     return (n - 1) / d_s if d_s > 0 else 0.0
 
 
-def _aggregate4(t: Target) -> float:
+def _aggregate4(t: Target, streamed: bool = False) -> float:
+    """tok/s of 4 concurrent requests, answered whole or streamed (then every token is an
+    event the server sends)."""
+    def one(i: int) -> int:
+        prompt = _nonce() + f"Story number {i}: Once upon a time"
+        return _stream(t, prompt, 64)[2] if streamed else _complete(t, prompt, 64)
+
     t0 = time.perf_counter()
     with ThreadPoolExecutor(4) as pool:
-        counts = list(pool.map(
-            lambda i: _complete(t, _nonce() + f"Story number {i}: Once upon a time", 64),
-            range(4)))
-    return sum(counts) / (time.perf_counter() - t0)
-
-
-def _aggregate4_streamed(t: Target) -> float:
-    # As _aggregate4, each client streaming: every token is an event the server sends.
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(4) as pool:
-        counts = list(pool.map(
-            lambda i: _stream(t, _nonce() + f"Story number {i}: Once upon a time", 64)[2],
-            range(4)))
+        counts = list(pool.map(one, range(4)))
     return sum(counts) / (time.perf_counter() - t0)
 
 
 PROBES = {"ttft_short_ms": _ttft_short, "ttft_long_ms": _ttft_long, "decode_tps": _decode,
-          "aggregate4_tps": _aggregate4, "aggregate4_stream_tps": _aggregate4_streamed}
+          "aggregate4_tps": _aggregate4,
+          "aggregate4_stream_tps": lambda t: _aggregate4(t, streamed=True)}
 METRICS = tuple(PROBES)
 
 

@@ -378,7 +378,8 @@ def test_a_new_will_does_not_hold_up_the_agent_while_the_broker_is_slow(
             assert r.exit_code == 0, r.output
             return by_device(json.loads(r.stdout)).get("dev-s") or {}
 
-        d = wait_for(lambda: dev().get("state") == "offline" and dev(), what="the last will")
+        d = wait_for(lambda: (got := dev()).get("state") == "offline" and got,
+                     what="the last will")
         assert (d["last_result"], d["report"].get("offline_reason")) == \
             ("held-back", "connection lost"), d
     finally:

@@ -130,6 +130,12 @@ def serving_readiness(serve_url: str | None, timeout: float = 2.0) -> dict[str, 
         return {"url": serve_url, "ready": False, "error": str(e)[:200]}
 
 
+def _will_key(data: dict[str, Any]) -> tuple:
+    """What the last will says of a device's state: a new key needs a new will."""
+    return (data.get("installed"), data.get("last_result"),
+            json.dumps(data.get("last_rollback"), default=str))
+
+
 def _done(info: Any) -> bool:
     """Whether a publish is acknowledged, or will never be sent (paho raises for those)."""
     try:
@@ -198,8 +204,7 @@ class MqttReporter:
         # follows the will: a connect between the two then re-arms once more, never once less.
         self._client.will_set(self.state_topic, self._offline(data, "connection lost"),
                               qos=1, retain=True)
-        self._will_key = (data.get("installed"), data.get("last_result"),
-                          json.dumps(data.get("last_rollback"), default=str))
+        self._will_key = _will_key(data)
 
     # -- connection -------------------------------------------------------------------------
 
@@ -269,9 +274,7 @@ class MqttReporter:
     def state_changed(self) -> None:
         try:
             data = self._state()
-            key = (data.get("installed"), data.get("last_result"),
-                   json.dumps(data.get("last_rollback"), default=str))
-            if key != self._will_key:
+            if _will_key(data) != self._will_key:
                 self._arm_will(data)
                 self._rearm()
             elif self._connected:
