@@ -41,15 +41,16 @@ def plan(model: str, device: str, *, format: str = "auto", ctx: int | None = Non
     """
     from edgepack.build.hub import read_model_metadata
     from edgepack.device.catalog import list_profiles
-    from edgepack.device.resolve import load_profile
+    from edgepack.device.resolve import for_format, load_profile
     from edgepack.plan.facts import model_facts
-    from edgepack.plan.planner import PlanOptions, plan_build
+    from edgepack.plan.planner import PlanOptions, plan_build, planned_format
 
-    profile = load_profile(device)
+    profile = load_profile(device, decode_rate=False)
     meta = read_model_metadata(model, token=token)
     facts = model_facts(meta.config, meta.safetensors)
     options = PlanOptions(format=format, ctx=ctx, quant=quant,
                           min_tokens_per_second=min_tokens_per_second)
+    profile = for_format(device, profile, planned_format(facts, profile, options))
     return plan_build(facts, profile, options, alternatives=list_profiles())
 
 

@@ -92,3 +92,24 @@ def test_plan_says_a_transformers5_checkpoint_builds_from_a_working_copy(local_h
         r = run(str(generation_4), "--device", "raspberry-pi-5-8gb", "--json")
         assert r.exit_code == 0, r.output
         assert not any("working copy" in w for w in json.loads(r.output)["warnings"])
+
+
+def test_local_measures_llamas_decode_rate_only_for_a_gguf_plan(minilm_dir, tiny_llama_dir):
+    """``--device local`` runs llama.cpp's compute probe (seconds, then cached) only when the
+    plan is GGUF: an embedding model planned for ONNX never pays for it."""
+    import os
+    from pathlib import Path
+
+    home = Path(os.environ["EDGEPACK_HOME"])  # a fresh one per test (conftest)
+    r = run(str(minilm_dir), "--device", "local", "--json")
+    assert r.exit_code == 0, r.output
+    onnx = json.loads(r.output)
+    assert onnx["format"] == "onnx" and "decode_gflops" not in onnx["device"]
+    assert not (home / "compute.json").exists()
+    r = run(str(tiny_llama_dir), "--device", "local", "--json")
+    assert r.exit_code == 0, r.output
+    gguf = json.loads(r.output)
+    assert gguf["format"] == "gguf"
+    assert gguf["device"]["compute_basis"].startswith("measured"), gguf["device"]
+    # stored for the next plan, unless other jobs held the CPUs while it ran
+    assert (home / "compute.json").exists() or "while busy" in gguf["device"]["compute_basis"]

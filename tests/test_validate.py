@@ -89,15 +89,23 @@ def test_the_reference_is_scored_once_for_several_quants(
     monkeypatch.setattr(gv, "_last_reference", None)
     q8 = quantize_gguf(tiny_llama_f32_gguf, tmp_path / "q8.gguf", "Q8_0", threads=2).path
     q4 = quantize_gguf(tiny_llama_f32_gguf, tmp_path / "q4.gguf", "Q4_0", threads=2).path
-    first = validate_gguf(q8, tiny_llama_f32_gguf, "Q8_0", golden=(), threads=2)
-    validate_gguf(q4, tiny_llama_f32_gguf, "Q4_0", golden=(), threads=2, check=False)
-    again = validate_gguf(q8, tiny_llama_f32_gguf, "Q8_0", golden=(), threads=2)
-    assert scored == [tiny_llama_f32_gguf.name, "q8.gguf", "q4.gguf", "q8.gguf"]
-    assert again.value == first.value and again.details["mean_kl"] == first.details["mean_kl"]
-    copy = tmp_path / "ref.gguf"  # another file (or the same one rewritten) is scored anew
-    copy.write_bytes(tiny_llama_f32_gguf.read_bytes())
+    with gv.reference_scores_kept():  # as run_build holds it
+        first = validate_gguf(q8, tiny_llama_f32_gguf, "Q8_0", golden=(), threads=2)
+        validate_gguf(q4, tiny_llama_f32_gguf, "Q4_0", golden=(), threads=2, check=False)
+        again = validate_gguf(q8, tiny_llama_f32_gguf, "Q8_0", golden=(), threads=2)
+        assert scored == [tiny_llama_f32_gguf.name, "q8.gguf", "q4.gguf", "q8.gguf"]
+        assert again.value == first.value and again.details["mean_kl"] == first.details["mean_kl"]
+        copy = tmp_path / "ref.gguf"  # another file (or the same one rewritten) is scored anew
+        copy.write_bytes(tiny_llama_f32_gguf.read_bytes())
+        validate_gguf(q8, copy, "Q8_0", golden=(), threads=2)
+        assert scored[-2:] == ["ref.gguf", "q8.gguf"]
+        assert gv._last_reference is not None
+    # Leaving the build frees the scores; outside one, nothing is kept.
+    assert gv._last_reference is None
     validate_gguf(q8, copy, "Q8_0", golden=(), threads=2)
-    assert scored[-2:] == ["ref.gguf", "q8.gguf"]
+    validate_gguf(q8, copy, "Q8_0", golden=(), threads=2)
+    assert scored[-4:] == ["ref.gguf", "q8.gguf", "ref.gguf", "q8.gguf"]
+    assert gv._last_reference is None
 
 
 @pytest.mark.slow

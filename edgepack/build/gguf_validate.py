@@ -47,7 +47,7 @@ import contextlib
 import gc
 import io
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -335,15 +335,32 @@ def _validate_causal(
     )
 
 
-# The reference's scores of the last validation: a build validates several quants (devices,
-# a step up, a retry without flash attention) against the same intermediate, and scoring it
-# costs as much as scoring a quant (one entry: 207 positions x the vocabulary in float64 is
-# 81 MB for a 49k vocabulary, 212 MB for 128k).
+# The reference's scores of the last validation, kept inside ``reference_scores_kept()``: a
+# build validates several quants (devices, a step up, a retry without flash attention) against
+# the same intermediate, and scoring it costs as much as scoring a quant. One entry is 207
+# positions x the vocabulary in float64: 81 MB for a 49k vocabulary, 212 MB for 128k, so it
+# lives only as long as the build that reuses it, not as long as a process that embeds
+# edgepack.api.
 _last_reference: tuple[tuple[Any, ...], Any, Any] | None = None
+_keeping = 0
+
+
+@contextlib.contextmanager
+def reference_scores_kept() -> Iterator[None]:
+    """Within this block, a reference's scores are computed once and reused while its file
+    (path, size, mtime), the thread count and the context stay the same; freed on leaving."""
+    global _keeping, _last_reference
+    _keeping += 1
+    try:
+        yield
+    finally:
+        _keeping -= 1
+        if not _keeping:
+            _last_reference = None
 
 
 def _reference_scores(path: Path, threads: int, n_ctx: int) -> tuple[Any, Any]:
-    """``_score_text`` of the unquantized reference, reused while the file is unchanged."""
+    """``_score_text`` of the unquantized reference, reused inside ``reference_scores_kept``."""
     global _last_reference
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns, threads, n_ctx)
@@ -351,7 +368,8 @@ def _reference_scores(path: Path, threads: int, n_ctx: int) -> tuple[Any, Any]:
         return _last_reference[1], _last_reference[2]
     _last_reference = None  # free the old scores before computing new ones
     tokens, logprobs, _ = _score_text(path, threads, n_ctx)
-    _last_reference = (key, tokens, logprobs)
+    if _keeping:
+        _last_reference = (key, tokens, logprobs)
     return tokens, logprobs
 
 

@@ -108,6 +108,15 @@ def run_build(req: BuildRequest, log: Callable[[str], None] = lambda _m: None) -
     Raises UsageError (bad options), ProfileError (unknown device), FetchError (pull),
     BuildError (nothing fits, conversion, quantization, validation, disk space).
     """
+    from edgepack.build.gguf_validate import reference_scores_kept
+
+    # Every quant of this build is validated against one reference, scored once; the scores
+    # (up to ~200 MB) are freed when the build ends.
+    with reference_scores_kept():
+        return _run_build(req, log)
+
+
+def _run_build(req: BuildRequest, log: Callable[[str], None]) -> BuildResult:
     from edgepack.build.checkpoint_compat import make_working_copy
     from edgepack.build.hub import (
         parse_model_ref,
@@ -120,15 +129,16 @@ def run_build(req: BuildRequest, log: Callable[[str], None] = lambda _m: None) -
     from edgepack.build.sbom import require_sbom_writer
     from edgepack.device.catalog import list_profiles
     from edgepack.device.profile import profile_digest
-    from edgepack.device.resolve import load_profile
+    from edgepack.device.resolve import for_format, load_profile
     from edgepack.plan.facts import model_facts
-    from edgepack.plan.planner import PlanOptions, plan_build, step_up_skip
+    from edgepack.plan.planner import PlanOptions, plan_build, planned_format, step_up_skip
 
     require_sbom_writer()  # every bundle gets an ML-BOM: fail now, not after a conversion
     if not req.devices:
         raise UsageError("no --device given", hint="name at least one: edgepack profiles list")
     parse_bundle_version(req.bundle_version)
-    profiles = [load_profile(d) for d in req.devices]  # before any network
+    # Before any network; `local`'s llama.cpp decode rate only once a plan needs it.
+    profiles = [load_profile(d, decode_rate=False) for d in req.devices]
     ids = [p.id for p in profiles]
     if len(set(ids)) != len(ids):
         raise UsageError(f"--device names a profile twice: {', '.join(ids)}")
@@ -150,6 +160,7 @@ def run_build(req: BuildRequest, log: Callable[[str], None] = lambda _m: None) -
     if gguf_repo is not None:  # .gguf files and no checkpoint: pick one, nothing to convert
         from edgepack.build.gguf_repo_build import run_gguf_repo_build
 
+        profiles = [for_format(d, p, "gguf") for d, p in zip(req.devices, profiles, strict=True)]
         return run_gguf_repo_build(req, gguf_repo, profiles, log)
     meta = read_model_metadata(ref, token=req.token, policy=policy)
     log(f"licence: {meta.card.license_label}" + (f", gated ({meta.card.gated})"
@@ -158,17 +169,21 @@ def run_build(req: BuildRequest, log: Callable[[str], None] = lambda _m: None) -
     per_device = dict(req.device_quants)
     plans: list[Plan] = []
     forced: list[bool] = []  # --quant given for the device: no step-up on a failed validation
+    planned_profiles: list[DeviceProfile] = []
     for ref_text, profile in zip(req.devices, profiles, strict=True):
         quant = per_device.get(ref_text) or per_device.get(profile.id) or req.quant
         forced.append(quant is not None)
         options = PlanOptions(format=req.fmt, ctx=req.ctx, quant=quant,
                               min_tokens_per_second=req.min_tokens_per_second,
                               parallel=req.parallel)
+        profile = for_format(ref_text, profile, planned_format(facts, profile, options))
+        planned_profiles.append(profile)  # what the plan, its step-ups and the bundle use
         plan = plan_build(facts, profile, options, alternatives=list_profiles())
         plans.append(plan)
         log(f"plan for {profile.id}: {plan.format} {plan.quant} ctx {plan.ctx}")
         for warning in plan.warnings:  # e.g. a speed measured while the machine was busy
             log(f"plan warning ({profile.id}): {warning}")
+    profiles = planned_profiles
 
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)

@@ -130,11 +130,13 @@ def plan(
     from edgepack.build.hub import read_model_metadata
     from edgepack.build.model_card import LicensePolicy
     from edgepack.device.catalog import list_profiles
-    from edgepack.device.resolve import load_profile
+    from edgepack.device.resolve import for_format, load_profile
     from edgepack.plan.facts import model_facts
-    from edgepack.plan.planner import PlanOptions, plan_build
+    from edgepack.plan.planner import PlanOptions, plan_build, planned_format
 
-    profile = load_profile(device)  # before any network: a typo'd device fails fast
+    # Before any network: a typo'd device fails fast (`local`'s llama.cpp decode rate is
+    # measured only if the plan is GGUF).
+    profile = load_profile(device, decode_rate=False)
     if quant is not None:
         from edgepack.build.preflight import check_quant
 
@@ -151,6 +153,7 @@ def plan(
     if repo is not None:
         from edgepack.build.gguf_repo_build import plan_gguf_repo
 
+        profile = for_format(device, profile, "gguf")
         result = plan_gguf_repo(repo, profile, fmt=fmt, ctx=ctx, quant=quant,
                                 min_tokens_per_second=min_tps, alternatives=list_profiles(),
                                 parallel=parallel)
@@ -159,6 +162,7 @@ def plan(
     else:
         meta = read_model_metadata(ref, policy=policy)
         facts = model_facts(meta.config, meta.safetensors)
+        profile = for_format(device, profile, planned_format(facts, profile, options))
         result = plan_build(facts, profile, options, alternatives=list_profiles())
         from edgepack.build.checkpoint_compat import working_copy_warning
 

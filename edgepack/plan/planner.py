@@ -118,6 +118,12 @@ class _Choice:
         return _estimate(self.fmt, self.quant, self.base, profile, ctx, flash_attn)
 
 
+def planned_format(facts: ModelFacts, profile: DeviceProfile, options: PlanOptions) -> str:
+    """The format ``plan_build`` will choose for ``facts`` (gguf or onnx); raises UsageError
+    for an unknown ``options.format``."""
+    return _format_for(facts, profile, options)[0]
+
+
 def _format_for(facts: ModelFacts, profile: DeviceProfile, options: PlanOptions) -> tuple[str, str]:
     if options.format not in ("auto", "gguf", "onnx"):
         raise UsageError(f"unknown format {options.format!r}", hint="use auto, gguf or onnx")
