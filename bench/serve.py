@@ -25,6 +25,7 @@ import datetime as dt
 import json
 import os
 import platform
+import random
 import re
 import shutil
 import signal
@@ -219,8 +220,19 @@ def _target_line(label: str, ratios: list[float], bound: float, higher_is_better
         return f"- {label}: n/a"
     med = statistics.median(ratios)
     met = med >= bound if higher_is_better else med <= bound
-    return (f"- {label}: median {med:.2f}× (rounds {min(ratios):.2f}–{max(ratios):.2f}×) — "
+    lo, hi = median_ci(ratios)
+    return (f"- {label}: median {med:.2f}× (rounds {min(ratios):.2f}–{max(ratios):.2f}×; "
+            f"95 % bootstrap CI of the median {lo:.2f}–{hi:.2f}×) — "
             f"{'met' if met else 'NOT met'}")
+
+
+def median_ci(values: list[float], resamples: int = 2000) -> tuple[float, float]:
+    """A percentile-bootstrap 95 % interval for the median: how far this run's median could
+    move with another draw of rounds from the same noisy machine (fixed seed: reproducible)."""
+    rng = random.Random(0)
+    meds = sorted(statistics.median(rng.choices(values, k=len(values)))
+                  for _ in range(resamples))
+    return meds[int(0.025 * resamples)], meds[int(0.975 * resamples) - 1]
 
 
 def edgepack_target(gguf: Path, threads: int, ctx: int, workdir: Path,
@@ -296,7 +308,8 @@ def render(results: dict[str, dict[str, Any]], args: argparse.Namespace, cmd: st
         out.append(f"| {label} | " + " | ".join(_cell(results[n], key, fmt) for n in names)
                    + " |")
     e, ls, lcp = (results.get(k) for k in ("edgepack", "llama-server", "llama_cpp.server"))
-    out += ["", "Targets (issue #14), per-round ratios edgepack / reference (median, min–max):",
+    out += ["", "Targets (issue #14), per-round ratios edgepack / reference (median, min–max, "
+            "and a bootstrap interval for the median):",
             ""]
     if e and ls:
         out.append(_target_line("decode, 1 stream ≥ 0.97× llama-server",
@@ -386,6 +399,9 @@ def run() -> int:
     text = render(results, args, cmd)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text, encoding="utf-8")
+    # every round's figures beside the table, for pooling runs or another statistic
+    args.out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n",
+                                             encoding="utf-8")
     print(text)
     return 0
 
