@@ -31,6 +31,7 @@ from edgepack.errors import UsageError
 from edgepack.manifest import parse_bundle_version
 
 if TYPE_CHECKING:
+    from edgepack.device.profile import DeviceProfile
     from edgepack.plan.planner import Plan
 
 
